@@ -1,0 +1,268 @@
+"""Test harness: a real ComfyUI host, in-process and as a server. Nothing is mocked.
+
+* ``comfy``: ComfyUI imported in this process on the CPU (``args.cpu`` set before
+  ``comfy.model_management`` is imported, ``utils.extra_config`` before ``nodes``).
+* ``pack``: this repository imported as a package, as ComfyUI imports a custom node.
+* ``tiny_model``: a real ``ModelPatcher`` around a tiny SD1.5-shaped UNet built in memory.
+* ``server``: ``main.py --cpu`` on a free port with a temporary base directory and the
+  pack linked in ``custom_nodes``; submits API-format graphs to ``/prompt`` and waits on
+  ``/history``. A test fails when the log shows ``IMPORT FAILED`` for the pack or a
+  traceback from the pack's files it did not ask for.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+COMFY = Path(os.environ.get("HYPERSD_COMFYUI") or REPO / ".host" / "ComfyUI")
+PACK_DIR_NAME = "ComfyUI-HyperSD"
+PACK_MODULE = "ComfyUI_HyperSD"
+
+
+def _comfy_on_path() -> None:
+    if not (COMFY / "main.py").exists():
+        pytest.exit(f"No ComfyUI host at {COMFY}: run scripts/test.sh (it sets one up) or set HYPERSD_COMFYUI.", 2)
+    if str(COMFY) not in sys.path:
+        sys.path.insert(0, str(COMFY))
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """The real ComfyUI, imported in-process on the CPU. Returns the ``comfy`` package."""
+    _comfy_on_path()
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import utils.extra_config  # noqa: F401  (must come before `import nodes`)
+    import comfy.model_management  # noqa: F401
+    import nodes  # noqa: F401
+    import torch
+
+    torch.set_num_threads(1)
+    return comfy
+
+
+def load_pack():
+    """Import this repository as ComfyUI imports a custom node package (idempotent)."""
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
+    spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = mod
+    spec.loader.exec_module(mod)
+    mod.on_load()
+    return mod
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    return load_pack()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(pack):
+    """A real ModelPatcher around a tiny SD1.5-shaped UNet (eps, scaled-linear betas)."""
+    from ComfyUI_HyperSD.toy import arch
+
+    return arch.tiny_sd15_patcher(model_channels=32, seed=0)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PromptError(RuntimeError):
+    def __init__(self, status: int, body: dict):
+        super().__init__(f"/prompt answered {status}: {json.dumps(body)[:2000]}")
+        self.status = status
+        self.body = body
+
+
+class ExecutionFailed(RuntimeError):
+    def __init__(self, entry: dict):
+        msgs = entry.get("status", {}).get("messages", [])
+        err = [m[1] for m in msgs if m[0] == "execution_error"]
+        self.error = err[0] if err else {}
+        super().__init__(f"execution failed: {self.error.get('exception_type')}: {self.error.get('exception_message')}")
+
+
+class ComfyServer:
+    """A real ComfyUI server process with the pack linked in."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.client_id = uuid.uuid4().hex
+
+    # -- life cycle
+    def start(self, timeout: float = 120) -> None:
+        for sub in ("custom_nodes", "input", "output", "temp", "user",
+                    "models/checkpoints", "models/loras", "models/unet", "models/diffusion_models",
+                    "models/vae", "models/clip", "models/text_encoders"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        link = self.base / "custom_nodes" / PACK_DIR_NAME
+        if not link.exists():
+            link.symlink_to(REPO, target_is_directory=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, str(COMFY / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(self.base), "--database-url", f"sqlite:///{self.base / 'comfy.db'}",
+               "--disable-auto-launch", "--disable-metadata"]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=str(COMFY), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited at start (code {self.proc.returncode}):\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.25)
+        raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- log
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def pack_problems(self, text: str) -> list[str]:
+        """Lines that show the pack failing: import failures and tracebacks through its files."""
+        problems = []
+        for line in text.splitlines():
+            if "IMPORT FAILED" in line and PACK_DIR_NAME in line:
+                problems.append(line)
+            if "comfy_entrypoint" in line and PACK_DIR_NAME in line:
+                problems.append(line)
+        for block in re.split(r"\n(?=Traceback \(most recent call last\))", text):
+            if block.startswith("Traceback") and (f"/{PACK_DIR_NAME}/" in block or str(REPO) in block):
+                problems.append(block[:3000])
+        return problems
+
+    # -- HTTP
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            body = r.read()
+            ctype = r.headers.get("Content-Type", "")
+        return json.loads(body) if "json" in ctype else body
+
+    def get_status(self, path: str) -> tuple[int, object]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=30) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body[:1] in (b"{", b"[") else body)
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            return e.code, (json.loads(body) if body[:1] in (b"{", b"[") else body)
+
+    def post_prompt(self, graph: dict) -> str:
+        data = json.dumps({"prompt": graph, "client_id": self.client_id}).encode()
+        req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise PromptError(e.code, json.loads(e.read() or b"{}")) from None
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"the server died:\n{self.log()[-4000:]}")
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                entry = hist[prompt_id]
+                if entry["status"].get("status_str") == "error":
+                    raise ExecutionFailed(entry)
+                return entry
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s:\n{self.log()[-3000:]}")
+
+    def run(self, graph: dict, timeout: float = 300) -> dict:
+        return self.wait(self.post_prompt(graph), timeout)
+
+    def output_files(self, entry: dict, node_id: str, kind: str = "latents") -> list[Path]:
+        out = entry["outputs"][node_id][kind]
+        return [self.base / r.get("type", "output") / r.get("subfolder", "") / r["filename"] for r in out]
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    _comfy_on_path()
+    base = Path(tempfile.mkdtemp(prefix="hypersd-server-"))
+    srv = ComfyServer(base)
+    srv.start()
+    problems = srv.pack_problems(srv.log())
+    if problems:
+        srv.stop()
+        pytest.fail("the pack failed to load in ComfyUI:\n" + "\n".join(problems))
+    yield srv
+    srv.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+class ServerView:
+    """The session's server, seen by one test; checks the test's share of the log."""
+
+    def __init__(self, srv: ComfyServer):
+        self.srv = srv
+        self.expect_pack_errors = False
+        self._start = len(srv.log())
+
+    def __getattr__(self, name):
+        return getattr(self.srv, name)
+
+    def new_log(self) -> str:
+        return self.srv.log()[self._start:]
+
+
+@pytest.fixture
+def server(comfy_server):
+    view = ServerView(comfy_server)
+    yield view
+    assert comfy_server.alive(), "the ComfyUI server died during the test"
+    if not view.expect_pack_errors:
+        problems = comfy_server.pack_problems(view.new_log())
+        assert not problems, "tracebacks from the pack in the server log:\n" + "\n".join(problems)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test (still part of CI)")
