@@ -4,4 +4,4 @@
 source "$(dirname "$0")/_env.sh"
 cd "$HYPERSD_REPO"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
-exec "$HYPERSD_PYTHON" -m pytest -q -p no:cacheprovider "$@" tests
+exec "$HYPERSD_PYTHON" -m pytest -c tests/pytest.ini --rootdir tests -q "$@"

@@ -94,6 +94,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _is_pack_file(path: str) -> bool:
+    if f"/{PACK_DIR_NAME}/" in path:
+        return True
+    if not path.startswith("/"):
+        return False
+    try:
+        rel = Path(path).resolve().relative_to(REPO)
+    except ValueError:
+        return False
+    return rel.parts[:1] not in ((".host",), (".venv",))
+
+
 class PromptError(RuntimeError):
     def __init__(self, status: int, body: dict):
         super().__init__(f"/prompt answered {status}: {json.dumps(body)[:2000]}")
@@ -173,7 +185,10 @@ class ComfyServer:
             if "comfy_entrypoint" in line and PACK_DIR_NAME in line:
                 problems.append(line)
         for block in re.split(r"\n(?=Traceback \(most recent call last\))", text):
-            if block.startswith("Traceback") and (f"/{PACK_DIR_NAME}/" in block or str(REPO) in block):
+            if not block.startswith("Traceback"):
+                continue
+            frames = re.findall(r'^\s+File "([^"]+)"', block, flags=re.M)
+            if any(_is_pack_file(f) for f in frames):
                 problems.append(block[:3000])
         return problems
 
@@ -233,6 +248,7 @@ def comfy_server():
     problems = srv.pack_problems(srv.log())
     if problems:
         srv.stop()
+        shutil.rmtree(base, ignore_errors=True)
         pytest.fail("the pack failed to load in ComfyUI:\n" + "\n".join(problems))
     yield srv
     srv.stop()
