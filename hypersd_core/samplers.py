@@ -80,7 +80,8 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     ``eta = 0`` is deterministic DDIM (Euler for eps models, except that, as in diffusers,
     the last step lands on ``x0 + sigma(0) eps``); ``eta = 1`` jumps to ``t = 0`` and re-noises,
     as LCM does. Matches diffusers' ``TCDScheduler`` step for step (in VE space, i.e. after
-    dividing diffusers' VP samples by ``sqrt(alpha_bar)``).
+    dividing diffusers' VP samples by ``sqrt(alpha_bar)``). With an inpainting mask the
+    kept region ends exactly on the input latent.
 
     Args:
         eta: TCD's gamma in [0, 1]: the share of each step that is re-noised. Higher is more
@@ -122,4 +123,20 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
             ratio = a_p / a_s
             std = torch.sqrt(torch.clamp(s_p ** 2 - (ratio * s_s) ** 2, min=0.0))
             x = ratio * x + std * noise_sampler(sigma, sigma_next)
-    return x
+    return _restore_unmasked(model, x, extra_args)
+
+
+def _restore_unmasked(model, x, extra_args):
+    """With an inpainting mask, give back the kept region exactly.
+
+    The last TCD step lands on ``x0 + sigma(0) eps`` (as diffusers does); in the region an
+    inpainting mask keeps, that would add ``sigma(0)`` times the starting noise to the
+    input. ComfyUI's inpainting wrapper exposes the input latent as ``latent_image``; the
+    kept region is set back to it, as ComfyUI's own samplers leave it.
+    """
+    mask = extra_args.get("denoise_mask")
+    latent = getattr(model, "latent_image", None)
+    if mask is None or latent is None:
+        return x
+    mask = mask.to(x)
+    return x * mask + latent.to(x) * (1.0 - mask)

@@ -23,23 +23,39 @@ def sd15_unet_config(model_channels: int = 320, num_res_blocks: int = 1, transfo
     }
 
 
-def build_sd15_model(unet_config: dict, seed: int = 0, init_scale: float | None = None):
-    """A real SD1.5 ``BaseModel`` with deterministic weights (torch.manual_seed)."""
+def init_weights_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Deterministic initialisation (ComfyUI builds models with uninitialised memory).
+
+    Weights ~ N(0, 1/fan_in), biases 0, normalisation layers weight 1 / bias 0; the UNet's
+    final conv gets a small non-zero init so its output depends on the input from the start.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in module.named_modules():
+            if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                if mod.weight is not None:
+                    mod.weight.fill_(1.0)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+                continue
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.nn.Parameter) and w.dim() > 1:
+                fan_in = w[0].numel()
+                w.copy_(torch.randn(w.shape, generator=gen) / fan_in ** 0.5)
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.nn.Parameter):
+                b.zero_()
+
+
+def build_sd15_model(unet_config: dict, seed: int = 0):
+    """A real SD1.5 ``BaseModel`` (float32, CPU) with deterministic weights."""
     import comfy.supported_models
 
     model_config = comfy.supported_models.SD15(dict(unet_config))
     model_config.set_inference_dtype(torch.float32, torch.float32)
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = model_config.get_model({}, device="cpu")
-        if init_scale is not None:
-            with torch.no_grad():
-                for p in model.diffusion_model.parameters():
-                    p.normal_(0, init_scale)
-    finally:
-        torch.random.set_rng_state(gen_state)
+    model = model_config.get_model({}, device="cpu")
     model.diffusion_model.to(torch.float32)
+    init_weights_(model.diffusion_model, seed)
     return model
 
 
@@ -53,15 +69,5 @@ def wrap_patcher(model):
 
 
 def tiny_sd15_patcher(model_channels: int = 32, seed: int = 0):
-    """A tiny (about 0.3 M parameters at 32 channels) SD1.5-shaped model in a ModelPatcher.
-
-    The last conv is re-initialised with small random weights (ComfyUI zero-initialises
-    it), so the denoiser output depends on its input and samplers can be told apart.
-    """
-    model = build_sd15_model(sd15_unet_config(model_channels), seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.abs().sum() == 0 and p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return wrap_patcher(model)
+    """A tiny (about 0.3 M parameters at 32 channels) SD1.5-shaped model in a ModelPatcher."""
+    return wrap_patcher(build_sd15_model(sd15_unet_config(model_channels), seed=seed))
