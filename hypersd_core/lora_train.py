@@ -1,0 +1,267 @@
+"""Trainable LoRA adapters on a denoiser through peft, with an EMA copy and a teacher mode.
+
+One set of base weights serves three roles:
+
+* **student**: base + the trained adapter (``hypersd``);
+* **target**: base + a frozen second adapter (``hypersd_ema``) holding an exponential
+  moving average of the student, updated with :meth:`LoraAdapters.ema_update`;
+* **teacher**: base with the adapters switched off.
+
+Nothing is copied but the LoRA matrices. :meth:`LoraAdapters.detach` removes the peft
+layers again and leaves the module tree exactly as it was, so a host that shares the
+base module between several users (ComfyUI's model patcher clones do) sees no change.
+
+Files use kohya's layout (``<prefix>.lora_down.weight``, ``<prefix>.lora_up.weight``,
+``<prefix>.alpha``); the caller gives the module-path -> key-prefix map, so this module
+knows nothing about a particular host's naming.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+STUDENT = "hypersd"
+EMA = "hypersd_ema"
+
+# Module names inside the transformer blocks of SD-style UNets (attention, feed-forward,
+# projections): the layout of the released Hyper-SD LoRAs.
+_TRANSFORMER_PARTS = ("attn1.", "attn2.", ".ff.", "proj_in", "proj_out")
+
+
+def select_targets(module: nn.Module, scope: str = "transformer") -> list[str]:
+    """Names of the ``nn.Linear``/``nn.Conv2d`` layers of ``module`` to adapt.
+
+    ``scope="transformer"``: layers inside the transformer blocks (attention, feed-forward,
+    proj_in/proj_out), as the released Hyper-SD LoRAs. ``scope="all"``: every linear and
+    convolution layer (resnet convolutions, time embedding, input and output convolutions).
+    """
+    if scope not in ("transformer", "all"):
+        raise ValueError(f"unknown LoRA scope {scope!r}: use 'transformer' or 'all'")
+    names = []
+    for name, m in module.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or not name:
+            continue
+        if scope == "all" or any(p in f".{name}" for p in _TRANSFORMER_PARTS):
+            names.append(name)
+    return names
+
+
+def _lora_layers(module: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
+
+
+class LoraAdapters:
+    """A student LoRA and its EMA twin injected into ``module`` (in place) with peft.
+
+    ``rank`` and ``alpha`` follow kohya: the update is ``up @ down * alpha / rank``.
+    Initialisation is seeded (``seed``) and independent of the global RNG state.
+    """
+
+    def __init__(self, module: nn.Module, targets: Iterable[str], rank: int, alpha: float | None = None,
+                 seed: int = 0, dtype: torch.dtype = torch.float32):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.module = module
+        self.targets = list(targets)
+        if not self.targets:
+            raise ValueError("no layer to adapt: the model has no linear or convolution layer in the chosen scope")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.rank = int(rank)
+        self.alpha = float(alpha if alpha is not None else rank)
+        self._grad_flags = {n: p.requires_grad for n, p in module.named_parameters()}
+        cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=self.targets,
+                         init_lora_weights=True, bias="none")
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft warns that a second adapter joins the first: that is the design here.
+            warnings.filterwarnings("ignore", message=".*peft_config.*")
+            torch.manual_seed(seed)
+            inject_adapter_in_model(cfg, module, adapter_name=STUDENT)
+            inject_adapter_in_model(cfg, module, adapter_name=EMA)
+        self.layers = _lora_layers(module)
+        for _, layer in self.layers:
+            for name in (STUDENT, EMA):
+                layer.lora_A[name].to(dtype)
+                layer.lora_B[name].to(dtype)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self._mode = None
+        self.set_mode("student")
+        self.copy_student_to_ema()
+        self.attached = True
+
+    # ------------------------------------------------------------------ modes
+    def set_mode(self, mode: str) -> None:
+        """``student`` (trainable adapter on), ``target`` (EMA adapter on), ``teacher`` (adapters off)."""
+        if mode == self._mode:
+            return
+        for _, layer in self.layers:
+            if mode == "teacher":
+                layer.enable_adapters(False)
+            elif mode == "student":
+                layer.enable_adapters(True)
+                layer.set_adapter(STUDENT)
+            elif mode == "target":
+                layer.enable_adapters(True)
+                layer.set_adapter(EMA, inference_mode=True)
+            else:
+                raise ValueError(f"unknown adapter mode {mode!r}")
+        if mode != "student":
+            for p in self.student_parameters():
+                p.requires_grad_(False)
+        self._mode = mode
+
+    @contextlib.contextmanager
+    def mode(self, mode: str) -> Iterator[None]:
+        prev = self._mode
+        self.set_mode(mode)
+        try:
+            yield
+        finally:
+            self.set_mode(prev)
+
+    # ------------------------------------------------------------------ weights
+    def _named(self, adapter: str) -> Iterator[tuple[str, str, nn.Parameter]]:
+        for name, layer in self.layers:
+            yield name, "down", layer.lora_A[adapter].weight
+            yield name, "up", layer.lora_B[adapter].weight
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        return [p for _, _, p in self._named(STUDENT)]
+
+    def ema_parameters(self) -> list[nn.Parameter]:
+        return [p for _, _, p in self._named(EMA)]
+
+    @torch.no_grad()
+    def copy_student_to_ema(self) -> None:
+        for s, e in zip(self.student_parameters(), self.ema_parameters()):
+            e.copy_(s)
+
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        for s, e in zip(self.student_parameters(), self.ema_parameters()):
+            e.lerp_(s.to(e.dtype), 1.0 - decay)
+
+    def all_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.student_parameters())
+
+    def weights(self, adapter: str = STUDENT) -> dict[str, torch.Tensor]:
+        """``{"<module>.down"|"<module>.up": tensor}`` (detached copies on the CPU, float32)."""
+        return {f"{n}.{kind}": p.detach().to("cpu", torch.float32).clone() for n, kind, p in self._named(adapter)}
+
+    @torch.no_grad()
+    def load_weights(self, sd: Mapping[str, torch.Tensor], adapter: str = STUDENT) -> None:
+        missing = []
+        for n, kind, p in self._named(adapter):
+            t = sd.get(f"{n}.{kind}")
+            if t is None:
+                missing.append(f"{n}.{kind}")
+                continue
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"LoRA weight {n}.{kind} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            p.copy_(t.to(p))
+        if missing:
+            raise ValueError(f"LoRA weights missing for {len(missing)} layers, e.g. {missing[:3]}")
+
+    def kohya_state_dict(self, key_prefix: Callable[[str], str], adapter: str = STUDENT,
+                         dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The adapter in kohya layout; ``key_prefix(module_name)`` names each layer in the file."""
+        out = {}
+        for n, kind, p in self._named(adapter):
+            pre = key_prefix(n)
+            out[f"{pre}.lora_{kind}.weight"] = p.detach().to("cpu", dtype).contiguous().clone()
+            if kind == "down":
+                out[f"{pre}.alpha"] = torch.tensor(self.alpha, dtype=dtype)
+        return out
+
+    def load_kohya_state_dict(self, sd: Mapping[str, torch.Tensor], key_prefix: Callable[[str], str],
+                              adapter: str = STUDENT) -> None:
+        flat = {}
+        for name, _ in self.layers:
+            pre = key_prefix(name)
+            for kind in ("down", "up"):
+                if f"{pre}.lora_{kind}.weight" in sd:
+                    flat[f"{name}.{kind}"] = sd[f"{pre}.lora_{kind}.weight"]
+        self.load_weights(flat, adapter)
+
+    # ------------------------------------------------------------------ removal
+    def detach(self) -> None:
+        """Remove the peft layers: every adapted layer gets its original module back."""
+        if not getattr(self, "attached", False):
+            return
+        for name, layer in self.layers:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.module.get_submodule(parent_name) if parent_name else self.module
+            setattr(parent, child, layer.get_base_layer())
+        for n, p in self.module.named_parameters():
+            if n in self._grad_flags:
+                p.requires_grad_(self._grad_flags[n])
+        if hasattr(self.module, "peft_config"):
+            try:
+                delattr(self.module, "peft_config")
+            except AttributeError:
+                pass
+        self.layers = []
+        self.attached = False
+
+
+# ---------------------------------------------------------------------- checkpointing
+
+
+def _is_container(m: nn.Module) -> bool:
+    return isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
+
+
+def _leaf_blocks(module: nn.Module) -> list[nn.Module]:
+    """The highest non-container sub-modules (UNet blocks called one by one)."""
+    out = []
+    for child in module.children():
+        if _is_container(child):
+            out.extend(_leaf_blocks(child))
+        else:
+            out.append(child)
+    return out
+
+
+@contextlib.contextmanager
+def activation_checkpointing(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Recompute the activations of ``module``'s top blocks in the backward pass.
+
+    Non-reentrant checkpointing (reentrant checkpointing silently stops LoRA weights
+    training); it only acts when gradients are on, so frozen teacher and target passes
+    run at normal speed.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    for block in _leaf_blocks(module):
+        original = block.forward
+        own = block.__dict__.get("forward")
+
+        def fwd(*args, _orig=original, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+            return _orig(*args, **kwargs)
+
+        block.forward = fwd
+        patched.append((block, own))
+    try:
+        yield
+    finally:
+        for block, own in patched:
+            if own is not None:
+                block.forward = own
+            else:
+                block.__dict__.pop("forward", None)
