@@ -416,5 +416,5 @@ def progressive_stages(segments: Sequence[int], steps_per_stage: int, make_terms
 def recommended_settings(last_segments: int) -> dict[str, str]:
     """Sampling settings for a LoRA whose last stage had ``last_segments`` segments."""
     if last_segments == 1:
-        return {"steps": "1", "cfg": "1.0", "sampler": "tcd", "eta": "1.0"}
-    return {"steps": str(last_segments), "cfg": "1.0", "sampler": "ddim_trailing", "eta": "0.0"}
+        return {"steps": "1", "cfg": "1.0", "sampler": "tcd", "schedule": "tcd", "eta": "1.0"}
+    return {"steps": str(last_segments), "cfg": "1.0", "sampler": "ddim", "schedule": "trailing", "eta": "0.0"}

@@ -136,6 +136,18 @@ def _prefix_fn(prefixes: dict[str, str]):
     return fn
 
 
+def model_family(model) -> str:
+    """The model family in the pack's LoRA-metadata vocabulary (SD1.5, SD2, SDXL, ...)."""
+    import comfy.supported_models as sm
+
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    for cls_name, fam in (("SDXLRefiner", "SDXL-refiner"), ("SDXL", "SDXL"), ("SD15", "SD1.5"), ("SD20", "SD2")):
+        cls = getattr(sm, cls_name, None)
+        if cls is not None and isinstance(cfg, cls):
+            return fam
+    return type(cfg).__name__ if cfg is not None else "unknown"
+
+
 def discrete_alphas_cumprod(model_sampling) -> torch.Tensor:
     """The teacher's 1000 alpha-bars; refuses models outside the discrete eps/v family."""
     ok = isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and isinstance(
@@ -303,7 +315,7 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
     ms = mp.get_model_object("model_sampling")
     alphas_cumprod = discrete_alphas_cumprod(ms)
     sigmas_table = ms.sigmas.detach().float().cpu()
-    family = type(mp.model.model_config).__name__
+    family = model_family(mp)
     prefixes = _prefix_fn(key_prefix_map(mp.model))
     groups = [mp.model.process_latent_in(g) for g in groups]
 
@@ -325,6 +337,7 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
             "hypersd.complete": "true" if trainer.step >= trainer.total_steps else "false",
             "hypersd.recommended_steps": rec["steps"], "hypersd.recommended_cfg": rec["cfg"],
             "hypersd.recommended_sampler": rec["sampler"], "hypersd.recommended_eta": rec["eta"],
+            "hypersd.recommended_schedule": rec["schedule"],
             "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(rank)),
         }
         if trainer.last_loss is not None:

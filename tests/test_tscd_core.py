@@ -1,0 +1,245 @@
+"""TSCD core in plain torch: grid and segment math by hand, adapters, the loop, resume."""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from hypersd_core import lora_train, tscd  # noqa: E402
+
+
+# ---------------------------------------------------------------------- math by hand
+
+
+def test_solver_grid_is_50_ddim_steps_with_skip_20():
+    g = tscd.solver_timesteps(50, 1000)
+    assert len(g) == 50
+    assert g[:3].tolist() == [19, 39, 59]
+    assert g[-2:].tolist() == [979, 999]
+    assert tscd.solver_timesteps(4, 1000).tolist() == [249, 499, 749, 999]
+
+
+@pytest.mark.parametrize("t,k,edge", [
+    (999, 8, 875), (139, 8, 125), (119, 8, 0), (500, 8, 500), (874, 8, 750),
+    (999, 4, 750), (259, 4, 250), (249, 4, 0), (999, 2, 500), (499, 2, 0),
+    (999, 1, 0), (19, 1, 0), (999, 3, 999), (998, 3, 666), (665, 3, 333),
+])
+def test_segment_edge_by_hand(t, k, edge):
+    assert tscd.segment_edge(t, k) == edge
+    assert tscd.segment_edge(torch.tensor([t]), k).tolist() == [edge]
+
+
+def test_target_times_by_hand():
+    u = torch.tensor([0.0, 0.5, 0.999999], dtype=torch.float64)
+    # t_n = 999, k = 4: t_prev = 979, t_b = 750, integers in [750, 979] (230 of them).
+    t_prev, t_end = tscd.target_timesteps(torch.tensor([999, 999, 999]), 4, u, skip=20)
+    assert t_prev.tolist() == [979, 979, 979]
+    assert t_end.tolist() == [750, 750 + math.floor(0.5 * 230), 979]
+    # The teacher's step would cross the edge: it stops at the edge, and so does t_end.
+    t_prev, t_end = tscd.target_timesteps(torch.tensor([259, 139, 19]), 4, u, skip=20)
+    assert t_prev.tolist() == [250, 119, 0]
+    assert t_end.tolist() == [250, 0 + math.floor(0.5 * 120), 0]
+    t_prev, t_end = tscd.target_timesteps(torch.tensor([139]), 8, torch.tensor([0.7], dtype=torch.float64), skip=20)
+    assert (t_prev.item(), t_end.item()) == (125, 125)
+    # k = 1: the whole range is one segment, t_end anywhere in [0, t_prev].
+    t_prev, t_end = tscd.target_timesteps(torch.tensor([519]), 1, torch.tensor([0.25], dtype=torch.float64), skip=20)
+    assert (t_prev.item(), t_end.item()) == (499, math.floor(0.25 * 500))
+
+
+def test_targets_never_leave_their_segment():
+    gen = torch.Generator().manual_seed(0)
+    grid = tscd.solver_timesteps()
+    for k in (8, 4, 2, 1, 3, 5):
+        t_n = grid[torch.randint(0, 50, (4000,), generator=gen)]
+        u = torch.rand(4000, generator=gen, dtype=torch.float64)
+        t_prev, t_end = tscd.target_timesteps(t_n, k, u, skip=20)
+        t_b = tscd.segment_edge(t_n, k)
+        assert bool((t_end >= t_b).all()) and bool((t_end <= t_prev).all()) and bool((t_prev <= t_n).all())
+        assert bool((tscd.segment_edge(t_end, k) == t_b).all())
+
+
+def test_ddim_jump_is_exact_on_a_true_trajectory():
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(3, 4, 8, 8, generator=gen)
+    eps = torch.randn(3, 4, 8, 8, generator=gen)
+    a = torch.linspace(0.9, 0.1, 3)
+    b = torch.tensor([0.95, 0.5, 0.99])
+    x_t = tscd.add_noise(x0, eps, a)
+    torch.testing.assert_close(tscd.ddim_jump(x_t, eps, a, b), tscd.add_noise(x0, eps, b))
+    torch.testing.assert_close(tscd.ddim_jump(x_t, eps, a, a), x_t)
+    torch.testing.assert_close(tscd.predict_x0(x_t, eps, a), x0, atol=1e-5, rtol=1e-5)
+
+
+def test_parse_stages():
+    assert tscd.parse_stages("8,4,2,1") == [8, 4, 2, 1]
+    assert tscd.parse_stages(" 4 2 ") == [4, 2]
+    for bad in ("", "a,b", "0", "4,-1", "2000"):
+        with pytest.raises(ValueError):
+            tscd.parse_stages(bad)
+
+
+def test_recommended_settings():
+    assert tscd.recommended_settings(1)["sampler"] == "tcd"
+    r = tscd.recommended_settings(4)
+    assert (r["steps"], r["sampler"], r["schedule"], r["cfg"]) == ("4", "ddim", "trailing", "1.0")
+
+
+# ---------------------------------------------------------------------- a plain-torch denoiser
+
+
+class TinyEps(torch.nn.Module):
+    """A small conditional eps predictor: conv net with a timestep and condition embedding."""
+
+    def __init__(self, ch=4, width=16, cond_dim=8):
+        super().__init__()
+        self.t_emb = torch.nn.Linear(1, width)
+        self.c_emb = torch.nn.Linear(cond_dim, width)
+        self.conv_in = torch.nn.Conv2d(ch, width, 3, padding=1)
+        self.mid = torch.nn.Linear(width, width)
+        self.conv_out = torch.nn.Conv2d(width, ch, 3, padding=1)
+
+    def forward(self, x, t, c):
+        h = self.conv_in(x)
+        e = self.t_emb((t.float() / 1000.0)[:, None]) + self.c_emb(c)
+        h = torch.nn.functional.silu(h + e[:, :, None, None])
+        h = self.mid(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.conv_out(torch.nn.functional.silu(h))
+
+
+def _setup(seed=0, stages=(2, 1), steps=3, lr=1e-3, callbacks=()):
+    torch.manual_seed(1234)  # the toy network's own init (the adapters do not use the global RNG)
+    net = TinyEps()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    ab = torch.cumprod(1 - betas, 0)
+    uncond = torch.zeros(1, 8)
+
+    def eps_fn(x, t, cfg, cond):
+        c = cond.expand(x.shape[0], -1)
+        e = net(x, t, c)
+        if cfg == 1.0:
+            return e
+        eu = net(x, t, uncond.expand(x.shape[0], -1))
+        return eu + cfg * (e - eu)
+
+    adapters = lora_train.LoraAdapters(net, lora_train.select_targets(net, "all"), rank=2, seed=seed)
+    term = tscd.TSCDLoss(eps_fn, adapters, ab, teacher_cfg=3.0)
+    gen = torch.Generator().manual_seed(5)
+    data = tscd.LatentData([(torch.randn(6, 4, 8, 8, generator=gen), torch.randn(1, 8, generator=gen))])
+    trainer = tscd.Trainer(adapters, tscd.progressive_stages(stages, steps, lambda k: [(1.0, term)]), data,
+                           lr=lr, batch_size=3, seed=seed, callbacks=list(callbacks), signature={"t": 1})
+    return net, adapters, trainer, eps_fn
+
+
+def test_adapters_modes_and_detach_restore_the_module():
+    net, adapters, trainer, eps_fn = _setup()
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 10])
+    c = torch.randn(2, 8)
+    with adapters.mode("teacher"):
+        base = net(x, t, c).detach()
+    torch.testing.assert_close(net(x, t, c), base)  # lora_B starts at zero: student = teacher
+    with torch.no_grad():
+        for p in adapters.student_parameters():
+            p.add_(0.1)
+    assert not torch.allclose(net(x, t, c), base)
+    with adapters.mode("teacher"):
+        torch.testing.assert_close(net(x, t, c), base)
+    with adapters.mode("target"):  # EMA still at the initial weights
+        torch.testing.assert_close(net(x, t, c), base)
+    adapters.ema_update(0.0)
+    with adapters.mode("target"):
+        torch.testing.assert_close(net(x, t, c), net(x, t, c))
+    sd = adapters.kohya_state_dict(lambda n: "lora_unet_" + n.replace(".", "_"))
+    assert sd["lora_unet_conv_in.lora_down.weight"].shape == (2, 4, 3, 3)
+    assert sd["lora_unet_conv_in.lora_up.weight"].shape == (16, 2, 1, 1)
+    assert sd["lora_unet_mid.lora_down.weight"].shape == (2, 16)
+    assert float(sd["lora_unet_mid.alpha"]) == 2.0
+    adapters.detach()
+    assert type(net.conv_in) is torch.nn.Conv2d and type(net.mid) is torch.nn.Linear
+    assert not any("lora" in n for n, _ in net.named_parameters())
+    torch.testing.assert_close(net(x, t, c), base)
+
+
+def test_student_init_is_seeded_and_independent_of_global_rng():
+    _, a1, _, _ = _setup(seed=3)
+    torch.manual_seed(999)
+    torch.rand(10)
+    _, a2, _, _ = _setup(seed=3)
+    for p, q in zip(a1.student_parameters(), a2.student_parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_resume_from_state_continues_exactly():
+    _, a_full, t_full, _ = _setup(steps=3)
+    t_full.run()
+
+    class StopAt(tscd.Callback):
+        def on_step_start(self, trainer):
+            if trainer.step == 4:
+                raise KeyboardInterrupt
+
+    _, a_part, t_part, _ = _setup(steps=3, callbacks=[StopAt()])
+    with pytest.raises(KeyboardInterrupt):
+        t_part.run()
+    assert t_part.step == 4
+    state = t_part.state_dict()
+    assert state["optimizer"]["state"][0]["step"].item() == 4
+    _, a_res, t_res, _ = _setup(steps=3)
+    t_res.load_state_dict(state)
+    assert t_res.step == 4
+    t_res.run()
+    assert t_res.step == t_full.step == 6
+    for p, q in zip(a_full.student_parameters(), a_res.student_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert t_res.history == pytest.approx(t_full.history, rel=0, abs=0)
+
+
+def test_resume_refuses_other_settings():
+    _, _, t1, _ = _setup()
+    state = t1.state_dict()
+    state["signature"] = {"t": 2}
+    _, _, t2, _ = _setup()
+    with pytest.raises(ValueError, match="different settings"):
+        t2.load_state_dict(state)
+
+
+def test_nan_stops_with_a_clear_error():
+    class Poison(tscd.Callback):
+        def on_step_end(self, trainer, loss, logs):
+            if trainer.step == 2:
+                with torch.no_grad():
+                    trainer.adapters.student_parameters()[0].fill_(float("nan"))
+
+    _, _, trainer, _ = _setup(callbacks=[Poison()])
+    with pytest.raises(tscd.NonFiniteLossError, match="NaN") as e:
+        trainer.run()
+    assert e.value.step == 2
+
+
+def test_loss_term_plugs_in_beside_tscd():
+    """A stage can carry several weighted terms: later reward/score losses plug in the same way."""
+    calls = []
+
+    class Extra:
+        def __init__(self, adapters, eps_fn):
+            self.adapters, self.eps_fn = adapters, eps_fn
+
+        def __call__(self, batch, stage, generator):
+            self.adapters.set_mode("student")
+            t = torch.full((batch.x0.shape[0],), 500)
+            out = self.eps_fn(batch.x0, t, 1.0, batch.cond)
+            calls.append(stage.segments)
+            return out.pow(2).mean(), {"extra": 1.0}
+
+    net, adapters, trainer, eps_fn = _setup(steps=2)
+    for st in trainer.stages:
+        st.terms.append((0.5, Extra(adapters, eps_fn)))
+    trainer.run()
+    assert calls == [2, 2, 1, 1]
