@@ -234,6 +234,12 @@ class ComfyServer:
     def run(self, graph: dict, timeout: float = 300) -> dict:
         return self.wait(self.post_prompt(graph), timeout)
 
+    def free(self) -> None:
+        """Drop the execution cache, so an unchanged graph runs again."""
+        req = urllib.request.Request(self.url + "/free", data=json.dumps({"free_memory": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).read()
+
     def output_files(self, entry: dict, node_id: str, kind: str = "latents") -> list[Path]:
         out = entry["outputs"][node_id][kind]
         return [self.base / r.get("type", "output") / r.get("subfolder", "") / r["filename"] for r in out]
@@ -282,3 +288,50 @@ def server(comfy_server):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (still part of CI)")
+
+
+# ----------------------------------------------------------------------------- model files
+
+_FILE_CACHE = Path(tempfile.gettempdir()) / "hypersd-test-files"
+
+
+def cached_file(name: str, build, deps: tuple[str, ...] = ()) -> Path:
+    """A generated test file, built once and reused while the sources in ``deps`` are unchanged."""
+    import hashlib
+
+    _FILE_CACHE.mkdir(exist_ok=True)
+    h = hashlib.sha256(b"".join((REPO / d).read_bytes() for d in deps)).hexdigest()[:12]
+    stem, dot, ext = name.partition(".")
+    path = _FILE_CACHE / f"{stem}-{h}{dot}{ext}"
+    if not path.exists():
+        build(path)
+    return path
+
+
+def place(srv: ComfyServer, folder: str, src: Path, name: str | None = None) -> str:
+    """Make ``src`` visible in the server's ``models/<folder>`` (symlink); returns its name."""
+    dest = srv.base / "models" / folder / (name or src.name)
+    if not dest.exists():
+        dest.symlink_to(src)
+    return dest.name
+
+
+@pytest.fixture(scope="session")
+def sd15_parts(comfy_server, pack):
+    """A tiny SD1.5-detected UNet (UNETLoader) and the deterministic CLIP-L (CLIPLoader) on the server."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ComfyUI_HyperSD.toy import arch, clip
+
+    def build_unet(path):
+        model = arch.build_sd15_model(arch.sd15_unet_config(320), seed=0)
+        sd = {k: v.to(torch.float16).contiguous() for k, v in model.diffusion_model.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(sd, str(tmp))
+        os.replace(tmp, path)
+
+    unet = cached_file("hypersd_test_sd15_unet.safetensors", build_unet, ("toy/arch.py",))
+    clip_file = cached_file("hypersd_test_clip_l.safetensors", clip.write_clip_l, ("toy/clip.py",))
+    return {"unet": place(comfy_server, "unet", unet, "hypersd_test_sd15_unet.safetensors"),
+            "clip": place(comfy_server, "clip", clip_file, "hypersd_test_clip_l.safetensors")}
