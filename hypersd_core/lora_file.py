@@ -1,0 +1,523 @@
+"""What a Hyper-SD file is, decided from its safetensors header and metadata alone.
+
+Plain Python (json, struct, re; torch only for pickle files). Nothing here imports
+ComfyUI, and no weight tensor is read to decide: the header gives key names, shapes and
+dtypes; the only data read are the scalar ``.alpha`` values (4 bytes each).
+
+What is reported (``LoraInfo``):
+
+* ``kind``: ``lora``, ``unet`` (a whole diffusion model: the diffusers-format Hyper-SDXL
+  one-step UNet, or a ComfyUI/LDM UNet), ``checkpoint`` (UNet + text encoder + VAE, like
+  ``Hyper-SDXL-1step-Unet-Comfyui.fp16``) or ``unknown``.
+* ``family``: ``SD1.5``, ``SDXL``, ``SD3``, ``FLUX`` or ``unknown``. From the key names
+  (``single_transformer_blocks``/``single_blocks`` -> FLUX; ``joint_blocks`` or MMDiT
+  attention without single blocks -> SD3; UNet blocks -> SD1.5/SDXL) and, for UNets, from
+  the cross-attention width (``attn2.to_k`` input: 768 SD1.5, 2048 SDXL, 1024 SD2 which is
+  reported as ``unknown``). The file name is only a hint; a disagreement is a warning.
+* ``key_format``: ``kohya`` (``lora_unet_*`` with ``lora_down``/``lora_up``/``alpha``),
+  ``peft`` (``lora_A``/``lora_B``, e.g. ``transformer.*``), ``diffusers`` (older
+  ``*.lora.down.weight``/``*_lora.down.weight``), ``comfyui`` (``diffusion_model.*``,
+  as ComfyUI's own trainer saves).
+* ``rank`` (the largest; ``ranks`` lists all), ``alpha`` (the most common ``.alpha``; None
+  when the file has none: ComfyUI then uses scale 1), ``modules`` (LoRA layers on the
+  diffusion model), ``te_modules`` (layers on a text encoder; the loader ignores them).
+* ``variant``: ``unified`` (Hyper-SD15/SDXL-1step-lora: TCD, 1 to 8 steps), ``nsteps``
+  (2/4/8/16-step LoRAs: DDIM trailing, cfg 1), ``cfg`` (CFG-preserving LoRAs: cfg 5-8 and
+  negative prompts), ``onestep_unet`` (one step from timestep 800), ``hypersd_trained``
+  (trained by this pack), or ``unknown``; with the recommended ``steps``, ``cfg``, ``eta``,
+  ``sampler`` (``tcd``/``ddim``/``euler``/``lcm``), ``schedule`` (``tcd``/``trailing``/
+  ``simple``/``one_step``/``segments``), ``strength`` and, for FLUX, ``guidance``.
+
+Metadata written by this pack's trainer (safetensors ``__metadata__``, all strings), read here:
+
+================================  ================================================
+``hypersd.trained_by``            ``"ComfyUI-HyperSD"``: marks the file as ours
+``hypersd.family``                ``SD1.5`` / ``SDXL`` / ``SD3`` / ``FLUX``
+``hypersd.stages``                segment counts trained, e.g. ``"8,4,2,1"`` (or a JSON list)
+``hypersd.recommended_steps``     integer
+``hypersd.recommended_cfg``       float
+``hypersd.recommended_sampler``   ``tcd`` / ``ddim`` / ``euler`` / ``lcm``
+``hypersd.recommended_eta``       float (TCD gamma)
+``hypersd.recommended_schedule``  optional: ``trailing`` / ``tcd`` / ``segments`` / ``one_step``
+``hypersd.recommended_strength``  optional float
+================================  ================================================
+
+Any recommended value the metadata leaves out is derived from the last stage: one segment
+-> as the unified LoRA (TCD), k segments -> k steps, DDIM trailing, cfg 1.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import struct
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("SD1.5", "SDXL", "SD3", "FLUX", "unknown")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+META_PREFIX = "hypersd."
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "F4": 1}
+_ALPHA_FORMATS = {"F32": "<f", "F64": "<d", "F16": "<e", "I64": "<q", "I32": "<i"}
+
+
+class LoraFileError(ValueError):
+    """A file that cannot be used: empty, truncated, corrupt, or an unsafe pickle."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_safetensors_header(path: str) -> tuple[dict, dict, int]:
+    """(tensors, metadata, data_start) from a safetensors file; checks it is complete.
+
+    ``tensors`` maps name -> {"dtype", "shape", "data_offsets"}. Raises ``LoraFileError``
+    with a sentence for an empty, truncated or corrupt file.
+    """
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise LoraFileError(f"'{name}' is empty (0 bytes): the download or copy did not finish. Download it again.")
+    if size < 8:
+        raise LoraFileError(f"'{name}' is only {size} bytes: it is truncated or not a safetensors file.")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES or n == 0:
+            raise LoraFileError(f"'{name}' is not a valid safetensors file (header length {n}); "
+                                "it may be a .ckpt/.pt renamed to .safetensors, or corrupt.")
+        if 8 + n > size:
+            raise LoraFileError(f"'{name}' is truncated: its header needs {8 + n} bytes but the file has {size}. "
+                                "Download it again.")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraFileError(f"'{name}' has a corrupt safetensors header ({e.__class__.__name__}): "
+                            "the file is damaged. Download it again.") from None
+    if not isinstance(header, dict):
+        raise LoraFileError(f"'{name}' has a corrupt safetensors header (not a JSON object).")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        metadata = {}
+    data_len = size - 8 - n
+    need = 0
+    for key, t in header.items():
+        try:
+            begin, end = (int(v) for v in t["data_offsets"])
+            shape = [int(s) for s in t["shape"]]
+            width = _DTYPE_BYTES[t["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise LoraFileError(f"'{name}' has a corrupt safetensors header (entry '{key}').") from None
+        count = 1
+        for s in shape:
+            count *= s
+        if end < begin or (t["dtype"] != "F4" and end - begin != count * width):
+            raise LoraFileError(f"'{name}' has a corrupt safetensors header (size of '{key}').")
+        need = max(need, end)
+    if need > data_len:
+        raise LoraFileError(f"'{name}' is truncated: its tensors need {need + 8 + n} bytes but the file has {size} "
+                            f"({100.0 * size / (need + 8 + n):.0f}%). Download it again.")
+    return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+
+
+def _read_alphas(path: str, header: dict, data_start: int, keys: list[str]) -> dict[str, float]:
+    out = {}
+    with open(path, "rb") as f:
+        for k in keys:
+            t = header[k]
+            fmt = _ALPHA_FORMATS.get(t["dtype"])
+            begin, end = t["data_offsets"]
+            if fmt is None or end - begin != struct.calcsize(fmt):
+                continue
+            f.seek(data_start + begin)
+            out[k] = float(struct.unpack(fmt, f.read(end - begin))[0])
+    return out
+
+
+def _read_pickle(path: str) -> tuple[dict, dict]:
+    """Shapes of a pickled state dict, loaded with torch's weights-only unpickler on 'meta'."""
+    import torch
+
+    name = os.path.basename(path)
+    if os.path.getsize(path) == 0:
+        raise LoraFileError(f"'{name}' is empty (0 bytes): the download or copy did not finish.")
+    try:
+        sd = torch.load(path, map_location="meta", weights_only=True)
+    except Exception as e:  # the unpickler says why; we only say what to do
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise LoraFileError(
+            f"'{name}' was refused: it is a pickle file that cannot be loaded safely (weights only) "
+            f"({first[:200]}). Convert it to .safetensors or use the .safetensors release.") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise LoraFileError(f"'{name}' holds no state dict.")
+    header, alphas = {}, {}
+    for k, v in sd.items():
+        if hasattr(v, "shape"):
+            header[str(k)] = {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+    return header, alphas
+
+
+# ----------------------------------------------------------------------------- keys
+
+_LORA_SUFFIXES = (
+    (".lora_down.weight", "down", "kohya"), (".lora_up.weight", "up", "kohya"), (".lora_mid.weight", "mid", "kohya"),
+    (".lora_A.weight", "down", "peft"), (".lora_B.weight", "up", "peft"),
+    (".lora_A.default.weight", "down", "peft"), (".lora_B.default.weight", "up", "peft"),
+    (".lora.down.weight", "down", "diffusers"), (".lora.up.weight", "up", "diffusers"),
+    ("_lora.down.weight", "down", "diffusers"), ("_lora.up.weight", "up", "diffusers"),
+    (".lora_linear_layer.down.weight", "down", "diffusers"), (".lora_linear_layer.up.weight", "up", "diffusers"),
+    (".alpha", "alpha", None),
+)
+_TE_PREFIXES = ("lora_te", "text_encoder", "te1.", "te2.", "text_encoders.", "lora_prior_te")
+
+
+def _split(key: str):
+    for suf, part, fmt in _LORA_SUFFIXES:
+        if key.endswith(suf):
+            return key[: -len(suf)], part, fmt
+    return None, None, None
+
+
+def _flat(module: str) -> str:
+    return module.replace(".", "_")
+
+
+def _family_from_modules(flat_names: list[str], context_dims: Counter, widths: Counter) -> tuple[str, str]:
+    """(family, reason) from flattened module names and shapes."""
+    joined = "\n".join(flat_names)
+    if re.search(r"single_transformer_blocks_|single_blocks_|double_blocks_", joined):
+        return "FLUX", "single/double transformer blocks"
+    if "joint_blocks_" in joined or "context_block" in joined:
+        return "SD3", "joint (MMDiT) blocks"
+    if re.search(r"(^|_)transformer_blocks_\d+_(attn_add_[qkv]_proj|ff_context|norm1_context)", joined):
+        return "SD3", "MMDiT blocks without single blocks"
+    unet = re.search(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)_", joined)
+    if unet:
+        if context_dims:
+            ctx = context_dims.most_common(1)[0][0]
+            if ctx == 768:
+                return "SD1.5", "UNet with 768-wide cross-attention"
+            if ctx == 2048:
+                return "SDXL", "UNet with 2048-wide cross-attention"
+            if ctx == 1024:
+                return "unknown", "SD2-like UNet (1024-wide cross-attention)"
+            if ctx == 1280:
+                return "unknown", "SDXL-refiner-like UNet (1280-wide cross-attention)"
+        if re.search(r"down_blocks_2_attentions_\d_transformer_blocks_[2-9]|input_blocks_[78]_1_transformer_blocks_[1-9]"
+                     r"|add_embedding|label_emb", joined):
+            return "SDXL", "SDXL-only blocks"
+        if re.search(r"down_blocks_0_attentions|input_blocks_[12]_1_", joined):
+            return "SD1.5", "SD1.5-only attention blocks"
+        return "unknown", "UNet of unknown size"
+    return "unknown", "no known block names"
+
+
+# ----------------------------------------------------------------------------- names
+
+_NAME_PATTERNS = [
+    # (regex on the normalised stem, family, variant, steps)
+    (r"hyper-?sd(15|xl)-1-?step-unet", None, "onestep_unet", 1),
+    (r"hyper-?sd(15|xl)-1-?steps?-lora", None, "unified", 1),
+    (r"hyper-?sd(15|xl)-(\d+)-?steps?-cfg-lora", None, "cfg", None),
+    (r"hyper-?sd(15|xl)-(\d+)-?steps?-lora", None, "nsteps", None),
+    (r"hyper-?sd3-(\d+)-?steps?-cfg-lora", "SD3", "cfg", None),
+    (r"hyper-?flux\.?1?-?dev-(\d+)-?steps?-lora", "FLUX", "nsteps", None),
+]
+
+
+def name_hint(file_name: str) -> dict | None:
+    """Family, variant and steps an official Hyper-SD file name announces (None if not one)."""
+    stem = os.path.basename(file_name).lower().replace("_", "-").replace(" ", "-")
+    for pat, fam, variant, steps in _NAME_PATTERNS:
+        m = re.search(pat, stem)
+        if not m:
+            continue
+        groups = m.groups()
+        if fam is None:
+            fam = "SD1.5" if groups[0] == "15" else "SDXL"
+            if steps is None:
+                steps = int(groups[1])
+        elif steps is None:
+            steps = int(groups[0])
+        return {"family": fam, "variant": variant, "steps": steps}
+    return None
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class LoraInfo:
+    file_name: str
+    size_bytes: int
+    container: str  # safetensors | pickle
+    kind: str = "unknown"  # lora | unet | checkpoint | unknown
+    family: str = "unknown"
+    family_reason: str = ""
+    key_format: str = "unknown"
+    tensors: int = 0
+    modules: int = 0
+    te_modules: int = 0
+    rank: int | None = None
+    ranks: list = field(default_factory=list)
+    alpha: float | None = None
+    dtype: str | None = None
+    variant: str = "unknown"
+    variant_source: str = ""  # metadata | name | none
+    official: bool = False
+    steps: int = 4
+    cfg: float = 1.0
+    eta: float = 0.0
+    sampler: str = "ddim"
+    schedule: str = "trailing"
+    strength: float = 1.0
+    guidance: float | None = None
+    stages: list = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def describe_variant(self) -> str:
+        return {
+            "unified": "unified 1-step LoRA (TCD, 1-8 steps)",
+            "nsteps": f"{self.steps}-step LoRA",
+            "cfg": f"{self.steps}-step CFG LoRA",
+            "onestep_unet": "one-step UNet",
+            "hypersd_trained": "LoRA trained with ComfyUI-HyperSD",
+        }.get(self.variant, "unrecognised Hyper-SD variant")
+
+    def summary(self) -> str:
+        parts = [f"{self.file_name}: {self.family} {self.describe_variant()}"]
+        if self.kind == "lora":
+            r = f"rank {self.rank}" if self.rank else "rank ?"
+            a = f", alpha {self.alpha:g}" if self.alpha is not None else ""
+            parts.append(f"{self.key_format} keys, {self.modules} layers, {r}{a}")
+        rec = f"{self.steps} steps, {self.sampler}"
+        if self.sampler == "tcd":
+            rec += f" eta {self.eta:g}"
+        rec += f", {self.schedule} schedule, cfg {self.cfg:g}"
+        if self.guidance is not None:
+            rec += f", guidance {self.guidance:g}"
+        parts.append(rec)
+        return "; ".join(parts)
+
+
+def _apply_recommendations(info: LoraInfo, steps: int | None, meta: dict) -> None:
+    fam, v = info.family, info.variant
+    info.strength = 0.125 if fam in ("FLUX", "SD3") else 1.0
+    info.guidance = None
+    if v == "unified":
+        info.steps = steps or 1
+        info.sampler, info.schedule, info.cfg = "tcd", "tcd", 1.0
+        info.eta = 1.0 if info.steps == 1 else 0.3
+    elif v == "onestep_unet":
+        info.steps, info.sampler, info.schedule, info.cfg, info.eta = 1, "lcm", "one_step", 1.0, 1.0
+    elif v in ("nsteps", "cfg") or v == "unknown":
+        info.steps = steps or 4
+        info.eta = 0.0
+        if fam in ("FLUX", "SD3"):
+            info.sampler, info.schedule = "euler", "simple"
+        else:
+            info.sampler, info.schedule = "ddim", "trailing"
+        if v == "cfg":
+            info.cfg = {4: 3.0, 8: 5.0, 16: 7.0}.get(info.steps, 5.0) if fam == "SD3" else 5.0
+        else:
+            info.cfg = 1.0
+        if fam == "FLUX":
+            info.guidance = 3.5
+    elif v == "hypersd_trained":
+        last = info.stages[-1] if info.stages else None
+        if last == 1:
+            info.steps, info.sampler, info.schedule, info.cfg = 4, "tcd", "tcd", 1.0
+            info.eta = 0.3
+        else:
+            info.steps, info.sampler, info.schedule, info.cfg, info.eta = (last or 4), "ddim", "trailing", 1.0, 0.0
+        conv = {"recommended_steps": int, "recommended_cfg": float, "recommended_eta": float,
+                "recommended_sampler": str, "recommended_schedule": str, "recommended_strength": float}
+        attr = {"recommended_steps": "steps", "recommended_cfg": "cfg", "recommended_eta": "eta",
+                "recommended_sampler": "sampler", "recommended_schedule": "schedule",
+                "recommended_strength": "strength"}
+        for k, fn in conv.items():
+            raw = meta.get(META_PREFIX + k)
+            if raw is None or raw == "":
+                continue
+            try:
+                setattr(info, attr[k], fn(raw))
+            except ValueError:
+                info.warnings.append(f"metadata {META_PREFIX}{k}={raw!r} is not a valid {fn.__name__}; ignored")
+        if info.sampler not in ("tcd", "ddim", "euler", "lcm"):
+            info.warnings.append(f"unknown recommended sampler {info.sampler!r}; using ddim")
+            info.sampler = "ddim"
+        if info.schedule not in ("trailing", "tcd", "segments", "one_step", "simple"):
+            info.warnings.append(f"unknown recommended schedule {info.schedule!r}; using trailing")
+            info.schedule = "trailing"
+    info.steps = max(1, int(info.steps))
+
+
+def _parse_stages(raw: str) -> list[int]:
+    raw = raw.strip()
+    try:
+        val = json.loads(raw)
+        if isinstance(val, int):
+            return [val]
+        return [int(x) for x in val]
+    except (ValueError, TypeError):
+        return [int(x) for x in re.findall(r"\d+", raw)]
+
+
+def inspect_header(file_name: str, size: int, container: str, header: dict, metadata: dict,
+                   alphas: dict[str, float]) -> LoraInfo:
+    """Build a ``LoraInfo`` from a parsed header (names, shapes, dtypes), metadata and alphas."""
+    info = LoraInfo(file_name=file_name, size_bytes=size, container=container, tensors=len(header))
+    info.metadata = {k: v for k, v in metadata.items() if k.startswith(META_PREFIX) or k in ("modelspec.architecture",)}
+    keys = list(header)
+    modules: dict[str, dict] = {}
+    formats = Counter()
+    dtypes = Counter()
+    for k in keys:
+        mod, part, fmt = _split(k)
+        if mod is None:
+            continue
+        entry = modules.setdefault(mod, {})
+        entry[part] = k
+        if fmt:
+            formats[fmt] += 1
+        if part != "alpha":
+            dtypes[header[k]["dtype"]] += 1
+    lora_modules = {m: e for m, e in modules.items() if "down" in e or "up" in e}
+
+    if lora_modules:
+        info.kind = "lora"
+        unet_mods = {m: e for m, e in lora_modules.items() if not m.startswith(_TE_PREFIXES)}
+        info.te_modules = len(lora_modules) - len(unet_mods)
+        info.modules = len(unet_mods)
+        if any(m.startswith("diffusion_model.") for m in unet_mods):
+            info.key_format = "comfyui"
+        elif formats:
+            info.key_format = formats.most_common(1)[0][0]
+        ranks, ctx, widths = Counter(), Counter(), Counter()
+        for m, e in unet_mods.items():
+            down = header[e["down"]]["shape"] if "down" in e else None
+            if down:
+                ranks[int(down[0])] += 1
+                fm = _flat(m)
+                if re.search(r"attn2_to_[kv]$", fm) and len(down) >= 2:
+                    ctx[int(down[1])] += 1
+        info.ranks = sorted(ranks)
+        info.rank = max(ranks) if ranks else None
+        alpha_keys = [e["alpha"] for e in unet_mods.values() if "alpha" in e]
+        vals = [alphas[k] for k in alpha_keys if k in alphas]
+        if vals:
+            info.alpha = Counter(vals).most_common(1)[0][0]
+        info.dtype = dtypes.most_common(1)[0][0] if dtypes else None
+        flat = [_flat(m) for m in unet_mods]
+        info.family, info.family_reason = _family_from_modules(flat, ctx, widths)
+    else:
+        flat = keys
+        info.dtype = Counter(t["dtype"] for t in header.values()).most_common(1)[0][0] if header else None
+        if any(k.startswith("model.diffusion_model.") for k in keys) and any(
+                k.startswith(("first_stage_model.", "conditioner.", "cond_stage_model.")) for k in keys):
+            info.kind, info.key_format = "checkpoint", "comfyui"
+        elif "conv_in.weight" in header and any(k.startswith("down_blocks.") for k in keys):
+            info.kind, info.key_format = "unet", "diffusers"
+        elif any(k.startswith(("input_blocks.", "model.diffusion_model.", "diffusion_model.")) for k in keys):
+            info.kind, info.key_format = "unet", "comfyui"
+        if info.kind != "unknown":
+            ctx = Counter()
+            for k, t in header.items():
+                if re.search(r"attn2[._]to_k[._]weight$", k) and len(t["shape"]) == 2:
+                    ctx[int(t["shape"][1])] += 1
+            info.family, info.family_reason = _family_from_modules([_flat(k) for k in flat], ctx, Counter())
+
+    # variant: metadata first, then the file name
+    meta = metadata
+    hint = name_hint(file_name)
+    if meta.get(META_PREFIX + "trained_by"):
+        info.variant, info.variant_source = "hypersd_trained", "metadata"
+        if meta.get(META_PREFIX + "stages"):
+            try:
+                info.stages = _parse_stages(meta[META_PREFIX + "stages"])
+            except ValueError:
+                info.warnings.append(f"unreadable {META_PREFIX}stages={meta[META_PREFIX + 'stages']!r}")
+        mfam = meta.get(META_PREFIX + "family")
+        if mfam and info.family == "unknown" and mfam in FAMILIES:
+            info.family, info.family_reason = mfam, "metadata"
+        elif mfam and mfam != info.family:
+            info.warnings.append(f"metadata says {mfam} but the keys are {info.family}")
+    elif hint:
+        info.variant, info.variant_source, info.official = hint["variant"], "name", True
+        if info.family == "unknown" and info.kind == "unknown":
+            pass
+        elif info.family == "unknown":
+            info.family, info.family_reason = hint["family"], "file name"
+        elif hint["family"] != info.family:
+            info.warnings.append(f"the file name says {hint['family']} but its keys are {info.family}; "
+                                 f"using {info.family}")
+        if info.variant == "onestep_unet" and info.kind == "lora":
+            info.warnings.append("the name says one-step UNet but the file holds a LoRA")
+            info.variant = "unknown"
+    else:
+        info.variant_source = "none"
+        if info.kind in ("unet", "checkpoint"):
+            info.variant = "unknown"
+
+    _apply_recommendations(info, hint["steps"] if hint and info.variant == hint["variant"] else None, meta)
+    if info.variant == "unknown" and info.kind == "lora":
+        info.warnings.append("the file name does not say which Hyper-SD variant this is (renamed file?); "
+                             f"assuming {info.steps} steps with {info.sampler} - set steps/sampler by hand if that is wrong")
+    if info.kind == "lora" and info.te_modules:
+        info.warnings.append(f"{info.te_modules} text-encoder layers are ignored (Hyper-SD patches the diffusion model only)")
+    return info
+
+
+def inspect_file(path: str, display_name: str | None = None) -> LoraInfo:
+    """Inspect a LoRA/UNet/checkpoint file. Raises ``LoraFileError`` for unusable files."""
+    name = display_name or os.path.basename(path)
+    if not os.path.isfile(path):
+        raise LoraFileError(f"'{name}' does not exist.")
+    size = os.path.getsize(path)
+    low = path.lower()
+    if low.endswith(PICKLE_EXTENSIONS):
+        header, alphas = _read_pickle(path)
+        return inspect_header(name, size, "pickle", header, {}, alphas)
+    header, metadata, data_start = read_safetensors_header(path)
+    alpha_keys = [k for k in header if k.endswith(".alpha")]
+    alphas = _read_alphas(path, header, data_start, alpha_keys) if alpha_keys else {}
+    return inspect_header(name, size, "safetensors", header, metadata, alphas)
+
+
+_cache: dict = {}
+
+
+def inspect_cached(path: str, display_name: str | None = None) -> LoraInfo:
+    """``inspect_file`` memoised on (path, size, mtime): a header is parsed once per file version."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), display_name, st.st_size, st.st_mtime_ns)
+    hit = _cache.get(key)
+    if hit is None:
+        hit = inspect_file(path, display_name)
+        if len(_cache) > 256:
+            _cache.clear()
+        _cache[key] = hit
+    return copy.deepcopy(hit)
+
+
+def with_steps(info: LoraInfo, steps: int) -> LoraInfo:
+    """A copy of ``info`` set to run ``steps`` steps (the unified LoRA's eta follows: 1.0 at one step, else 0.3)."""
+    out = copy.deepcopy(info)
+    out.steps = max(1, int(steps))
+    if out.variant == "unified":
+        out.eta = 1.0 if out.steps == 1 else 0.3
+    return out
