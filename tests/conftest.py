@@ -43,9 +43,11 @@ def _comfy_on_path() -> None:
         sys.path.insert(0, str(COMFY))
 
 
-@pytest.fixture(scope="session")
-def comfy():
-    """The real ComfyUI, imported in-process on the CPU. Returns the ``comfy`` package."""
+def import_comfy(threads: int = 1):
+    """Import the real ComfyUI in this process on the CPU; returns the ``comfy`` package.
+
+    Also used by ``bench/`` scripts (they put ``tests/`` on the path to reach it).
+    """
     _comfy_on_path()
     import comfy.cli_args
 
@@ -55,8 +57,14 @@ def comfy():
     import nodes  # noqa: F401
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     return comfy
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """The real ComfyUI, imported in-process on the CPU. Returns the ``comfy`` package."""
+    return import_comfy()
 
 
 def load_pack():
