@@ -1,0 +1,303 @@
+"""HyperSDTrainTSCD inside a real ComfyUI (in-process, CPU, tiny SD1.5-shaped UNet)."""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+STAGES, STEPS = "2,1", 3
+
+
+@pytest.fixture
+def loras(comfy, tmp_path):
+    """A fresh first 'loras' folder for the test (ComfyUI's own folder registry)."""
+    import folder_paths
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    old = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(folder)] + list(old[0]), old[1])
+    try:
+        yield folder
+    finally:
+        folder_paths.folder_names_and_paths["loras"] = old
+
+
+@pytest.fixture
+def training(pack):
+    from ComfyUI_HyperSD.nodes import training
+
+    return training
+
+
+def _model(seed=0):
+    from ComfyUI_HyperSD.toy import arch
+
+    return arch.tiny_sd15_patcher(model_channels=32, seed=seed)
+
+
+def _data(n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lat = {"samples": torch.randn(n, 4, 8, 8, generator=gen)}
+    ctx = torch.randn(1, 77, 768, generator=gen)
+    return [lat], [[ctx, {}]], [[torch.zeros_like(ctx), {}]]
+
+
+def _train(training, model=None, name="t", callbacks=(), **kw):
+    lat, pos, neg = _data()
+    args = dict(stages=STAGES, steps_per_stage=STEPS, learning_rate=1e-3, rank=4, teacher_cfg=3.0, seed=0,
+                output_name=name, checkpoint_every=0, batch_size=3)
+    args.update(kw)
+    return training.train_tscd(model or _model(), lat, pos, neg, callbacks=tuple(callbacks), **args)
+
+
+def _read(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    return load_file(str(path)), meta
+
+
+def _assert_loads_cleanly(model, sd, caplog):
+    """Core LoraLoaderModelOnly's mapping: every key used, no 'lora key not loaded'."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.sd
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(sd)), key_map, log_missing=False)
+    n_layers = sum(1 for k in sd if k.endswith(".lora_down.weight"))
+    assert len(loaded) == n_layers > 0
+    return patched
+
+
+# ---------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "..", "", ".hidden", "x\\y", "/abs", "C:x"])
+def test_output_name_with_a_path_is_refused(training, loras, bad):
+    with pytest.raises(ValueError, match="plain file name"):
+        _train(training, name=bad)
+    assert list(loras.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- a real run
+
+
+def _denoise(patcher, x_vp, t, ctx, uctx=None, cfg=1.0):
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    ms = patcher.get_model_object("model_sampling")
+    sigma = ms.sigmas[t].float()
+    a = (1.0 / (1.0 + sigma ** 2)).view(-1, 1, 1, 1)
+    x_ve = x_vp / a.sqrt()
+    s = sigma.view(-1, 1, 1, 1)
+
+    def eps(c):
+        return (x_ve - patcher.model.apply_model(x_ve, sigma, c_crossattn=c.expand(x_vp.shape[0], -1, -1))) / s
+
+    e = eps(ctx)
+    if cfg != 1.0:
+        eu = eps(uctx)
+        e = eu + cfg * (e - eu)
+    return e, a.flatten()
+
+
+class EvalLoss:
+    """The TSCD loss of the current student and EMA on four fixed batches (fixed generators)."""
+
+    def __init__(self, tscd):
+        self.tscd, self.values = tscd, []
+
+    def evaluate(self, trainer):
+        term, stage = trainer.stages[0].terms[0][1], trainer.stages[0]
+        total = 0.0
+        with torch.no_grad():
+            for i in range(4):
+                gen = torch.Generator().manual_seed(100 + i)
+                x0, cond = trainer.data.sample(6, gen, trainer.device)
+                total += float(term(self.tscd.Batch(x0, cond), stage, gen)[0])
+        trainer.adapters.set_mode("student")
+        return total / 4
+
+    def on_stage_start(self, trainer, index, stage):
+        self.values.append(self.evaluate(trainer))
+
+    def on_step_start(self, trainer):
+        pass
+
+    def on_step_end(self, trainer, loss, logs):
+        pass
+
+    def on_end(self, trainer):
+        self.values.append(self.evaluate(trainer))
+
+
+def test_short_run_lowers_the_error_and_saves_a_loadable_lora(training, loras, caplog):
+    base = _model()
+    ev = EvalLoss(training.tscd)
+    out, path, trainer = _train(training, model=base, stages="2", steps_per_stage=30, learning_rate=1e-3,
+                                teacher_cfg=7.0, batch_size=6, rank=8, lora_scope="all", name="short",
+                                checkpoint_every=15, callbacks=[ev])
+    before, after = ev.values
+    assert after < 0.92 * before, (before, after)
+    assert Path(path) == loras / "short.safetensors"
+    assert sorted(p.name for p in loras.iterdir()) == ["short.hypersd-state.pt", "short.safetensors"]
+    sd, meta = _read(path)
+    assert meta["hypersd.trained_by"] == "ComfyUI-HyperSD" and meta["hypersd.method"] == "tscd"
+    assert meta["hypersd.family"] == "SD1.5" and meta["hypersd.stages"] == "2"
+    assert (meta["hypersd.steps_per_stage"], meta["hypersd.rank"], meta["hypersd.step"]) == ("30", "8", "30")
+    assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"]) == ("2", "ddim")
+    assert meta["hypersd.recommended_schedule"] == "trailing" and meta["hypersd.recommended_cfg"] == "1.0"
+    assert all(k.startswith("lora_unet_") for k in sd)
+    assert any(k.endswith(".alpha") for k in sd)
+    # The file applied by core's loader gives the node's output model.
+    patched = _assert_loads_cleanly(base, sd, caplog)
+    lat, pos, _ = _data()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([999, 400])
+    e_out, _ = _denoise(out, x, t, pos[0][0])
+    e_file, _ = _denoise(patched, x, t, pos[0][0])
+    e_base, _ = _denoise(base, x, t, pos[0][0])
+    torch.testing.assert_close(e_out, e_file)
+    assert not torch.allclose(e_out, e_base)
+    # The shared base module is left as it was: no peft layer remains.
+    assert not any("lora" in n for n, _ in base.model.diffusion_model.named_parameters())
+
+
+def test_cancel_stops_within_a_step_and_resume_continues_exactly(training, loras, caplog):
+    import comfy.model_management as mm
+
+    class CancelAt(training.tscd.Callback):
+        def __init__(self):
+            self.started = []
+
+        def on_step_start(self, trainer):
+            self.started.append(trainer.step)
+
+        def on_step_end(self, trainer, loss, logs):
+            if trainer.step == 2:
+                mm.interrupt_current_processing(True)
+
+    cancel = CancelAt()
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _train(training, name="run", callbacks=[cancel])
+    finally:
+        mm.interrupt_current_processing(False)
+    assert cancel.started == [0, 1]  # the step after the Cancel never began
+    sd, meta = _read(loras / "run.safetensors")
+    assert meta["hypersd.step"] == "2" and meta["hypersd.complete"] == "false"
+    _assert_loads_cleanly(_model(), sd, caplog)
+    saved = torch.load(loras / "run.hypersd-state.pt", weights_only=True)
+    assert saved["step"] == 2
+
+    class Watch(training.tscd.Callback):
+        first = None
+
+        def on_step_start(self, trainer):
+            if self.first is None:
+                self.first = trainer.step
+                st = trainer.optimizer.state_dict()["state"]
+                for i, s in saved["optimizer"]["state"].items():
+                    torch.testing.assert_close(st[i]["exp_avg"].cpu(), s["exp_avg"], rtol=0, atol=0)
+                    torch.testing.assert_close(st[i]["exp_avg_sq"].cpu(), s["exp_avg_sq"], rtol=0, atol=0)
+                    assert int(st[i]["step"]) == int(s["step"]) == 2
+
+    watch = Watch()
+    _, _, resumed = _train(training, name="run", callbacks=[watch])
+    assert watch.first == 2 and resumed.step == 2 * STEPS
+    _, _, straight = _train(training, name="straight")
+    a, _ = _read(loras / "run.safetensors")
+    b, _ = _read(loras / "straight.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert resumed.history == straight.history
+
+
+def test_resume_refuses_other_settings_and_foreign_files(training, loras):
+    _train(training, name="r", steps_per_stage=1)
+    with pytest.raises(ValueError, match="cannot resume.*rank"):
+        _train(training, name="r", steps_per_stage=1, rank=8)
+    (loras / "foreign.safetensors").write_bytes(b"not ours")
+    with pytest.raises(ValueError, match="no training state"):
+        _train(training, name="foreign")
+    assert (loras / "foreign.safetensors").read_bytes() == b"not ours"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(training, loras, caplog):
+    class Poison(training.tscd.Callback):
+        def on_step_end(self, trainer, loss, logs):
+            if trainer.step == 3:
+                with torch.no_grad():
+                    trainer.adapters.student_parameters()[0].fill_(float("nan"))
+
+    with pytest.raises(RuntimeError, match=r"NaN.*step 4.*last good checkpoint \(step 3\)"):
+        _train(training, name="nan", checkpoint_every=1, callbacks=[Poison()])
+    sd, meta = _read(loras / "nan.safetensors")
+    assert meta["hypersd.step"] == "3"
+    assert all(bool(torch.isfinite(v).all()) for v in sd.values())
+    _assert_loads_cleanly(_model(), sd, caplog)
+    assert sorted(p.name for p in loras.iterdir()) == ["nan.hypersd-state.pt", "nan.safetensors"]
+
+
+# ---------------------------------------------------------------------- full or read-only folder
+
+
+def test_full_disk_fails_clearly_and_leaves_no_broken_file(training, loras):
+    old = loras / "full.safetensors"
+    old.write_bytes(b"previous file")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    prev = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # writes past 4 KiB fail with EFBIG
+    try:
+        with pytest.raises(training.TrainingSaveError, match="could not save.*read-only or the disk full"):
+            _train(training, name="full", resume=False, steps_per_stage=1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, prev)
+    assert old.read_bytes() == b"previous file"
+    assert sorted(p.name for p in loras.iterdir()) == ["full.safetensors"]  # no temp file left
+
+
+def _read_only_folder(tmp: Path):
+    """A folder this process cannot write: permissions, or a read-only mount when running as root."""
+    folder = tmp / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return folder, lambda: folder.chmod(0o755)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("running as root without permission to mount a read-only folder")
+    return folder, lambda: subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_read_only_folder_fails_clearly(training, comfy, tmp_path):
+    import folder_paths
+
+    folder, undo = _read_only_folder(tmp_path)
+    old = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], old[1])
+    try:
+        with pytest.raises(training.TrainingSaveError, match="could not save"):
+            _train(training, name="ro", steps_per_stage=1)
+        assert list(folder.iterdir()) == []
+    finally:
+        folder_paths.folder_names_and_paths["loras"] = old
+        undo()
