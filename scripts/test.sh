@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Run the pack's tests against a real ComfyUI host (sets the host up first when needed).
-# Extra arguments go to pytest, e.g. scripts/test.sh -k sampler
+# Extra arguments go to pytest and are relative to tests/, e.g.
+#   bash scripts/test.sh -k tcd
+#   bash scripts/test.sh test_sampling_core.py
 source "$(dirname "$0")/_env.sh"
-cd "$HYPERSD_REPO"
+# pytest runs inside tests/: the repository root is the pack's package (its __init__.py
+# needs ComfyUI), so it must not become pytest's root.
+cd "$HYPERSD_REPO/tests"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
-exec "$HYPERSD_PYTHON" -m pytest -c tests/pytest.ini --rootdir tests -q "$@"
+exec "$HYPERSD_PYTHON" -m pytest -c pytest.ini --rootdir . -q "$@"
