@@ -53,6 +53,28 @@ def select_targets(module: nn.Module, scope: str = "transformer") -> list[str]:
     return names
 
 
+def make_autograd_safe(module: nn.Module) -> int:
+    """Replace inference tensors (weights loaded under ``torch.inference_mode``) by normal copies.
+
+    Autograd cannot save inference tensors for the backward pass, and a host may have
+    loaded the base weights in inference mode. The copies hold the same values; each old
+    tensor is released as its copy takes its place, so the peak is one tensor more.
+    Returns how many tensors were replaced.
+    """
+    n = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for mod in module.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None and p.is_inference():
+                    mod._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
+                    n += 1
+            for name, b in list(mod._buffers.items()):
+                if b is not None and b.is_inference():
+                    mod._buffers[name] = b.clone()
+                    n += 1
+    return n
+
+
 def _lora_layers(module: nn.Module):
     from peft.tuners.lora import LoraLayer
 
@@ -78,6 +100,7 @@ class LoraAdapters:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         self.rank = int(rank)
         self.alpha = float(alpha if alpha is not None else rank)
+        self.replaced_inference_tensors = make_autograd_safe(module)
         self._grad_flags = {n: p.requires_grad for n, p in module.named_parameters()}
         cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=self.targets,
                          init_lora_weights=True, bias="none")
@@ -203,8 +226,14 @@ class LoraAdapters:
             parent = self.module.get_submodule(parent_name) if parent_name else self.module
             setattr(parent, child, layer.get_base_layer())
         for n, p in self.module.named_parameters():
-            if n in self._grad_flags:
-                p.requires_grad_(self._grad_flags[n])
+            flag = self._grad_flags.get(n)
+            if flag is None or p.requires_grad == flag:
+                continue
+            if p.is_inference():  # weights loaded under inference mode (as ComfyUI loads them)
+                with torch.inference_mode():
+                    p.requires_grad_(flag)
+            else:
+                p.requires_grad_(flag)
         if hasattr(self.module, "peft_config"):
             try:
                 delattr(self.module, "peft_config")

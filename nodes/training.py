@@ -103,7 +103,8 @@ def save_state_file(path: str, state: dict) -> None:
 
 
 def load_state_file(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with torch.inference_mode(False):  # the optimizer updates these tensors in place
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------- model adaptation

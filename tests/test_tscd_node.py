@@ -40,7 +40,8 @@ def training(pack):
 def _model(seed=0):
     from ComfyUI_HyperSD.toy import arch
 
-    return arch.tiny_sd15_patcher(model_channels=32, seed=seed)
+    with torch.inference_mode():  # as ComfyUI's loaders build models
+        return arch.tiny_sd15_patcher(model_channels=32, seed=seed)
 
 
 def _data(n=6, seed=0):
@@ -55,7 +56,9 @@ def _train(training, model=None, name="t", callbacks=(), **kw):
     args = dict(stages=STAGES, steps_per_stage=STEPS, learning_rate=1e-3, rank=4, teacher_cfg=3.0, seed=0,
                 output_name=name, checkpoint_every=0, batch_size=3)
     args.update(kw)
-    return training.train_tscd(model or _model(), lat, pos, neg, callbacks=tuple(callbacks), **args)
+    model = model or _model()
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return training.train_tscd(model, lat, pos, neg, callbacks=tuple(callbacks), **args)
 
 
 def _read(path):

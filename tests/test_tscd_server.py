@@ -1,0 +1,84 @@
+"""HyperSDTrainTSCD through a real ComfyUI server: train, save into loras, load with core and pack loaders."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import ExecutionFailed
+
+
+def _train_graph(parts, name, **over):
+    inputs = {"model": ["1", 0], "latents": ["4", 0], "positive": ["3", 0], "negative": ["5", 0],
+              "stages": "2,1", "steps_per_stage": 2, "learning_rate": 1e-4, "rank": 4, "teacher_cfg": 5.0, "seed": 3,
+              "output_name": name, "checkpoint_every": 0, "batch_size": 2, "resume": True}
+    inputs.update(over)
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": parts["clip"], "type": "stable_diffusion"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 7", "clip": ["2", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "6": {"class_type": "HyperSDTrainTSCD", "inputs": inputs},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "ddim", "scheduler": "sgm_uniform",
+            "positive": ["3", 0], "negative": ["5", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"tscd_{name}"}},
+    }
+
+
+def test_train_through_the_server_then_load_with_core_and_pack_loaders(server, sd15_parts):
+    name = "srv_tscd"
+    entry = server.run(_train_graph(sd15_parts, name), timeout=600)
+    assert entry["status"]["status_str"] == "success"
+    path = server.base / "models" / "loras" / f"{name}.safetensors"
+    assert path.exists() and (path.parent / f"{name}.hypersd-state.pt").exists()
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["hypersd.trained_by"] == "ComfyUI-HyperSD" and meta["hypersd.step"] == "4"
+    assert meta["hypersd.family"] == "SD1.5" and meta["hypersd.recommended_steps"] == "1"
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)
+
+    info = server.get("/object_info")
+    start = len(server.log())
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": sd15_parts["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": sd15_parts["clip"], "type": "stable_diffusion"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 7", "clip": ["2", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": path.name,
+                                                              "strength_model": 1.0}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["8", 0], "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "ddim", "scheduler": "sgm_uniform",
+            "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "tscd_core_loader"}},
+    }
+    if "HyperSDLoraLoader" in info:
+        g["10"] = {"class_type": "HyperSDLoraLoader", "inputs": {"model": ["1", 0], "lora_name": path.name,
+                                                                 "strength": -1.0}}
+        g["11"] = {"class_type": "KSampler", "inputs": {
+            "model": ["10", 0], "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "ddim", "scheduler": "sgm_uniform",
+            "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}}
+        g["12"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "tscd_pack_loader"}}
+    entry = server.run(g)
+    log = server.log()[start:]
+    assert "lora key not loaded" not in log, log[-3000:]
+    (latent,) = server.output_files(entry, "9")
+    assert latent.exists()
+    if "HyperSDLoraLoader" in info:
+        assert "hypersd_trained" in log or "trained" in log.lower()
+
+    # This pack's inspector recognises the file as its own.
+    lora_file = pytest.importorskip("ComfyUI_HyperSD.hypersd_core.lora_file")
+    li = lora_file.inspect_file(str(path))
+    assert li.variant == "hypersd_trained" and li.family == "SD1.5" and li.kind == "lora"
+    assert li.steps == 1 and li.sampler == "tcd" and not li.warnings
+
+
+def test_bad_output_name_fails_with_a_clear_message(server, sd15_parts):
+    server.expect_pack_errors = True
+    with pytest.raises(ExecutionFailed) as e:
+        server.run(_train_graph(sd15_parts, "../escape"))
+    assert "plain file name" in str(e.value)
+    assert not (server.base / "models" / "escape.safetensors").exists()
