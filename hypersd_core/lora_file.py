@@ -40,6 +40,7 @@ Metadata written by this pack's trainer (safetensors ``__metadata__``, all strin
 ``hypersd.recommended_eta``       float (TCD gamma)
 ``hypersd.recommended_schedule``  optional: ``trailing`` / ``tcd`` / ``segments`` / ``one_step``
 ``hypersd.recommended_strength``  optional float
+``hypersd.complete``              ``"false"`` on an intermediate save: reported as a warning
 ================================  ================================================
 
 Any recommended value the metadata leaves out is derived from the last stage: one segment
@@ -89,7 +90,11 @@ def read_safetensors_header(path: str) -> tuple[dict, dict, int]:
     if size < 8:
         raise LoraFileError(f"'{name}' is only {size} bytes: it is truncated or not a safetensors file.")
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
+        if (n > MAX_HEADER_BYTES or 8 + n > size) and head.startswith((b"PK\x03\x04", b"\x80")):
+            raise LoraFileError(f"'{name}' is not a valid safetensors file: it is a pickle/zip (.ckpt/.pt) file "
+                                "with a .safetensors name. Use the real .safetensors release.")
         if n > MAX_HEADER_BYTES or n == 0:
             raise LoraFileError(f"'{name}' is not a valid safetensors file (header length {n}); "
                                 "it may be a .ckpt/.pt renamed to .safetensors, or corrupt.")
@@ -451,6 +456,9 @@ def inspect_header(file_name: str, size: int, container: str, header: dict, meta
                 info.stages = _parse_stages(meta[META_PREFIX + "stages"])
             except ValueError:
                 info.warnings.append(f"unreadable {META_PREFIX}stages={meta[META_PREFIX + 'stages']!r}")
+        if meta.get(META_PREFIX + "complete", "").lower() == "false":
+            info.warnings.append(f"training was not finished (step {meta.get(META_PREFIX + 'step', '?')} of "
+                                 f"{meta.get(META_PREFIX + 'total_steps', '?')}): this is an intermediate save")
         mfam = meta.get(META_PREFIX + "family")
         if mfam and info.family == "unknown" and mfam in FAMILIES:
             info.family, info.family_reason = mfam, "metadata"
