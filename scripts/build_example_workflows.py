@@ -33,8 +33,8 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
     out = REPO / "example_workflows"
     out.mkdir(exist_ok=True)
-    for name, make in example_graphs.WORKFLOWS.items():
-        ui = workflows.api_to_ui(make(), info, notes=[example_graphs.NOTES[name]])
+    for name, wf in example_graphs.WORKFLOWS.items():
+        ui = workflows.api_to_ui(wf["graph"], info, notes=[wf["note"]])
         path = out / f"{name}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(ui, indent=1) + "\n")

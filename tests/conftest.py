@@ -343,3 +343,63 @@ def sd15_parts(comfy_server, pack):
     clip_file = cached_file("hypersd_test_clip_l.safetensors", clip.write_clip_l, ("toy/clip.py",))
     return {"unet": place(comfy_server, "unet", unet, "hypersd_test_sd15_unet.safetensors"),
             "clip": place(comfy_server, "clip", clip_file, "hypersd_test_clip_l.safetensors")}
+
+
+@pytest.fixture(scope="session")
+def example_parts(comfy_server, sd15_parts, pack):
+    """Tiny SD1.5 UNet + CLIP-L (shared), a tiny TAESD VAE, tiny LoRAs named as the official files."""
+    import torch
+
+    from ComfyUI_HyperSD.toy import arch, layouts
+
+    def build_vae(path):
+        import comfy.taesd.taesd
+
+        torch.manual_seed(0)
+        vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+        with torch.no_grad():
+            for n, p in vae.named_parameters():
+                p.copy_(torch.randn(p.shape) * (0.05 if p.dim() > 1 else 0.01))
+        layouts.save_file_atomic({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+
+    vae = cached_file("hypersd_test_taesd.safetensors", build_vae, ("tests/conftest.py",))
+    sd15 = layouts.build_model("SD1.5", arch.sd15_unet_config(320), device="meta")
+    sd15_layout = layouts.kohya_layout(sd15)
+    sdxl_small = layouts.build_model("SDXL", layouts.sdxl_config(small=True), seed=2)
+    sdxl_layout = layouts.kohya_layout(sdxl_small)
+    out = {"unet": sd15_parts["unet"], "clip": sd15_parts["clip"],
+           "vae": place(comfy_server, "vae", vae, "hypersd_test_taesd.safetensors")}
+    loras = comfy_server.base / "models" / "loras"
+    for official in ("Hyper-SD15-8steps-lora.safetensors", "Hyper-SD15-1step-lora.safetensors",
+                     "Hyper-SD15-8steps-CFG-lora.safetensors"):
+        if not (loras / official).exists():
+            layouts.write_lora(str(loras / official), sd15_layout, rank=4, alpha=4.0, scale=0.002)
+    for official in ("Hyper-SDXL-4steps-lora.safetensors", "Hyper-SDXL-1step-lora.safetensors",
+                     "Hyper-SDXL-12steps-CFG-lora.safetensors"):
+        if not (loras / official).exists():
+            layouts.write_lora(str(loras / official), sdxl_layout, rank=4, alpha=4.0, scale=0.002)
+    unet_dir = comfy_server.base / "models" / "diffusion_models"
+    if not (unet_dir / "Hyper-SDXL-1step-Unet.safetensors").exists():
+        layouts.save_file_atomic(layouts.diffusers_unet_state_dict(sdxl_small),
+                                 str(unet_dir / "Hyper-SDXL-1step-Unet.safetensors"))
+    return out
+
+
+def split_checkpoint(api: dict, parts: dict) -> dict:
+    """CheckpointLoaderSimple -> UNETLoader + CLIPLoader + VAELoader with the tiny stand-ins."""
+    api = json.loads(json.dumps(api))  # a deep copy
+    for nid, node in list(api.items()):
+        if node["class_type"] != "CheckpointLoaderSimple":
+            continue
+        api[nid] = {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}}
+        api[nid + "_clip"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": parts["clip"],
+                                                                      "type": "stable_diffusion"}}
+        api[nid + "_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": parts["vae"]}}
+        for other in api.values():
+            for k, v in other["inputs"].items():
+                if isinstance(v, list) and len(v) == 2 and v[0] == nid and v[1] in (1, 2):
+                    other["inputs"][k] = [nid + ("_clip" if v[1] == 1 else "_vae"), 0]
+    for node in api.values():
+        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            node["inputs"].update(width=64, height=64)
+    return api

@@ -1,9 +1,12 @@
-"""The shipped example workflows of few-step sampling, in API format.
+"""Every shipped example workflow, in API format, with the note shown beside it.
 
 ``scripts/build_example_workflows.py`` lays each out as a UI-format file in
-``example_workflows/`` (what artists open); the tests convert those files back, check
-they still equal these graphs, and run them on the server with the toy model and a
-LoRA of the same layout in place of the official files named here.
+``example_workflows/`` (what artists open); ``test_example_workflows.py`` converts every
+file back and checks it still equals its graph here, and the server tests run them with
+tiny models and LoRAs of the official layout, named as the official files.
+
+Two groups: the few-step sampling recipes with core loaders and this pack's sampler and
+scheduler nodes (issue 3), and the Hyper-SD LoRA/UNet loader recipes (issue 4).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def sd15_unified_tcd() -> dict:
     g["6"] = {"class_type": "SamplerCustom", "inputs": {
         "model": ["2", 0], "add_noise": True, "noise_seed": 42, "cfg": 1.0, "positive": ["3", 0], "negative": ["4", 0],
         "sampler": ["10", 0], "sigmas": ["11", 0], "latent_image": ["5", 0]}}
-    return _decode(g, "6", "hypersd_sd15_unified_tcd")
+    return _decode(g, "6", "hypersd_sd15_unified_tcd_nodes")
 
 
 def sd15_unified_ksampler() -> dict:
@@ -57,38 +60,137 @@ def sd15_unified_ksampler() -> dict:
     return _decode(g, "6", "hypersd_sd15_unified_ksampler")
 
 
-def sdxl_onestep_unet() -> dict:
+def sdxl_onestep_checkpoint() -> dict:
     g = _base(SDXL_ONESTEP_CKPT, "a photo of a cat sitting on a windowsill, soft light", 1024)
     g["10"] = {"class_type": "HyperSDTCDSampler", "inputs": {"eta": 1.0}}
     g["11"] = {"class_type": "HyperSDOneStepScheduler", "inputs": {"model": ["1", 0], "timestep": 800, "denoise": 1.0}}
     g["6"] = {"class_type": "SamplerCustom", "inputs": {
         "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": 1.0, "positive": ["3", 0], "negative": ["4", 0],
         "sampler": ["10", 0], "sigmas": ["11", 0], "latent_image": ["5", 0]}}
-    return _decode(g, "6", "hypersd_sdxl_onestep")
+    return _decode(g, "6", "hypersd_sdxl_onestep_checkpoint")
 
 
-NOTES = {
+
+SAMPLING_NOTES = {
     "hypersd_sd15_8step_lora_ksampler": (
         "## Hyper-SD15 8-step LoRA with the stock KSampler\n\nNeeds `Hyper-SD15-8steps-lora.safetensors` in "
-        "`models/loras` and an SD1.5 checkpoint. N-step LoRAs want DDIM with trailing timesteps: sampler `ddim`, "
+        "`models/loras` and an SD1.5 checkpoint (`v1-5-pruned-emaonly.safetensors`). N-step LoRAs want DDIM with trailing timesteps: sampler `ddim`, "
         "scheduler `hypersd_trailing` (added by this pack; `sgm_uniform` is close), steps = the LoRA's (2/4/8), cfg 1."),
-    "hypersd_sd15_unified_tcd": (
-        "## Hyper-SD15 unified (1-step) LoRA at 1-8 steps with TCD\n\nNeeds `Hyper-SD15-1step-lora.safetensors`. "
+    "hypersd_sd15_unified_tcd_nodes": (
+        "## Hyper-SD15 unified (1-step) LoRA at 1-8 steps with TCD\n\nNeeds `Hyper-SD15-1step-lora.safetensors` and an "
+        "SD1.5 checkpoint (`v1-5-pruned-emaonly.safetensors`). "
         "Hyper-SD TCD Sampler + Hyper-SD Scheduler (mode `tcd`), cfg 1. eta 1.0 for one step, about 0.3 for 2-8 "
         "steps; lower eta = more detail, higher = smoother. A fixed seed gives the same picture."),
     "hypersd_sd15_unified_ksampler": (
-        "## The unified LoRA in the simplest graph\n\nThe stock KSampler with sampler `tcd` (eta 0.3) and scheduler "
-        "`hypersd_tcd`, both added by this pack. For another eta use the Hyper-SD TCD Sampler node."),
-    "hypersd_sdxl_onestep_unet": (
-        "## Hyper-SDXL one-step UNet\n\nNeeds `Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors` (the whole ComfyUI "
+        "## The unified LoRA in the simplest graph\n\nNeeds `Hyper-SD15-1step-lora.safetensors` in `models/loras` and "
+        "an SD1.5 checkpoint (`v1-5-pruned-emaonly.safetensors`). The stock KSampler with sampler `tcd` (eta 0.3) and "
+        "scheduler `hypersd_tcd`, both added by this pack. For another eta use the Hyper-SD TCD Sampler node."),
+    "hypersd_sdxl_onestep_checkpoint": (
+        "## Hyper-SDXL one-step checkpoint\n\nNeeds `Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors` (the whole ComfyUI "
         "checkpoint) in `models/checkpoints`. One step from timestep 800 (Hyper-SD One-Step Scheduler), TCD eta 1, cfg 1. "
-        "The diffusers-format `Hyper-SDXL-1step-Unet.safetensors` is a UNet only: load it with Load Diffusion Model "
-        "(UNETLoader) and take CLIP and VAE from an SDXL checkpoint."),
+        "The diffusers-format `Hyper-SDXL-1step-Unet.safetensors` is a UNet only: see hypersd_sdxl_onestep_unet."),
 }
 
-WORKFLOWS = {
+SAMPLING = {
     "hypersd_sd15_8step_lora_ksampler": sd15_nstep_ksampler,
-    "hypersd_sd15_unified_tcd": sd15_unified_tcd,
+    "hypersd_sd15_unified_tcd_nodes": sd15_unified_tcd,
     "hypersd_sd15_unified_ksampler": sd15_unified_ksampler,
-    "hypersd_sdxl_onestep_unet": sdxl_onestep_unet,
+    "hypersd_sdxl_onestep_checkpoint": sdxl_onestep_checkpoint,
 }
+
+# ----------------------------------------------------------------------------- the LoRA loader recipes
+
+def _sd_graph(base_ckpt: str, lora: str, size: int, positive: str, negative: str) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": base_ckpt}},
+        "2": {"class_type": "HyperSDLoraLoader", "inputs": {"model": ["1", 0], "lora_name": lora, "strength": -1.0,
+                                                              "steps": 0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["2", 0], "add_noise": True, "noise_seed": 42, "cfg": ["2", 2], "positive": ["3", 0],
+            "negative": ["4", 0], "sampler": ["2", 4], "sigmas": ["2", 5], "latent_image": ["5", 0]}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "HyperSD"}},
+        "9": {"class_type": "PreviewAny", "inputs": {"source": ["2", 6]}},
+    }
+
+
+PROMPT = "a photo of a red fox in the snow, detailed fur, soft light"
+NEG = "blurry, low quality, deformed"
+
+LOADER = {
+    "hypersd_sd15_nstep_lora": dict(
+        graph=_sd_graph("v1-5-pruned-emaonly.safetensors", "Hyper-SD15-8steps-lora.safetensors", 512, PROMPT, ""),
+        note="Hyper-SD15 N-step LoRA. Expects models/checkpoints/v1-5-pruned-emaonly.safetensors and "
+             "models/loras/Hyper-SD15-8steps-lora.safetensors (or the 2/4-step files: the loader reads the "
+             "step count from the file). DDIM with the trailing schedule, cfg 1: the negative prompt has no effect."),
+    "hypersd_sd15_unified_tcd": dict(
+        graph=_sd_graph("v1-5-pruned-emaonly.safetensors", "Hyper-SD15-1step-lora.safetensors", 512, PROMPT, ""),
+        note="Hyper-SD15 unified LoRA with TCD. Expects models/checkpoints/v1-5-pruned-emaonly.safetensors (or any SD1.5 "
+             "checkpoint) and models/loras/Hyper-SD15-1step-lora.safetensors. "
+             "One step with eta 1.0; set the loader's steps to 2-8 for more detail (eta drops to 0.3)."),
+    "hypersd_sd15_cfg_lora": dict(
+        graph=_sd_graph("v1-5-pruned-emaonly.safetensors", "Hyper-SD15-8steps-CFG-lora.safetensors", 512, PROMPT, NEG),
+        note="Hyper-SD15 CFG LoRA: classifier-free guidance works (cfg 5 from the loader) and the negative prompt "
+             "counts. Expects models/checkpoints/v1-5-pruned-emaonly.safetensors (or any SD1.5 checkpoint) and "
+             "models/loras/Hyper-SD15-8steps-CFG-lora.safetensors (or the 12-step file)."),
+    "hypersd_sdxl_nstep_lora": dict(
+        graph=_sd_graph("sd_xl_base_1.0.safetensors", "Hyper-SDXL-4steps-lora.safetensors", 1024, PROMPT, ""),
+        note="Hyper-SDXL N-step LoRA. Expects models/checkpoints/sd_xl_base_1.0.safetensors and "
+             "models/loras/Hyper-SDXL-4steps-lora.safetensors (2/4/8-step files all work)."),
+    "hypersd_sdxl_unified_tcd": dict(
+        graph=_sd_graph("sd_xl_base_1.0.safetensors", "Hyper-SDXL-1step-lora.safetensors", 1024, PROMPT, ""),
+        note="Hyper-SDXL unified LoRA with TCD. Expects models/checkpoints/sd_xl_base_1.0.safetensors (or any SDXL "
+             "checkpoint) and models/loras/Hyper-SDXL-1step-lora.safetensors."),
+    "hypersd_sdxl_cfg_lora": dict(
+        graph=_sd_graph("sd_xl_base_1.0.safetensors", "Hyper-SDXL-12steps-CFG-lora.safetensors", 1024, PROMPT, NEG),
+        note="Hyper-SDXL CFG LoRA with a negative prompt (cfg 5). Expects models/checkpoints/sd_xl_base_1.0.safetensors "
+             "and models/loras/Hyper-SDXL-12steps-CFG-lora.safetensors (or the 8-step file)."),
+    "hypersd_sdxl_onestep_unet": dict(
+        graph={
+            "1": {"class_type": "HyperSDUNetLoader", "inputs": {"unet_name": "Hyper-SDXL-1step-Unet.safetensors",
+                                                                  "timestep": 800}},
+            "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["2", 1]}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+            "6": {"class_type": "SamplerCustom", "inputs": {
+                "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": ["1", 2], "positive": ["3", 0],
+                "negative": ["3", 0], "sampler": ["1", 3], "sigmas": ["1", 4], "latent_image": ["5", 0]}},
+            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["2", 2]}},
+            "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "HyperSD"}},
+        },
+        note="Hyper-SDXL one-step UNet (diffusers format). Put Hyper-SDXL-1step-Unet.safetensors in "
+             "models/diffusion_models (NOT checkpoints: 'Load Checkpoint' cannot read it). CLIP and VAE come from "
+             "sd_xl_base_1.0.safetensors. One LCM step from timestep 800. For the ComfyUI single-file version "
+             "(Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors) use 'Load Checkpoint' + 'Hyper-SD One-Step Scheduler'."),
+    "hypersd_flux_lora": dict(
+        graph={
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+            "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                             "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                                                             "device": "default"}},
+            "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+            "4": {"class_type": "HyperSDLoraLoader", "inputs": {"model": ["1", 0],
+                                                                  "lora_name": "Hyper-FLUX.1-dev-8steps-lora.safetensors",
+                                                                  "strength": -1.0, "steps": 0}},
+            "5": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["2", 0]}},
+            "6": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0], "guidance": 3.5}},
+            "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+            "8": {"class_type": "SamplerCustom", "inputs": {
+                "model": ["4", 0], "add_noise": True, "noise_seed": 42, "cfg": ["4", 2], "positive": ["6", 0],
+                "negative": ["6", 0], "sampler": ["4", 4], "sigmas": ["4", 5], "latent_image": ["7", 0]}},
+            "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["3", 0]}},
+            "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "HyperSD"}},
+            "11": {"class_type": "PreviewAny", "inputs": {"source": ["4", 6]}},
+        },
+        note="Hyper-FLUX.1-dev 8-step LoRA. Expects models/diffusion_models/flux1-dev.safetensors, "
+             "models/text_encoders/clip_l.safetensors + t5xxl_fp16.safetensors, models/vae/ae.safetensors and "
+             "models/loras/Hyper-FLUX.1-dev-8steps-lora.safetensors (16-step file works too). Strength is automatic "
+             "(0.125); guidance 3.5 via FluxGuidance, cfg 1."),
+}
+
+
+WORKFLOWS = {name: {"graph": make(), "note": SAMPLING_NOTES[name]} for name, make in SAMPLING.items()}
+WORKFLOWS.update(LOADER)

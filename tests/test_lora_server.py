@@ -15,174 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, ExecutionFailed, cached_file, place
+from conftest import REPO, ExecutionFailed, split_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 import workflows  # noqa: E402
 
 EXAMPLES = REPO / "example_workflows"
 
-# ----------------------------------------------------------------------------- the workflows (API format)
-
-
-def _sd_graph(base_ckpt: str, lora: str, size: int, positive: str, negative: str) -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": base_ckpt}},
-        "2": {"class_type": "HyperSDLoraLoader", "inputs": {"model": ["1", 0], "lora_name": lora, "strength": -1.0,
-                                                              "steps": 0}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["1", 1]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "6": {"class_type": "SamplerCustom", "inputs": {
-            "model": ["2", 0], "add_noise": True, "noise_seed": 42, "cfg": ["2", 2], "positive": ["3", 0],
-            "negative": ["4", 0], "sampler": ["2", 4], "sigmas": ["2", 5], "latent_image": ["5", 0]}},
-        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "HyperSD"}},
-        "9": {"class_type": "PreviewAny", "inputs": {"source": ["2", 6]}},
-    }
-
-
-PROMPT = "a photo of a red fox in the snow, detailed fur, soft light"
-NEG = "blurry, low quality, deformed"
-
-WORKFLOWS = {
-    "hypersd_sd15_nstep_lora": dict(
-        graph=_sd_graph("v1-5-pruned-emaonly.safetensors", "Hyper-SD15-8steps-lora.safetensors", 512, PROMPT, ""),
-        note="Hyper-SD15 N-step LoRA. Expects models/checkpoints/v1-5-pruned-emaonly.safetensors and "
-             "models/loras/Hyper-SD15-8steps-lora.safetensors (or the 2/4-step files: the loader reads the "
-             "step count from the file). DDIM with the trailing schedule, cfg 1: the negative prompt has no effect."),
-    "hypersd_sd15_unified_tcd": dict(
-        graph=_sd_graph("v1-5-pruned-emaonly.safetensors", "Hyper-SD15-1step-lora.safetensors", 512, PROMPT, ""),
-        note="Hyper-SD15 unified LoRA with TCD. Expects models/loras/Hyper-SD15-1step-lora.safetensors. "
-             "One step with eta 1.0; set the loader's steps to 2-8 for more detail (eta drops to 0.3)."),
-    "hypersd_sd15_cfg_lora": dict(
-        graph=_sd_graph("v1-5-pruned-emaonly.safetensors", "Hyper-SD15-8steps-CFG-lora.safetensors", 512, PROMPT, NEG),
-        note="Hyper-SD15 CFG LoRA: classifier-free guidance works (cfg 5 from the loader) and the negative prompt "
-             "counts. Expects models/loras/Hyper-SD15-8steps-CFG-lora.safetensors (or the 12-step file)."),
-    "hypersd_sdxl_nstep_lora": dict(
-        graph=_sd_graph("sd_xl_base_1.0.safetensors", "Hyper-SDXL-4steps-lora.safetensors", 1024, PROMPT, ""),
-        note="Hyper-SDXL N-step LoRA. Expects models/checkpoints/sd_xl_base_1.0.safetensors and "
-             "models/loras/Hyper-SDXL-4steps-lora.safetensors (2/4/8-step files all work)."),
-    "hypersd_sdxl_unified_tcd": dict(
-        graph=_sd_graph("sd_xl_base_1.0.safetensors", "Hyper-SDXL-1step-lora.safetensors", 1024, PROMPT, ""),
-        note="Hyper-SDXL unified LoRA with TCD. Expects models/loras/Hyper-SDXL-1step-lora.safetensors."),
-    "hypersd_sdxl_cfg_lora": dict(
-        graph=_sd_graph("sd_xl_base_1.0.safetensors", "Hyper-SDXL-12steps-CFG-lora.safetensors", 1024, PROMPT, NEG),
-        note="Hyper-SDXL CFG LoRA with a negative prompt (cfg 5). Expects "
-             "models/loras/Hyper-SDXL-12steps-CFG-lora.safetensors (or the 8-step file)."),
-    "hypersd_sdxl_onestep_unet": dict(
-        graph={
-            "1": {"class_type": "HyperSDUNetLoader", "inputs": {"unet_name": "Hyper-SDXL-1step-Unet.safetensors",
-                                                                  "timestep": 800}},
-            "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
-            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["2", 1]}},
-            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
-            "6": {"class_type": "SamplerCustom", "inputs": {
-                "model": ["1", 0], "add_noise": True, "noise_seed": 42, "cfg": ["1", 2], "positive": ["3", 0],
-                "negative": ["3", 0], "sampler": ["1", 3], "sigmas": ["1", 4], "latent_image": ["5", 0]}},
-            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["2", 2]}},
-            "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "HyperSD"}},
-        },
-        note="Hyper-SDXL one-step UNet (diffusers format). Put Hyper-SDXL-1step-Unet.safetensors in "
-             "models/diffusion_models (NOT checkpoints: 'Load Checkpoint' cannot read it). CLIP and VAE come from "
-             "sd_xl_base_1.0.safetensors. One LCM step from timestep 800. For the ComfyUI single-file version "
-             "(Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors) use 'Load Checkpoint' + 'Hyper-SD One-Step Scheduler'."),
-    "hypersd_flux_lora": dict(
-        graph={
-            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
-            "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
-                                                             "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
-                                                             "device": "default"}},
-            "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
-            "4": {"class_type": "HyperSDLoraLoader", "inputs": {"model": ["1", 0],
-                                                                  "lora_name": "Hyper-FLUX.1-dev-8steps-lora.safetensors",
-                                                                  "strength": -1.0, "steps": 0}},
-            "5": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["2", 0]}},
-            "6": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0], "guidance": 3.5}},
-            "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
-            "8": {"class_type": "SamplerCustom", "inputs": {
-                "model": ["4", 0], "add_noise": True, "noise_seed": 42, "cfg": ["4", 2], "positive": ["6", 0],
-                "negative": ["6", 0], "sampler": ["4", 4], "sigmas": ["4", 5], "latent_image": ["7", 0]}},
-            "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["3", 0]}},
-            "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "HyperSD"}},
-            "11": {"class_type": "PreviewAny", "inputs": {"source": ["4", 6]}},
-        },
-        note="Hyper-FLUX.1-dev 8-step LoRA. Expects models/diffusion_models/flux1-dev.safetensors, "
-             "models/text_encoders/clip_l.safetensors + t5xxl_fp16.safetensors, models/vae/ae.safetensors and "
-             "models/loras/Hyper-FLUX.1-dev-8steps-lora.safetensors (16-step file works too). Strength is automatic "
-             "(0.125); guidance 3.5 via FluxGuidance, cfg 1."),
-}
-
-
-def write_examples(object_info: dict) -> None:
-    EXAMPLES.mkdir(exist_ok=True)
-    for name, wf in WORKFLOWS.items():
-        ui = workflows.api_to_ui(wf["graph"], object_info, notes=[wf["note"]])
-        path = EXAMPLES / f"{name}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(ui, indent=1) + "\n")
-        os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- tiny stand-ins
 
 
 @pytest.fixture(scope="module")
-def parts(comfy_server, sd15_parts, pack):
-    """Tiny SD1.5 UNet + CLIP-L (shared), a tiny TAESD VAE, tiny LoRAs named as the official files."""
-    from ComfyUI_HyperSD.toy import arch, layouts
-
-    def build_vae(path):
-        import comfy.taesd.taesd
-
-        torch.manual_seed(0)
-        vae = comfy.taesd.taesd.TAESD(latent_channels=4)
-        with torch.no_grad():
-            for n, p in vae.named_parameters():
-                p.copy_(torch.randn(p.shape) * (0.05 if p.dim() > 1 else 0.01))
-        layouts.save_file_atomic({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
-
-    vae = cached_file("hypersd_test_taesd.safetensors", build_vae, ("tests/test_lora_server.py",))
-    sd15 = layouts.build_model("SD1.5", arch.sd15_unet_config(320), device="meta")
-    sd15_layout = layouts.kohya_layout(sd15)
-    sdxl_small = layouts.build_model("SDXL", layouts.sdxl_config(small=True), seed=2)
-    sdxl_layout = layouts.kohya_layout(sdxl_small)
-    out = {"unet": sd15_parts["unet"], "clip": sd15_parts["clip"],
-           "vae": place(comfy_server, "vae", vae, "hypersd_test_taesd.safetensors")}
-    loras = comfy_server.base / "models" / "loras"
-    for official in ("Hyper-SD15-8steps-lora.safetensors", "Hyper-SD15-1step-lora.safetensors",
-                     "Hyper-SD15-8steps-CFG-lora.safetensors"):
-        if not (loras / official).exists():
-            layouts.write_lora(str(loras / official), sd15_layout, rank=4, alpha=4.0, scale=0.002)
-    for official in ("Hyper-SDXL-4steps-lora.safetensors", "Hyper-SDXL-1step-lora.safetensors",
-                     "Hyper-SDXL-12steps-CFG-lora.safetensors"):
-        if not (loras / official).exists():
-            layouts.write_lora(str(loras / official), sdxl_layout, rank=4, alpha=4.0, scale=0.002)
-    unet_dir = comfy_server.base / "models" / "diffusion_models"
-    if not (unet_dir / "Hyper-SDXL-1step-Unet.safetensors").exists():
-        layouts.save_file_atomic(layouts.diffusers_unet_state_dict(sdxl_small),
-                                 str(unet_dir / "Hyper-SDXL-1step-Unet.safetensors"))
-    return out
+def parts(example_parts):
+    return example_parts
 
 
-def _split_checkpoint(api: dict, parts: dict) -> dict:
-    """CheckpointLoaderSimple -> UNETLoader + CLIPLoader + VAELoader with the tiny stand-ins."""
-    api = json.loads(json.dumps(api))
-    for nid, node in list(api.items()):
-        if node["class_type"] != "CheckpointLoaderSimple":
-            continue
-        api[nid] = {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}}
-        api[nid + "_clip"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": parts["clip"],
-                                                                      "type": "stable_diffusion"}}
-        api[nid + "_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": parts["vae"]}}
-        for other in api.values():
-            for k, v in other["inputs"].items():
-                if isinstance(v, list) and len(v) == 2 and v[0] == nid and v[1] in (1, 2):
-                    other["inputs"][k] = [nid + ("_clip" if v[1] == 1 else "_vae"), 0]
-    for node in api.values():
-        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
-            node["inputs"].update(width=64, height=64)
-    return api
+_split_checkpoint = split_checkpoint
 
 
 def _shipped_api(name: str, object_info: dict) -> dict:
@@ -190,21 +38,6 @@ def _shipped_api(name: str, object_info: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- tests
-
-
-def test_example_files_match_the_graphs(server):
-    """Every example ships, names its official files, and converts back to the graph above."""
-    info = server.get("/object_info")
-    for name, wf in WORKFLOWS.items():
-        path = EXAMPLES / f"{name}.json"
-        assert path.exists(), f"{path.name} missing: run python tests/test_lora_server.py --write"
-        api = {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in _shipped_api(name, info).items()}
-        assert api == wf["graph"], name
-        text = path.read_text()
-        for node in wf["graph"].values():
-            for v in node["inputs"].values():
-                if isinstance(v, str) and v.endswith(".safetensors"):
-                    assert v in text
 
 
 @pytest.mark.parametrize("name,variant", [("hypersd_sd15_nstep_lora", "8 steps, ddim"),
@@ -342,13 +175,3 @@ def test_checkpoint_loader_given_a_unet_points_to_the_right_node(server, parts):
         pass
     assert "HyperSDUNetLoader" in server.new_log() or "Hyper-SD UNet Loader" in server.new_log()
     assert server.alive()
-
-
-if __name__ == "__main__":  # regenerate example_workflows/hypersd_*.json from a running server
-    import urllib.request
-
-    url = sys.argv[sys.argv.index("--url") + 1] if "--url" in sys.argv else "http://127.0.0.1:8188"
-    if "--write" in sys.argv:
-        with urllib.request.urlopen(url + "/object_info") as r:
-            write_examples(json.loads(r.read()))
-        print("wrote", len(WORKFLOWS), "workflows to", EXAMPLES)

@@ -1,0 +1,57 @@
+"""The shipped example workflows: current with their graph definitions, and they run.
+
+Each file names the official model files; on the server they run with a tiny SD1.5
+model and LoRAs of the official kohya layout, named as the official files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import example_graphs
+import workflows
+from conftest import REPO, split_checkpoint
+
+EXAMPLES = REPO / "example_workflows"
+
+
+def _strip(api: dict) -> dict:
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get("/object_info")
+
+
+@pytest.mark.parametrize("name", sorted(example_graphs.WORKFLOWS))
+def test_shipped_file_matches_its_graph(name, object_info):
+    ui = workflows.load(EXAMPLES / f"{name}.json")
+    graph = example_graphs.WORKFLOWS[name]["graph"]
+    assert _strip(workflows.ui_to_api(ui, object_info)) == graph, (
+        f"example_workflows/{name}.json is stale: run scripts/build_example_workflows.py")
+    notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
+    assert notes, f"{name} has no note"
+    for node in graph.values():  # the note names every official file the graph expects
+        for v in node["inputs"].values():
+            if isinstance(v, str) and v.endswith(".safetensors"):
+                assert v in notes[0]["widgets_values"][0], f"{name}: the note does not name {v}"
+
+
+def test_every_shipped_file_has_a_graph():
+    shipped = {p.stem for p in EXAMPLES.glob("*.json")}
+    assert shipped == set(example_graphs.WORKFLOWS), shipped ^ set(example_graphs.WORKFLOWS)
+
+
+@pytest.mark.parametrize("name", sorted(example_graphs.SAMPLING))
+def test_sampling_example_runs_on_the_server(name, server, object_info, example_parts):
+    """Each few-step recipe, as shipped, makes a picture; the checkpoint is the tiny SD1.5 stand-in.
+
+    (The loader examples run in test_lora_server.py, which also checks their summaries.)
+    """
+    api = split_checkpoint(workflows.ui_to_api(workflows.load(EXAMPLES / f"{name}.json"), object_info), example_parts)
+    entry = server.run(api)
+    (image,) = server.output_files(entry, "9", "images")
+    assert image.stat().st_size > 100
