@@ -158,7 +158,23 @@ def setup_own_host() -> tuple[Path, Path]:
         tmp.rename(comfy_dir)
     check_comfyui(comfy_dir)
     link_pack(comfy_dir)
+    install_toy(py, comfy_dir / "models")
     return py, comfy_dir
+
+
+def install_toy(py: Path, models_dir: Path) -> None:
+    """The embedded toy model family into the host's models folder (idempotent: stamped files)."""
+    weights = REPO / "toy" / "weights"
+    if not all((weights / f).is_file() for f in ("toy_unet.safetensors", "toy_vae.safetensors")):
+        log("toy weights missing from toy/weights/: skipping the toy models")
+        return
+    proc = subprocess.run([str(py), str(REPO / "toy" / "install.py"), "--models-dir", str(models_dir)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    for line in proc.stdout.splitlines()[-5:]:
+        print(line, file=sys.stderr, flush=True)
+    if proc.returncode != 0:
+        raise SetupError(f"installing the toy models into {models_dir} failed (exit {proc.returncode}); see above.")
 
 
 def setup_user_host(comfy_dir: Path) -> tuple[Path, Path]:

@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""The main job's demo: the toy teacher beside few-step sampling, through a running ComfyUI.
+
+    python toy/demo.py --url http://127.0.0.1:8188 --out out/demo
+
+For every variant (sampler, scheduler, steps, cfg) it queues one API-format graph made of
+stock nodes (``CheckpointLoaderSimple``, ``CLIPTextEncode``, ``EmptyLatentImage``,
+``KSampler``, ``VAEDecode``, ``SaveImage``) that draws every digit 0-9 with the prompt
+"a handwritten digit N" (empty negative), times it from the server's own execution
+timestamps, fetches the images over HTTP (``/view``) and measures them with
+``toy.quality``. It writes ``grid.png`` (one labelled row per variant, one column per
+digit), ``table.md`` and ``results.json`` into ``--out``. Variants that use this pack's
+samplers appear when the server offers them (``tcd`` / ``hypersd_tcd``), and a distilled
+toy LoRA (``models/loras/hypersd_toy_*.safetensors``) joins at cfg 1 when installed.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _script  # noqa: E402
+
+    _script.toy_package()
+    from hypersd_toy import data, install, quality  # noqa: E402
+else:
+    from . import data, install, quality  # noqa: E402
+
+TEACHER_STEPS = 25
+TEACHER_CFG = 5.0
+
+
+def variants(object_info: dict) -> list[dict]:
+    """The demo's rows, given what the server offers."""
+    ks = object_info["KSampler"]["input"]["required"]
+    samplers, schedulers = ks["sampler_name"][0], ks["scheduler"][0]
+    rows = [
+        {"name": f"teacher euler {TEACHER_STEPS} steps cfg {TEACHER_CFG:g}", "sampler": "euler", "scheduler": "normal",
+         "steps": TEACHER_STEPS, "cfg": TEACHER_CFG},
+        {"name": "teacher euler 4 steps", "sampler": "euler", "scheduler": "normal", "steps": 4, "cfg": TEACHER_CFG},
+        {"name": "teacher lcm 4 steps", "sampler": "lcm", "scheduler": "sgm_uniform", "steps": 4, "cfg": TEACHER_CFG},
+    ]
+    if "tcd" in samplers and "hypersd_tcd" in schedulers:
+        rows.append({"name": "teacher tcd 4 steps (eta 0.3)", "sampler": "tcd", "scheduler": "hypersd_tcd", "steps": 4,
+                     "cfg": TEACHER_CFG})
+    if "hypersd_trailing" in schedulers:
+        rows.append({"name": "teacher ddim trailing 4 steps", "sampler": "ddim", "scheduler": "hypersd_trailing",
+                     "steps": 4, "cfg": TEACHER_CFG})
+    loras = object_info.get("LoraLoaderModelOnly", {}).get("input", {}).get("required", {}).get("lora_name", [[]])[0]
+    for lora in sorted(l for l in loras if os.path.basename(l).startswith("hypersd_toy")):
+        for steps in (1, 2, 4):
+            rows.append({"name": f"{os.path.basename(lora)} tcd {steps} steps cfg 1", "sampler":
+                         "tcd" if "tcd" in samplers else "lcm", "scheduler": "hypersd_tcd" if "hypersd_tcd" in schedulers
+                         else "sgm_uniform", "steps": steps, "cfg": 1.0, "lora": lora})
+    return rows
+
+
+def digits_graph(ckpt: str, v: dict, per_digit: int, seed: int, prefix: str) -> tuple[dict, dict[int, str]]:
+    """API graph drawing ``per_digit`` images of every digit; returns it and digit -> SaveImage node id."""
+    g: dict = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+    }
+    model = ["ckpt", 0]
+    if v.get("lora"):
+        g["lora"] = {"class_type": "LoraLoaderModelOnly",
+                     "inputs": {"model": model, "lora_name": v["lora"], "strength_model": 1.0}}
+        model = ["lora", 0]
+    saves = {}
+    for d in range(10):
+        g[f"pos{d}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": data.PROMPT.format(d), "clip": ["ckpt", 1]}}
+        g[f"lat{d}"] = {"class_type": "EmptyLatentImage", "inputs": {"width": data.SIZE, "height": data.SIZE,
+                                                                      "batch_size": per_digit}}
+        g[f"ks{d}"] = {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": seed + d, "steps": v["steps"], "cfg": v["cfg"], "sampler_name": v["sampler"],
+            "scheduler": v["scheduler"], "positive": [f"pos{d}", 0], "negative": ["neg", 0],
+            "latent_image": [f"lat{d}", 0], "denoise": 1.0}}
+        g[f"dec{d}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"ks{d}", 0], "vae": ["ckpt", 2]}}
+        g[f"save{d}"] = {"class_type": "SaveImage", "inputs": {"images": [f"dec{d}", 0],
+                                                               "filename_prefix": f"{prefix}_{d}"}}
+        saves[d] = f"save{d}"
+    return g, saves
+
+
+class Client:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.client_id = uuid.uuid4().hex
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            body = r.read()
+            return json.loads(body) if "json" in r.headers.get("Content-Type", "") else body
+
+    def run(self, graph: dict, timeout: float = 600) -> dict:
+        req = urllib.request.Request(self.url + "/prompt", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": graph, "client_id": self.client_id}).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                pid = json.loads(r.read())["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"/prompt refused the graph: {e.read()[:2000]!r}") from None
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                entry = hist[pid]
+                if entry["status"].get("status_str") == "error":
+                    msgs = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+                    raise RuntimeError(f"the graph failed on the server: {msgs[:1]}")
+                return entry
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {pid} did not finish within {timeout}s")
+
+    def images(self, entry: dict, node_id: str) -> list:
+        from PIL import Image
+
+        out = []
+        for im in entry["outputs"][node_id]["images"]:
+            q = urllib.parse.urlencode({"filename": im["filename"], "subfolder": im.get("subfolder", ""),
+                                        "type": im.get("type", "output")})
+            out.append(Image.open(io.BytesIO(self.get(f"/view?{q}"))).convert("RGB"))
+        return out
+
+
+def execution_seconds(entry: dict) -> float:
+    """Seconds between the server's execution_start and execution_success messages."""
+    ts = {m[0]: m[1].get("timestamp") for m in entry.get("status", {}).get("messages", []) if isinstance(m[1], dict)}
+    if ts.get("execution_start") and ts.get("execution_success"):
+        return (ts["execution_success"] - ts["execution_start"]) / 1000.0
+    return float("nan")
+
+
+def run_variant(client: Client, ckpt: str, v: dict, per_digit: int, seed: int, prefix: str) -> dict:
+    import numpy as np
+
+    g, saves = digits_graph(ckpt, v, per_digit, seed, prefix)
+    t0 = time.time()
+    entry = client.run(g)
+    wall = time.time() - t0
+    imgs, labels = [], []
+    for d in range(10):
+        ims = client.images(entry, saves[d])
+        imgs.extend(ims)
+        labels.extend([d] * len(ims))
+    m = quality.measure(np.stack([np.asarray(im) for im in imgs]), labels)
+    secs = execution_seconds(entry)
+    if secs != secs:  # nan: no timestamps
+        secs = wall
+    return {**v, **m, "seconds": secs, "seconds_per_image": secs / len(imgs), "images": imgs, "labels": labels}
+
+
+def write_grid(results: list[dict], path: Path, cell: int = 64) -> None:
+    from PIL import Image, ImageDraw
+
+    label_w, head_h = 300, 24
+    cols = 10
+    W, H = label_w + cols * cell, head_h + len(results) * cell
+    grid = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(grid)
+    for d in range(cols):
+        draw.text((label_w + d * cell + cell // 2 - 4, 6), str(d), fill="black")
+    for r, res in enumerate(results):
+        y = head_h + r * cell
+        text = f"{res['name']}\nacc {res['accuracy']:.2f}  FID {res['fid']:.1f}  {res['seconds_per_image'] * 1000:.0f} ms/img"
+        draw.multiline_text((6, y + cell // 2 - 12), text, fill="black")
+        for d in range(cols):
+            first = res["labels"].index(d)
+            grid.paste(res["images"][first].resize((cell, cell)), (label_w + d * cell, y))
+    tmp = path.with_name(path.name + ".tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, path)
+
+
+def write_table(results: list[dict], out: Path, meta: dict) -> tuple[Path, Path]:
+    lines = [f"# Hyper-SD toy demo ({meta['per_digit']} images per digit, {meta['n']} per row; FID against "
+             f"{meta['n_ref']} held-out real digits on the toy classifier's features)", "",
+             "| variant | sampler | scheduler | steps | cfg | s/image | accuracy | FID |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['sampler']} | {r['scheduler']} | {r['steps']} | {r['cfg']:g} | "
+                     f"{r['seconds_per_image']:.4f} | {r['accuracy']:.3f} | {r['fid']:.2f} |")
+    lines += ["", f"Real digits (training split, same count) score FID {meta['real_fid']:.2f}, accuracy "
+              f"{meta['real_accuracy']:.3f}."]
+    md = out / "table.md"
+    js = out / "results.json"
+    for p, text in ((md, "\n".join(lines) + "\n"),
+                    (js, json.dumps({"meta": meta, "rows": [{k: v for k, v in r.items() if k not in ("images", "labels")}
+                                                            for r in results]}, indent=1) + "\n")):
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    return md, js
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8188")
+    ap.add_argument("--out", type=Path, default=Path("out/demo"))
+    ap.add_argument("--per-digit", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--ckpt", default=install.CHECKPOINT_NAME)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    client = Client(args.url)
+    info = client.get("/object_info")
+    if args.ckpt not in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]:
+        print(f"[demo] the server has no checkpoint {args.ckpt}: run toy/install.py --models-dir <ComfyUI>/models",
+              file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = variants(info)
+    # warm-up: load the checkpoint once so the first row's time is sampling, not loading
+    warm = dict(rows[0], steps=1)
+    g, _ = digits_graph(args.ckpt, warm, 1, args.seed + 777, "hypersd_toy_demo/warmup")
+    client.run(g)
+    results = []
+    for v in rows:
+        print(f"[demo] {v['name']} ...", file=sys.stderr, flush=True)
+        res = run_variant(client, args.ckpt, v, args.per_digit, args.seed, "hypersd_toy_demo/" + v["name"].replace(" ", "_"))
+        print(f"[demo]   accuracy {res['accuracy']:.3f}  FID {res['fid']:.2f}  {res['seconds_per_image']:.4f} s/image",
+              file=sys.stderr, flush=True)
+        results.append(res)
+    sp = data.split()
+    n = 10 * args.per_digit
+    step = max(1, len(sp["train_x"]) // n)
+    real = quality.measure(sp["train_x"][::step][:n], sp["train_y"][::step][:n])
+    meta = {"per_digit": args.per_digit, "n": n, "n_ref": len(sp["test_x"]), "real_fid": real["fid"],
+            "real_accuracy": real["accuracy"], "seed": args.seed, "checkpoint": args.ckpt}
+    grid = args.out / "grid.png"
+    write_grid(results, grid)
+    md, js = write_table(results, args.out, meta)
+    print(md.read_text())
+    print(f"[demo] grid: {grid.resolve()}\n[demo] table: {md.resolve()} (and {js.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

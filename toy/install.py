@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Install the toy model family into a ComfyUI models folder.
+
+    python toy/install.py --models-dir <ComfyUI>/models [--force]
+
+Writes ``checkpoints/hypersd_toy_digits.safetensors``: a full SD1.5-format checkpoint
+(``model.diffusion_model.*`` from ``weights/toy_unet.safetensors``,
+``first_stage_model.*`` from ``weights/toy_vae.safetensors`` and
+``cond_stage_model.transformer.text_model.*``, the CLIP-L that ``clip`` generates, seed 0),
+and ``vae/hypersd_toy_vae.safetensors`` (the VAE alone, for ``VAELoader``). Each file
+carries a stamp of what it was built from (in its safetensors metadata): a second run
+that finds matching stamps writes nothing. Writes are atomic (temporary file, rename).
+Needs only torch, numpy and safetensors (no ComfyUI).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _script  # noqa: E402
+
+    _script.toy_package()
+    from hypersd_toy import clip  # noqa: E402
+else:
+    from . import clip  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+CHECKPOINT_NAME = "hypersd_toy_digits.safetensors"
+VAE_NAME = "hypersd_toy_vae.safetensors"
+FORMAT_VERSION = "1"
+CLIP_SEED = 0  # the seed train_teacher.py trained the UNet against
+# sha256 over the sorted names and fp16 bytes of clip.generate_clip_l(CLIP_SEED): the toy UNet
+# was trained on this encoder's embeddings, so the generator must keep giving these bytes.
+CLIP_SHA256 = "6cacb61d9d89873645100ac4697a847899b20c01a218f06f1047cd9cbfc7bfc8"
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(sd: dict) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def stamp(weights: Path = WEIGHTS) -> str:
+    parts = [FORMAT_VERSION, f"clip={CLIP_SEED}:{CLIP_SHA256}", _file_hash(weights / "toy_unet.safetensors"),
+             _file_hash(weights / "toy_vae.safetensors")]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _existing_stamp(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("hypersd_toy_stamp")
+    except Exception:  # a truncated or foreign file: rebuild it
+        return None
+
+
+def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def checkpoint_state_dict(weights: Path = WEIGHTS) -> dict:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for k, v in load_file(str(weights / "toy_unet.safetensors")).items():
+        sd["model.diffusion_model." + k] = v
+    for k, v in load_file(str(weights / "toy_vae.safetensors")).items():
+        sd["first_stage_model." + k] = v
+    text = clip.generate_clip_l(CLIP_SEED)
+    if fingerprint(text) != CLIP_SHA256:
+        log.warning("the generated CLIP-L differs from the one the toy UNet was trained with (toy/clip.py "
+                    "changed?): prompts will not steer the toy teacher until it is retrained")
+    sd.update({"cond_stage_model.transformer." + k: v for k, v in text.items()})
+    return sd
+
+
+def install(models_dir: Path, force: bool = False, weights: Path = WEIGHTS) -> dict:
+    """Install into ``models_dir``; returns ``{"checkpoint": path, "vae": path, "written": [...]}``."""
+    models_dir = Path(models_dir)
+    st = stamp(weights)
+    meta = {"hypersd_toy_stamp": st, "modelspec.title": "Hyper-SD toy digits (SD1.5 format)",
+            "modelspec.architecture": "stable-diffusion-v1"}
+    ckpt = models_dir / "checkpoints" / CHECKPOINT_NAME
+    vae = models_dir / "vae" / VAE_NAME
+    written = []
+    if force or _existing_stamp(ckpt) != st:
+        log.info("writing %s", ckpt)
+        _save_atomic(checkpoint_state_dict(weights), ckpt, meta)
+        written.append(str(ckpt))
+    if force or _existing_stamp(vae) != st:
+        from safetensors.torch import load_file
+
+        log.info("writing %s", vae)
+        _save_atomic(load_file(str(weights / "toy_vae.safetensors")), vae, meta)
+        written.append(str(vae))
+    return {"checkpoint": ckpt, "vae": vae, "written": written}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models-dir", type=Path, required=True, help="ComfyUI's models folder")
+    ap.add_argument("--force", action="store_true", help="rebuild even when the stamps match")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[hypersd toy] %(message)s")
+    res = install(args.models_dir, force=args.force)
+    if res["written"]:
+        print(f"[hypersd toy] installed {res['checkpoint'].name} and {res['vae'].name} in {args.models_dir}", file=sys.stderr)
+    else:
+        print("[hypersd toy] toy models already installed and up to date", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

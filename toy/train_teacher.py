@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""Train the toy family: digits classifier, TAESD-layout VAE, SD1.5-format teacher UNet.
+
+Run with the host's Python (ComfyUI must be set up)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python toy/train_teacher.py [--out toy/weights] [--seed 0]
+
+One thread is the default: on a shared 2-core machine two threads ran several times
+slower (threads spinning against other processes). The committed weights took about
+20 minutes on such a machine (see ``weights/training.json``).
+
+Everything is seeded (``torch.manual_seed``), single-process, with a fixed number of
+threads, so a second run on the same machine and library versions gives the same
+weights. The phases:
+
+1. classifier (``digits_classifier.safetensors``, fp32, about 30 k parameters);
+2. VAE in TAESD layout (``taesd_encoder.*``/``taesd_decoder.*`` plus ``vae_scale`` and
+   ``vae_shift`` chosen so the latents ComfyUI hands the UNet have zero mean and unit
+   variance), 32x32 pixels -> 4x4x4 latents (``toy_vae.safetensors``, fp16);
+3. the teacher UNet (``toy_unet.safetensors``, fp16, ``diffusion_model`` keys without
+   prefix): one level, 320 channels, context 768, cross-attention in the input and middle
+   blocks, which ComfyUI detects as SD1.5. Eps prediction on SD1.5's scaled-linear
+   schedule, conditioned on the embeddings that the generated CLIP-L (``clip``, seed 0) gives
+   through ComfyUI for "a handwritten digit N" (10% empty prompt, for cfg), EMA weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _script  # noqa: E402
+
+    _script.comfy_on_path()
+    toy = _script.toy_package()
+    from hypersd_toy import arch, clip, data, quality  # noqa: E402
+else:
+    from . import arch, clip, data, quality  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+UNET_FILE = "toy_unet.safetensors"
+VAE_FILE = "toy_vae.safetensors"
+CLF_FILE = "digits_classifier.safetensors"
+SD15_LATENT_SCALE = 0.18215
+CLIP_SEED = 0  # toy.clip.generate_clip_l seed: the checkpoint is assembled with the same
+
+
+def unet_config() -> dict:
+    cfg = arch.sd15_unet_config(320, num_res_blocks=1, transformer_depth=1)
+    cfg["transformer_depth_output"] = [0, 0]  # cross-attention in the input and middle blocks only
+    return cfg
+
+
+def say(msg: str) -> None:
+    print(f"[train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def init_weights(module: nn.Module, zero_suffixes: tuple[str, ...] = ()) -> None:
+    """PyTorch default init for ComfyUI's no-init layers; zero the listed output layers."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):
+            nn.Conv2d.reset_parameters(m)
+        elif isinstance(m, nn.Linear):
+            nn.Linear.reset_parameters(m)
+        elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if any(name.endswith(s) for s in zero_suffixes):
+                p.zero_()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    prog = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+def train_classifier(split: dict, seed: int, steps: int) -> tuple[quality.DigitsClassifier, float]:
+    torch.manual_seed(seed)
+    x, y = data.augmented(split["train_x"], split["train_y"], shift=2)
+    clf = quality.DigitsClassifier()
+    opt = torch.optim.Adam(clf.parameters(), 3e-3)
+    n = len(x)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 3e-3, 20)
+        idx = torch.randint(0, n, (128,))
+        xb = x[idx]
+        xb = (xb + 0.05 * torch.randn_like(xb)).clamp(0, 1)  # robustness to generator noise
+        loss = F.cross_entropy(clf(xb), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    clf.eval()
+    with torch.no_grad():
+        acc = float((clf(split["test_x"]).argmax(1) == split["test_y"]).float().mean())
+    return clf, acc
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def new_vae():
+    import comfy.taesd.taesd
+
+    vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+    init_weights(vae)
+    return vae
+
+
+def train_vae(x_train: torch.Tensor, seed: int, steps: int, batch: int) -> tuple[object, dict]:
+    """Autoencoder on 32x32 pages; returns the TAESD module with vae_scale/vae_shift set."""
+    torch.manual_seed(seed + 1)
+    vae = new_vae()
+    enc, dec = vae.taesd_encoder, vae.taesd_decoder
+    params = list(enc.parameters()) + list(dec.parameters())
+    opt = torch.optim.Adam(params, 1e-3)
+    rgb = x_train.unsqueeze(1).expand(-1, 3, -1, -1)
+    n = len(rgb)
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 1e-3, 50)
+        idx = torch.randint(0, n, (batch,))
+        xb = rgb[idx]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = enc(xb)
+            zn = z.float() + 0.1 * torch.randn_like(z, dtype=torch.float32)
+            out = dec(zn)
+        rec = F.mse_loss(out.float(), xb)
+        reg = z.float().pow(2).mean()
+        loss = rec + 1e-3 * reg
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            say(f"vae step {step}/{steps} rec {rec.item():.5f} z^2 {reg.item():.3f} ({time.time() - t0:.0f}s)")
+    with torch.no_grad():
+        z = torch.cat([enc(rgb[i:i + 512]) for i in range(0, n, 512)])
+        mu, sigma = float(z.mean()), float(z.std())
+        # ComfyUI: encode = enc(x)/vae_scale + vae_shift, the UNet sees that * 0.18215.
+        vae.vae_scale.fill_(SD15_LATENT_SCALE * sigma)
+        vae.vae_shift.fill_(-mu / (sigma * SD15_LATENT_SCALE))
+        recon = dec(z)
+        err = float(F.mse_loss(recon, rgb))
+    return vae, {"latent_mean": mu, "latent_std": sigma, "recon_mse": err}
+
+
+def encode_model_space(vae, x: torch.Tensor) -> torch.Tensor:
+    """Pages -> latents as the UNet sees them in ComfyUI (zero mean, unit variance)."""
+    with torch.no_grad():
+        rgb = x.unsqueeze(1).expand(-1, 3, -1, -1)
+        z = torch.cat([vae.taesd_encoder(rgb[i:i + 512]) for i in range(0, len(rgb), 512)])
+        return (z / vae.vae_scale + vae.vae_shift) * SD15_LATENT_SCALE
+
+
+def decode_model_space(vae, lat: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.taesd_decoder((lat / SD15_LATENT_SCALE - vae.vae_shift) * vae.vae_scale).clamp(0, 1).mean(1)
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+def prompt_embeddings() -> torch.Tensor:
+    """[11, 77, 768]: "a handwritten digit 0..9" and the empty prompt, as CLIPTextEncode gives them."""
+    import comfy.sd
+
+    enc = comfy.sd.load_text_encoder_state_dicts([clip.generate_clip_l(CLIP_SEED)],
+                                                 clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    embs = [enc.encode_from_tokens(enc.tokenize(text)).float() for text in data.PROMPTS + [""]]
+    return torch.cat(embs)
+
+
+# ----------------------------------------------------------------------------- UNet
+
+
+def alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class SharedContext:
+    """Training-only speed-up: the context has 11 distinct values, so the cross-attention
+    K/V projections are computed on those and gathered (same maths, same weights)."""
+
+    def __init__(self, unet: nn.Module):
+        self.uniq = None
+        self.idx = None
+        for name, m in unet.named_modules():
+            if name.endswith("attn2"):
+                for lin in (m.to_k, m.to_v):
+                    lin.forward = self._wrap(lin)
+
+    def _wrap(self, lin):
+        orig = lin.forward
+
+        def forward(ctx):
+            if self.uniq is None:
+                return orig(ctx)
+            return F.linear(self.uniq, lin.weight, lin.bias)[self.idx]
+        return forward
+
+
+def new_unet(seed: int):
+    torch.manual_seed(seed + 2)
+    model = arch.build_sd15_model(unet_config(), seed=seed + 2)
+    unet = model.diffusion_model
+    init_weights(unet, zero_suffixes=("out_layers.3.weight", "out_layers.3.bias", "proj_out.weight",
+                                      "proj_out.bias", "out.2.weight", "out.2.bias"))
+    return unet
+
+
+def train_unet(lat: torch.Tensor, labels: torch.Tensor, ctx: torch.Tensor, seed: int, steps: int, batch: int,
+               lr: float, ema_decay: float, p_uncond: float = 0.1) -> tuple[dict, dict]:
+    unet = new_unet(seed)
+    shared = SharedContext(unet)
+    torch.manual_seed(seed + 3)
+    params = [p for p in unet.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr, betas=(0.9, 0.999), weight_decay=0.0)
+    ab = alphas_cumprod()
+    n = len(lat)
+    t0 = time.time()
+    avg = 0.0
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 100)
+        idx = torch.randint(0, n, (batch,))
+        x0 = lat[idx]
+        cls = labels[idx].clone()
+        cls[torch.rand(batch) < p_uncond] = 10
+        t = torch.randint(0, 1000, (batch,))
+        eps = torch.randn_like(x0)
+        a = ab[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        shared.uniq, shared.idx = ctx, cls
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet(xt, timesteps=t.float(), context=ctx[cls])
+        loss = F.mse_loss(out.float(), eps)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
+        avg = 0.98 * avg + 0.02 * loss.item() if step else loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            el = time.time() - t0
+            say(f"unet step {step}/{steps} loss {avg:.4f} ({el:.0f}s, {el / (step + 1):.2f}s/step)")
+    shared.uniq = None
+    names = [n for n, _ in unet.named_parameters()]
+    sd = dict(unet.state_dict())
+    for nm, e in zip(names, ema):
+        sd[nm] = e
+    return sd, {"final_loss": avg, "seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------- sample check
+
+
+@torch.no_grad()
+def sample_check(unet_sd: dict, vae, ctx: torch.Tensor, per_digit: int = 10, steps: int = 25, cfg: float = 5.0,
+                 seed: int = 123) -> dict:
+    """DDIM sampling in-process with the EMA weights (a quick check; the tests use ComfyUI)."""
+    unet = new_unet(0)
+    unet.load_state_dict(unet_sd)
+    unet.eval()
+    ab = alphas_cumprod()
+    ts = torch.linspace(999, 0, steps).round().long()
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(10).repeat_interleave(per_digit)
+    x = torch.randn(len(labels), 4, 4, 4, generator=g)
+    c = torch.cat([ctx[labels], ctx[torch.full_like(labels, 10)]])
+    for i, t in enumerate(ts):
+        a = ab[t]
+        e = unet(torch.cat([x, x]), timesteps=torch.full((2 * len(x),), float(t)), context=c)
+        ec, eu = e.chunk(2)
+        eps = eu + cfg * (ec - eu)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        a_next = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    pages = decode_model_space(vae, x)
+    m = quality.measure(pages, labels)
+    return m
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clf-steps", type=int, default=300)
+    ap.add_argument("--vae-steps", type=int, default=400)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--unet-steps", type=int, default=2000)
+    ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--phases", default="clf,vae,unet", help="comma list; missing phases load from --out")
+    args = ap.parse_args()
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    phases = set(args.phases.split(","))
+    t_start = time.time()
+    info = {"seed": args.seed, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items() if k != "out"}}
+    split = data.split()
+    say(f"data: {len(split['train_x'])} train / {len(split['test_x'])} held-out digits")
+
+    if "clf" in phases:
+        t0 = time.time()
+        clf, acc = train_classifier(split, args.seed, args.clf_steps)
+        save_atomic(clf.state_dict(), args.out / CLF_FILE)
+        info["classifier_heldout_accuracy"] = acc
+        say(f"classifier: held-out accuracy {acc:.4f} ({time.time() - t0:.0f}s)")
+    quality._cache.clear()
+    quality.WEIGHTS = args.out / CLF_FILE
+
+    if "vae" in phases:
+        t0 = time.time()
+        vae, vinfo = train_vae(split["train_x"], args.seed, args.vae_steps, args.vae_batch)
+        vsd = {k: v.detach().to(torch.float16) for k, v in vae.state_dict().items()}
+        save_atomic(vsd, args.out / VAE_FILE)
+        vinfo["seconds"] = time.time() - t0
+        info["vae"] = vinfo
+        say(f"vae: {vinfo}")
+    vae = new_vae()
+    vae.load_state_dict({k: v.float() for k, v in load_file(str(args.out / VAE_FILE)).items()})
+    vae.eval()
+    rec = decode_model_space(vae, encode_model_space(vae, split["test_x"]))
+    info["vae_heldout_recon"] = quality.measure(rec, split["test_y"])
+    info["real_train_sample"] = quality.measure(split["train_x"][::4], split["train_y"][::4])
+    say(f"vae round trip on held-out digits: {info['vae_heldout_recon']}; real train digits: {info['real_train_sample']}")
+
+    if "unet" in phases:
+        t0 = time.time()
+        ctx = prompt_embeddings()
+        say(f"prompt embeddings {tuple(ctx.shape)} ({time.time() - t0:.0f}s)")
+        x_aug, y_aug = data.augmented(split["train_x"], split["train_y"], shift=1)
+        lat = encode_model_space(vae, x_aug)
+        say(f"latents {tuple(lat.shape)} mean {lat.mean():.3f} std {lat.std():.3f}")
+        usd, uinfo = train_unet(lat, y_aug, ctx, args.seed, args.unet_steps, args.unet_batch, args.lr, args.ema)
+        save_atomic({k: v.detach().to(torch.float16) for k, v in usd.items()}, args.out / UNET_FILE)
+        info["unet"] = uinfo
+        usd16 = {k: v.float() for k, v in load_file(str(args.out / UNET_FILE)).items()}
+        info["ddim25_cfg5_inprocess"] = sample_check(usd16, vae, ctx)
+        say(f"in-process check, 25 DDIM steps cfg 5: {info['ddim25_cfg5_inprocess']}")
+    info["total_seconds"] = time.time() - t_start
+    tmp = args.out / "training.json.tmp"
+    old = json.loads((args.out / "training.json").read_text()) if (args.out / "training.json").exists() else {}
+    old.update(info)
+    tmp.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, args.out / "training.json")
+    say(f"done in {info['total_seconds']:.0f}s; weights in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
