@@ -41,14 +41,28 @@ def custom(eta=0.3, steps=4, mode="tcd", denoise=1.0, one_step=False, latent=("4
     return part
 
 
+def advanced(eta=0.3, steps=4, mode="tcd"):
+    """SamplerCustomAdvanced: RandomNoise + BasicGuider + our sampler and scheduler."""
+    return lambda seed: {
+        "6": {"class_type": "HyperSDTCDSampler", "inputs": {"eta": eta}},
+        "7": {"class_type": "HyperSDScheduler", "inputs": {"model": ["1", 0], "steps": steps, "mode": mode, "denoise": 1.0}},
+        "12": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "13": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["3", 0]}},
+        "5": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["12", 0], "guider": ["13", 0], "sampler": ["6", 0], "sigmas": ["7", 0], "latent_image": ["4", 0]}},
+    }
+
+
 def run_latent(server, g) -> torch.Tensor:
     entry = server.run(g)
     (path,) = server.output_files(entry, "9")
     return load_file(str(path))["latent_tensor"]
 
 
-@pytest.mark.parametrize("part", [ksampler(), custom(), custom(mode="trailing", eta=0.0), custom(one_step=True, eta=1.0)],
-                         ids=["KSampler-tcd", "SamplerCustom-tcd", "SamplerCustom-trailing", "one-step-800"])
+@pytest.mark.parametrize("part", [ksampler(), custom(), custom(mode="trailing", eta=0.0), custom(one_step=True, eta=1.0),
+                                  advanced()],
+                         ids=["KSampler-tcd", "SamplerCustom-tcd", "SamplerCustom-trailing", "one-step-800",
+                              "SamplerCustomAdvanced-tcd"])
 def test_seeded_and_reproducible_through_the_server(server, sd15_parts, part):
     a = run_latent(server, graph(sd15_parts, part, seed=11))
     server.free()
