@@ -13,8 +13,21 @@ checkpointing off and on. Targets (issue 6): TSCD at most 4x the step time (it m
 denoiser passes a step: teacher cond+uncond, EMA target, student) and at most 1.2x the
 peak memory.
 
-``--quality`` (the toy teacher's FID table) needs the toy digits teacher
-(``models/checkpoints/hypersd_toy_digits.safetensors``); it is not part of this script yet.
+``--quality``: the distilled toy LoRA beside its teacher, on the toy's own quality measure
+(``toy.quality.measure``: digit accuracy and FID on the digits classifier's features against
+the 360 held-out digits), in-process on the CPU::
+
+    python bench/bench_tscd.py --quality [--per-digit 50] [--train-baseline]
+
+Rows: the teacher (``euler``/``normal``, cfg 5, as the toy's demo) at 25 and 50 steps; the
+TSCD student (``toy/weights/hypersd_toy_tscd_lora.safetensors``, trained by
+``toy/train_student.py``) and the one-segment baseline (k = 1 only, the same total steps,
+batch and settings; ``--train-baseline`` trains it through the server with the same
+script into ``bench/out/``) at 1, 2, 4 and 8 steps with this pack's TCD sampler on the TCD
+grid at cfg 1, as the LoRA's metadata recommends (eta 1 at one step, ``--eta`` otherwise).
+Every row draws the same ``--per-digit`` images of each digit from the same seeds. FID
+ratios are to the 50-step teacher; targets (issue 6): the 4-step student at most 1.3x, the
+2-step at most 1.6x, and TSCD below the one-segment baseline at 2 and 4 steps.
 """
 from __future__ import annotations
 
@@ -136,6 +149,125 @@ def _child(cfg: dict) -> dict:
     return {"step_s": (t_long - t_short) / cfg["steps"], "peak_bytes": int(peak)}
 
 
+# ---------------------------------------------------------------------- quality on the toy (in-process)
+
+TOY_LORA = REPO / "toy" / "weights" / "hypersd_toy_tscd_lora.safetensors"
+BASELINE_LORA = REPO / "bench" / "out" / "hypersd_toy_k1_lora.safetensors"
+TEACHER_CFG = 5.0
+
+
+def _lora_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def train_baseline(student: Path, out: Path) -> None:
+    """The one-segment baseline: ``toy/train_student.py --stages 1`` with the student's total steps."""
+    meta = _lora_meta(student)
+    total = int(meta["hypersd.total_steps"])
+    cmd = [sys.executable, str(REPO / "toy" / "train_student.py"), "--stages", "1", "--steps-per-stage", str(total),
+           "--rank", meta["hypersd.rank"], "--lr", meta["hypersd.learning_rate"], "--cfg", meta["hypersd.teacher_cfg"],
+           "--seed", meta["hypersd.seed"], "--lora-scope", meta["hypersd.lora_scope"],
+           "--name", out.stem, "--out", str(out)]
+    print("training the one-segment baseline: " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def quality(args) -> int:
+    sys.path.insert(0, str(REPO / "bench"))
+    import _host
+
+    _host.start(args.threads)
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+    import torch
+
+    from ComfyUI_HyperSD.hypersd_core import schedules
+    from ComfyUI_HyperSD.nodes import sampling
+    from ComfyUI_HyperSD.toy import data, install, quality as toy_quality
+
+    student = Path(args.student)
+    baseline = Path(args.baseline)
+    if not student.exists():
+        print(f"no TSCD student at {student}: train it with toy/train_student.py", file=sys.stderr)
+        return 2
+    if args.train_baseline and not baseline.exists():
+        train_baseline(student, baseline)
+    ckpt = install.install(Path(args.models_dir))["checkpoint"]
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)[:3]
+    pos = [clip.encode_from_tokens_scheduled(clip.tokenize(data.PROMPT.format(d))) for d in range(10)]
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    ms = model.get_model_object("model_sampling")
+    n = args.per_digit
+    latent = torch.zeros(n, 4, data.SIZE // 8, data.SIZE // 8)
+    labels = torch.arange(10).repeat_interleave(n)
+
+    def run(m, cfg, sampler, sigmas):
+        imgs = []
+        t0 = time.perf_counter()
+        for d in range(10):
+            noise = comfy.sample.prepare_noise(latent, args.seed + d)
+            with torch.inference_mode():
+                out = comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, pos[d], neg, latent,
+                                                 disable_pbar=True, seed=args.seed + d)
+                imgs.append(vae.decode(out))
+        dt = time.perf_counter() - t0
+        res = toy_quality.measure(torch.cat(imgs)[..., :3], labels)
+        res["s_per_image"] = dt / (10 * n)
+        return res
+
+    def with_lora(path):
+        sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+        m, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
+        return m
+
+    rows = []  # (name, steps, cfg, sampler text, result)
+    for steps in (25, 50):
+        sig = comfy.samplers.calculate_sigmas(ms, "normal", steps).cpu()
+        r = run(model, TEACHER_CFG, comfy.samplers.sampler_object("euler"), sig)
+        rows.append(("teacher", steps, TEACHER_CFG, "euler normal", r))
+        print(f"teacher {steps} steps: {r}", flush=True)
+    loras = [("TSCD " + _lora_meta(student).get("hypersd.stages", "?").replace(",", "-"), student)]
+    if baseline.exists():
+        loras.append(("one-segment k=1", baseline))
+    else:
+        print(f"no one-segment baseline at {baseline}: run with --train-baseline to train it "
+              f"(about as long as the student's training)", file=sys.stderr)
+    for name, path in loras:
+        m = with_lora(path)
+        for steps in (1, 2, 4, 8):
+            eta = 1.0 if steps == 1 else args.eta
+            sig = schedules.hypersd_sigmas(ms, steps, "tcd")
+            r = run(m, 1.0, sampling.tcd_sampler(eta), sig)
+            rows.append((name, steps, 1.0, f"tcd eta {eta:g}", r))
+            print(f"{name} {steps} steps: {r}", flush=True)
+    ref = next(r["fid"] for nm, st, _, _, r in rows if nm == "teacher" and st == 50)
+    head = ["model", "steps", "cfg", "sampler", "accuracy", "FID", "FID / teacher-50", "s/image"]
+    body = [[nm, st, f"{cfg:g}", smp, f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", f"{r['fid'] / ref:.2f}x",
+             f"{r['s_per_image']:.4f}"] for nm, st, cfg, smp, r in rows]
+    text = (f"toy digits, {n} images per digit ({10 * n} per row), FID on the digits classifier's features "
+            f"against the 360 held-out digits, seed {args.seed}, {args.threads} thread(s)\n" + _host.table(head, body))
+    fid = {(nm.split()[0], st): r["fid"] for nm, st, _, _, r in rows}
+    tscd_name = loras[0][0].split()[0]
+    checks = [(f"4-step TSCD FID <= 1.3x teacher-50", fid[(tscd_name, 4)] <= 1.3 * ref),
+              (f"2-step TSCD FID <= 1.6x teacher-50", fid[(tscd_name, 2)] <= 1.6 * ref)]
+    if ("one-segment", 2) in fid:
+        for st in (2, 4):
+            checks.append((f"{st}-step TSCD FID < one-segment", fid[(tscd_name, st)] < fid[("one-segment", st)]))
+    text += "\n\n" + "\n".join(f"{'met    ' if ok else 'NOT met'}  {what}" for what, ok in checks)
+    print(text)
+    out = REPO / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tscd_quality.md.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out / "tscd_quality.md")
+    return 0
+
+
 # ---------------------------------------------------------------------- the table (parent)
 
 
@@ -149,16 +281,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--quality", action="store_true", help="FID/accuracy table on the toy teacher (needs it)")
+    ap.add_argument("--per-digit", type=int, default=50, help="--quality: images per digit and row")
+    ap.add_argument("--eta", type=float, default=0.3, help="--quality: TCD eta of the students above one step")
+    ap.add_argument("--seed", type=int, default=0, help="--quality: first noise seed (digit d uses seed + d)")
+    ap.add_argument("--student", default=str(TOY_LORA), help="--quality: the TSCD LoRA")
+    ap.add_argument("--baseline", default=str(BASELINE_LORA), help="--quality: the one-segment LoRA")
+    ap.add_argument("--train-baseline", action="store_true", help="--quality: train the baseline when missing")
+    ap.add_argument("--models-dir", default=str(COMFY / "models"), help="--quality: where the toy is installed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
         return 0
     if args.quality:
-        ckpt = COMFY / "models" / "checkpoints" / "hypersd_toy_digits.safetensors"
-        print(f"--quality needs the toy digits teacher ({ckpt}) and the toy quality measure; "
-              "they have not landed yet, so this part is not measured.")
-        return 2
+        return quality(args)
     device = args.device
     if device == "auto":
         import torch

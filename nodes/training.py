@@ -162,12 +162,18 @@ def discrete_alphas_cumprod(model_sampling) -> torch.Tensor:
     return 1.0 / (1.0 + sig ** 2)
 
 
-def make_eps_fn(guider, model_wrap, extra_args, sigmas_table: torch.Tensor):
-    """``eps_fn(x_t, t, cfg, cond)`` over ComfyUI's guider (VE space, returns denoised)."""
+def make_eps_fn(guider, model_wrap, extra_args, sigmas_table: torch.Tensor, positives: list | None = None):
+    """``eps_fn(x_t, t, cfg, cond)`` over ComfyUI's guider (VE space, returns denoised).
+
+    With ``positives`` (the guider's processed positive conditionings, one per prompt),
+    ``cond`` is the index of the batch's prompt and becomes the guider's positive.
+    """
     sig_tab = sigmas_table.float()
     ab_tab = 1.0 / (1.0 + sig_tab ** 2)
 
     def eps_fn(x_t, t, cfg, cond):
+        if positives is not None and cond is not None:
+            guider.conds["positive"] = positives[int(cond)]
         t_cpu = t.detach().long().cpu()
         sigma = sig_tab[t_cpu].to(x_t.device, torch.float32)
         a = ab_tab[t_cpu].to(x_t.device, torch.float32).view(-1, *([1] * (x_t.dim() - 1)))
@@ -211,6 +217,62 @@ def latent_groups(latents) -> list[torch.Tensor]:
     if not groups or sum(g.shape[0] for g in groups) == 0:
         raise ValueError("no training latents: connect a LATENT (e.g. VAE Encode of your images)")
     return groups
+
+
+def _digest(obj, h=None):
+    """sha256 over the values of a tensor / conditioning structure (for a canonical order)."""
+    import hashlib
+
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().float().cpu().contiguous()
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[%d" % len(obj))
+        for v in obj:
+            _digest(v, h)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(repr(obj).encode())
+    else:  # hooks, ControlNets, ...: identity is all we can compare
+        h.update(f"{type(obj).__name__}@{id(obj)}".encode())
+    return h
+
+
+def paired_latent_groups(latents, positives) -> tuple[list[tuple[torch.Tensor, int]], list]:
+    """Latents with one positive conditioning each -> ``([(latents, prompt index)], prompts)``.
+
+    ``latents`` is a list of LATENTs and ``positives`` a list of CONDITIONINGs of the same
+    length (what ComfyUI's *Make Training Dataset* gives: one caption per image). Latents
+    with equal prompts (compared by value) and equal shapes train together; each training
+    batch comes from one such group. Prompts and latents are put in a canonical order (by
+    content), so the order a folder is listed in does not change the trained LoRA.
+    """
+    items = latents if isinstance(latents, (list, tuple)) else [latents]
+    if len(items) != len(positives):
+        raise ValueError(f"{len(positives)} positive conditionings for {len(items)} latents: connect one positive "
+                         f"(used for every latent) or one per latent, in the same order (e.g. the two lists of "
+                         f"'Make Training Dataset')")
+    prompt_of: dict[str, object] = {}
+    members: dict[tuple, list[torch.Tensor]] = {}
+    for item, cond in zip(items, positives):
+        if not cond:
+            raise ValueError("an empty positive conditioning was given for a latent")
+        key = _digest(cond).hexdigest()
+        prompt_of.setdefault(key, cond)
+        for g in latent_groups(item):
+            members.setdefault((key, tuple(g.shape[1:])), []).extend(g.unbind(0))
+    keys = sorted(prompt_of)
+    index = {k: i for i, k in enumerate(keys)}
+    groups = []
+    for (key, shape) in sorted(members, key=lambda ks: (index[ks[0]], ks[1])):
+        rows = sorted(members[(key, shape)], key=lambda r: _digest(r).hexdigest())
+        groups.append((torch.stack(rows, 0), index[key]))
+    return groups, [prompt_of[k] for k in keys]
 
 
 # ---------------------------------------------------------------------- callbacks
@@ -280,11 +342,13 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                output_name: str = "hypersd_tscd", checkpoint_every: int = 100, batch_size: int = 4,
                resume: bool = True, loss: str = "huber", lora_scope: str = "transformer",
                ema_decay: float = 0.95, gradient_checkpointing: bool = False, node_id=None,
-               callbacks: tuple = ()) -> tuple:
+               callbacks: tuple = (), positive_per_latent: bool = False) -> tuple:
     """Train a TSCD LoRA for ``model``; returns ``(model_with_lora, lora_path, trainer)``.
 
-    ``callbacks`` (``tscd.Callback``) run after the node's own (progress, Cancel,
-    checkpoints).
+    ``positive`` is one CONDITIONING for every latent, or with ``positive_per_latent`` a
+    list of CONDITIONINGs, one per item of the list ``latents`` (see
+    :func:`paired_latent_groups`). ``callbacks`` (``tscd.Callback``) run after the node's
+    own (progress, Cancel, checkpoints).
     """
     name = safe_output_name(output_name)
     ks = tscd.parse_stages(stages)
@@ -295,9 +359,13 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
     folder = loras_dir()
     lora_path = os.path.join(folder, name + ".safetensors")
     state_path = os.path.join(folder, name + STATE_SUFFIX)
-    groups = latent_groups(latents)
     if not positive:
         raise ValueError("connect a positive conditioning (the prompt the teacher is guided by)")
+    if positive_per_latent:
+        paired, prompts = paired_latent_groups(latents, positive)
+    else:
+        paired, prompts = [(g, None) for g in latent_groups(latents)], [positive]
+    groups = [g for g, _ in paired]
     if not negative:
         raise ValueError("connect a negative conditioning (the teacher's classifier-free guidance needs it)")
 
@@ -324,6 +392,8 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                  "learning_rate": float(learning_rate), "rank": int(rank), "teacher_cfg": float(teacher_cfg),
                  "seed": int(seed), "batch_size": int(batch_size), "loss": loss, "lora_scope": lora_scope,
                  "ema_decay": float(ema_decay)}
+    if len(prompts) > 1:
+        signature["prompts"] = len(prompts)
     rec = tscd.recommended_settings(ks[-1])
     result: dict = {}
 
@@ -359,10 +429,14 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
         targets = lora_train.select_targets(dm, lora_scope)
         adapters = lora_train.LoraAdapters(dm, targets, rank=rank, seed=seed)
         try:
-            eps_fn = make_eps_fn(guider, model_wrap, extra_args, sigmas_table)
+            positives = None
+            if len(prompts) > 1:  # the guider processed every prompt; each batch picks its own
+                positives = [guider.conds["positive"]] + [guider.conds[f"hypersd_positive_{i}"]
+                                                          for i in range(1, len(prompts))]
+            eps_fn = make_eps_fn(guider, model_wrap, extra_args, sigmas_table, positives)
             dev = mp.load_device
             term = tscd.TSCDLoss(eps_fn, adapters, alphas_cumprod.to(dev), teacher_cfg=teacher_cfg, loss=loss)
-            data = tscd.LatentData([(g, None) for g in groups])
+            data = tscd.LatentData([(g, c if len(prompts) > 1 else None) for g, (_, c) in zip(groups, paired)])
             stage_list = tscd.progressive_stages(ks, steps_per_stage, lambda k: [(1.0, term)])
             checkpointer = _Checkpointer(checkpoint_every, save)
             trainer = tscd.Trainer(adapters, stage_list, data, lr=learning_rate, batch_size=batch_size, seed=seed,
@@ -397,7 +471,9 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
 
     sampler = _LoopSampler(loop)
     guider = comfy.samplers.CFGGuider(mp)
-    guider.set_conds(positive, negative)
+    conds = {"positive": prompts[0], "negative": negative}
+    conds.update({f"hypersd_positive_{i}": p for i, p in enumerate(prompts) if i > 0})
+    guider.inner_set_conds(conds)
     guider.set_cfg(1.0)
     loop.guider = guider
     shape = (min(batch_size, max(g.shape[0] for g in groups)),) + tuple(groups[0].shape[1:])
@@ -432,7 +508,9 @@ class HyperSDTrainTSCD(io.ComfyNode):
                                                 "the teacher: the LoRA is switched off for the teacher's prediction."),
                 io.Latent.Input("latents", tooltip="Training images as latents (VAE Encode). One batch or several; "
                                                    "different sizes are trained in separate batches."),
-                io.Conditioning.Input("positive", tooltip="Prompt conditioning for the teacher and the student."),
+                io.Conditioning.Input("positive", tooltip="Prompt conditioning for the teacher and the student: "
+                                                          "one for every latent, or a list with one per latent "
+                                                          "(e.g. 'Make Training Dataset' of captioned images)."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning for the teacher's classifier-free "
                                                           "guidance (baked into the LoRA)."),
                 io.String.Input("stages", default="8,4,2,1",
@@ -486,10 +564,13 @@ class HyperSDTrainTSCD(io.ComfyNode):
                 teacher_cfg, seed, output_name, checkpoint_every, batch_size, resume, loss=None,
                 lora_scope=None, ema_decay=None, gradient_checkpointing=None) -> io.NodeOutput:
         first = lambda v, d=None: (v[0] if isinstance(v, list) and v else (d if v is None else v))  # noqa: E731
-        pos = first(positive)
+        positives = [p for p in (positive if isinstance(positive, list) else [positive]) if p is not None]
+        per_latent = len(positives) > 1
+        pos = positives if per_latent else first(positive)
         neg = first(negative)
         m, path, _ = train_tscd(
-            first(model), latents, pos, neg, stages=first(stages), steps_per_stage=first(steps_per_stage),
+            first(model), latents, pos, neg, positive_per_latent=per_latent, stages=first(stages),
+            steps_per_stage=first(steps_per_stage),
             learning_rate=first(learning_rate), rank=first(rank), teacher_cfg=first(teacher_cfg),
             seed=first(seed), output_name=first(output_name), checkpoint_every=first(checkpoint_every),
             batch_size=first(batch_size), resume=first(resume), loss=first(loss, "huber"),

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Distil the toy teacher into its Hyper-SD TSCD LoRA with ``HyperSDTrainTSCD``, through a real server.
+
+Run with the host's Python after set-up (the toy teacher must be installed)::
+
+    .venv/bin/python toy/train_student.py [--stages 4,2,1] [--steps-per-stage 400] [--out PATH]
+
+It starts a real ComfyUI (``main.py --cpu``, a temporary base folder, the pack linked in,
+the toy checkpoint linked into ``models/checkpoints``), writes training digits with one
+caption each ("a handwritten digit N") into the server's ``input/`` folder, and queues
+one graph made of ComfyUI's own nodes and this pack's trainer::
+
+    LoadImageTextDataSetFromFolder -> MakeTrainingDataset (VAE + CLIP of the checkpoint)
+    CheckpointLoaderSimple --model--> HyperSDTrainTSCD <- latents, one prompt per latent,
+    CLIPTextEncode("") --negative-->   (teacher cfg = the toy's cfg, 5)
+
+The LoRA the node saves into the server's ``models/loras`` is copied (atomically) to
+``--out`` (default ``toy/weights/hypersd_toy_tscd_lora.safetensors``, the committed file).
+``--stages 1`` with the same total steps trains the one-segment baseline of the
+benchmark (``bench/bench_tscd.py --quality``). Everything is seeded (``--seed``): the node
+draws every step's batch, timesteps and noise from the seed and the step number, and
+puts a captioned dataset in a canonical order, so the same machine and library versions
+give the same file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _script  # noqa: E402
+
+    _script.toy_package()
+    from hypersd_toy import data, install  # noqa: E402
+else:
+    from . import data, install  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "toy" / "weights"
+LORA_FILE = "hypersd_toy_tscd_lora.safetensors"
+DATASET_FOLDER = "hypersd_toy_digits_train"
+TEACHER_CFG = 5.0  # the toy teacher's guidance scale (toy/demo.py)
+
+log = logging.getLogger("hypersd.toy.train_student")
+
+
+def write_dataset(folder: Path, per_digit: int) -> int:
+    """The first ``per_digit`` training digits of each class as 32x32 PNGs with a caption file each."""
+    import numpy as np
+    from PIL import Image
+
+    split = data.split()
+    x, y = split["train_x"], split["train_y"]
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for d in range(10):
+        idx = (y == d).nonzero().flatten()[:per_digit]
+        for j, i in enumerate(idx.tolist()):
+            page = (x[i].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(page).convert("RGB").save(folder / f"digit{d}_{j:04d}.png")
+            (folder / f"digit{d}_{j:04d}.txt").write_text(data.PROMPT.format(d))
+            n += 1
+    return n
+
+
+def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "data": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": folder}},
+        "dataset": {"class_type": "MakeTrainingDataset", "inputs": {
+            "images": ["data", 0], "texts": ["data", 1], "vae": ["ckpt", 2], "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "train": {"class_type": "HyperSDTrainTSCD", "inputs": {
+            "model": ["ckpt", 0], "latents": ["dataset", 0], "positive": ["dataset", 1], "negative": ["neg", 0],
+            "stages": args.stages, "steps_per_stage": args.steps_per_stage, "learning_rate": args.lr,
+            "rank": args.rank, "teacher_cfg": args.cfg, "seed": args.seed, "output_name": name,
+            "checkpoint_every": args.checkpoint_every, "batch_size": args.batch, "resume": False,
+            "loss": args.loss, "lora_scope": args.lora_scope, "ema_decay": args.ema}},
+    }
+
+
+def copy_atomic(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def toy_checkpoint(models_dir: Path, unet: Path | None, scratch: Path) -> Path:
+    """The assembled toy checkpoint: installed into ``models_dir`` (stamped, idempotent), or
+    built in ``scratch`` around another UNet file (``--unet``, for trying the pipeline)."""
+    if unet is None:
+        return install.install(models_dir)["checkpoint"]
+    weights = scratch / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    for name, src in (("toy_unet.safetensors", unet), ("toy_vae.safetensors", WEIGHTS / "toy_vae.safetensors")):
+        if not (weights / name).exists():
+            (weights / name).symlink_to(Path(src).resolve())
+    return install.install(scratch / "models", weights=weights)["checkpoint"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default="4,2,1", help="segment counts of the progressive stages ('1': one-segment)")
+    ap.add_argument("--steps-per-stage", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--ema", type=float, default=0.95)
+    ap.add_argument("--loss", choices=["huber", "mse"], default="huber")
+    ap.add_argument("--lora-scope", choices=["transformer", "all"], default="all")
+    ap.add_argument("--cfg", type=float, default=TEACHER_CFG, help="teacher guidance baked into the LoRA")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-digit", type=int, default=40, help="training images per digit (one CLIP encode each)")
+    ap.add_argument("--checkpoint-every", type=int, default=0)
+    ap.add_argument("--name", default=Path(LORA_FILE).stem, help="output_name given to the node")
+    ap.add_argument("--out", type=Path, default=WEIGHTS / LORA_FILE, help="where the trained LoRA is copied")
+    ap.add_argument("--models-dir", type=Path, default=REPO / ".host" / "ComfyUI" / "models",
+                    help="models folder to install the toy checkpoint into (set-up's host by default)")
+    ap.add_argument("--unet", type=Path, help="use this UNet file instead of the committed teacher (pipeline tests)")
+    ap.add_argument("--work-dir", type=Path, help="server base folder (default: a temporary one, removed after)")
+    ap.add_argument("--timeout", type=float, default=4 * 3600)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[train_student %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import ComfyServer  # noqa: E402  (the harness the tests use: a real main.py)
+
+    base = args.work_dir or Path(tempfile.mkdtemp(prefix="hypersd-student-"))
+    base.mkdir(parents=True, exist_ok=True)
+    ckpt = toy_checkpoint(args.models_dir, args.unet, base / "scratch")
+    (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    link = base / "models" / "checkpoints" / ckpt.name
+    if not link.exists():
+        link.symlink_to(ckpt.resolve())
+    n = write_dataset(base / "input" / DATASET_FOLDER, args.per_digit)
+    log.info("dataset: %d captioned digits in %s", n, base / "input" / DATASET_FOLDER)
+
+    srv = ComfyServer(base)
+    t0 = time.time()
+    try:
+        srv.start()
+        problems = srv.pack_problems(srv.log())
+        if problems:
+            raise RuntimeError("the pack failed to load:\n" + "\n".join(problems))
+        graph = training_graph(ckpt.name, DATASET_FOLDER, args.name, args)
+        log.info("training %s: stages %s x %d steps, batch %d, rank %d, lr %g, cfg %g, seed %d (server %s)",
+                 args.name, args.stages, args.steps_per_stage, args.batch, args.rank, args.lr, args.cfg, args.seed,
+                 srv.url)
+        t1 = time.time()
+        srv.run(graph, timeout=args.timeout)
+        train_s = time.time() - t1
+        lora = base / "models" / "loras" / f"{args.name}.safetensors"
+        copy_atomic(lora, args.out)
+        from safetensors import safe_open
+
+        with safe_open(str(args.out), "pt") as f:
+            meta = f.metadata()
+        summary = {"out": str(args.out), "bytes": args.out.stat().st_size, "graph_seconds": round(train_s, 1),
+                   "total_seconds": round(time.time() - t0, 1), "images": n,
+                   "last_loss": meta.get("hypersd.last_loss"), "steps": meta.get("hypersd.total_steps"),
+                   "stages": meta.get("hypersd.stages")}
+        log.info("done: %s", json.dumps(summary))
+        print(json.dumps(summary))
+    finally:
+        srv.stop()
+        if args.work_dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
