@@ -9,6 +9,7 @@ AUTOMATIC1111 one (``Stable-diffusion/``, ``Lora/``, ``VAE/``), and a flat folde
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def main() -> int:
     if not base.is_dir():
         print(f"HYPERSD_MODELS_DIR={base} is not a folder.", file=sys.stderr)
         return 1
-    lines = ["hypersd_user_models:", f"    base_path: {base}"]
+    lines = ["hypersd_user_models:", f"    base_path: {json.dumps(str(base))}"]
     found = []
     for kind, names in KINDS.items():
         present = [n for n in names if (base / n).is_dir()]

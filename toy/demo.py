@@ -36,7 +36,7 @@ else:
     from . import data, install, quality  # noqa: E402
 
 TEACHER_STEPS = 25
-TEACHER_CFG = 5.0
+TEACHER_CFG = 3.0
 
 
 def variants(object_info: dict) -> list[dict]:

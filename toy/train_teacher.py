@@ -286,7 +286,7 @@ def train_unet(lat: torch.Tensor, labels: torch.Tensor, ctx: torch.Tensor, seed:
 
 
 @torch.no_grad()
-def sample_check(unet_sd: dict, vae, ctx: torch.Tensor, per_digit: int = 10, steps: int = 25, cfg: float = 5.0,
+def sample_check(unet_sd: dict, vae, ctx: torch.Tensor, per_digit: int = 10, steps: int = 25, cfg: float = 3.0,
                  seed: int = 123) -> dict:
     """DDIM sampling in-process with the EMA weights (a quick check; the tests use ComfyUI)."""
     unet = new_unet(0)
@@ -372,8 +372,8 @@ def main() -> int:
         save_atomic({k: v.detach().to(torch.float16) for k, v in usd.items()}, args.out / UNET_FILE)
         info["unet"] = uinfo
         usd16 = {k: v.float() for k, v in load_file(str(args.out / UNET_FILE)).items()}
-        info["ddim25_cfg5_inprocess"] = sample_check(usd16, vae, ctx)
-        say(f"in-process check, 25 DDIM steps cfg 5: {info['ddim25_cfg5_inprocess']}")
+        info["inprocess_ddim25_cfg3"] = sample_check(usd16, vae, ctx)
+        say(f"in-process check, 25 DDIM steps cfg 3: {info['inprocess_ddim25_cfg3']}")
     info["total_seconds"] = time.time() - t_start
     tmp = args.out / "training.json.tmp"
     old = json.loads((args.out / "training.json").read_text()) if (args.out / "training.json").exists() else {}

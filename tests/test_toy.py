@@ -1,0 +1,167 @@
+"""The embedded toy model family: a real SD1.5-format checkpoint that ComfyUI loads and that
+draws the prompted digit, its quality measure, and an idempotent installation."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import COMFY, REPO, place
+
+# Measured on the committed weights through the server (toy/weights/training.json keeps the
+# record): 25-step euler, cfg 3, 10 images per digit (seeds 1000-1009): accuracy 1.00,
+# FID 101.6 against the 360 held-out real digits on the classifier's features (50 steps:
+# 100.0; 100 real training digits score 42-50 at this sample size; cfg 2: 0.94 / 47, cfg 5:
+# 1.00 / 208). The bound leaves room for other CPUs' float differences.
+TEACHER_MIN_ACCURACY = 0.90
+TEACHER_FID_BOUND = 130.0
+
+
+@pytest.fixture(scope="module")
+def toy(pack):
+    from ComfyUI_HyperSD.toy import data, demo, install, quality
+
+    return {"data": data, "demo": demo, "install": install, "quality": quality}
+
+
+@pytest.fixture(scope="module")
+def toy_models(toy):
+    """The toy models installed once in a cache folder (reused while the weights are unchanged)."""
+    models = Path(tempfile.gettempdir()) / "hypersd-test-files" / "toy-models"
+    return toy["install"].install(models)
+
+
+@pytest.fixture(scope="module")
+def toy_ckpt(comfy_server, toy_models):
+    return place(comfy_server, "checkpoints", toy_models["checkpoint"])
+
+
+def test_checkpoint_is_detected_as_sd15_with_taesd_vae(comfy, toy_models):
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.taesd.taesd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(toy_models["checkpoint"]))
+    assert type(model.model.model_config) is comfy.supported_models.SD15
+    unet = model.model.model_config.unet_config
+    assert unet["model_channels"] == 320 and unet["context_dim"] == 768
+    assert isinstance(vae.first_stage_model, comfy.taesd.taesd.TAESD)
+    assert vae.downscale_ratio == 8
+    cond = clip.encode_from_tokens(clip.tokenize("a handwritten digit 7"))
+    assert tuple(cond.shape) == (1, 77, 768)
+    size = sum(p.stat().st_size for p in (REPO / "toy" / "weights").iterdir())
+    assert size < 64 * 2 ** 20, f"committed toy weights take {size / 2 ** 20:.1f} MB"
+
+
+def test_generated_clip_is_the_one_the_teacher_was_trained_with(toy):
+    from ComfyUI_HyperSD.toy import clip
+
+    install = toy["install"]
+    assert install.fingerprint(clip.generate_clip_l(install.CLIP_SEED)) == install.CLIP_SHA256
+
+
+def _draw(server, ckpt, toy, v, per_digit=10, seed=1000):
+    from PIL import Image
+
+    g, saves = toy["demo"].digits_graph(ckpt, v, per_digit, seed, "toy_test/" + v["sampler"])
+    entry = server.run(g)
+    imgs, labels = [], []
+    for d in range(10):
+        files = server.output_files(entry, saves[d], "images")
+        assert len(files) == per_digit
+        imgs += [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        labels += [d] * per_digit
+    return toy["quality"].measure(np.stack(imgs), labels)
+
+
+def test_teacher_draws_the_prompted_digit_through_the_server(server, toy, toy_ckpt):
+    """CheckpointLoaderSimple -> CLIPTextEncode -> KSampler (25 steps, cfg) -> VAEDecode on the server."""
+    v = {"sampler": "euler", "scheduler": "normal", "steps": 25, "cfg": toy["demo"].TEACHER_CFG}
+    m = _draw(server, toy_ckpt, toy, v)
+    print("teacher 25 steps:", m)
+    assert m["accuracy"] >= TEACHER_MIN_ACCURACY, m
+    assert m["fid"] < TEACHER_FID_BOUND, m
+
+
+def test_quality_measure_ranks_real_and_damaged_digits(toy):
+    import torch
+    import torch.nn.functional as F
+
+    data, quality = toy["data"], toy["quality"]
+    sp = data.split()
+    held = quality.measure(sp["test_x"], sp["test_y"])
+    assert held["accuracy"] >= 0.97, held
+    x, y = sp["train_x"][::7][:200], sp["train_y"][::7][:200]
+    real = quality.measure(x, y)
+    blurred = quality.measure(F.avg_pool2d(x.unsqueeze(1), 5, 1, 2).squeeze(1), y)
+    noisy = quality.measure((x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1), y)
+    one_class = quality.measure(x[y == 1], y[y == 1])
+    assert real["accuracy"] >= 0.97
+    assert real["fid"] < blurred["fid"] and real["fid"] < noisy["fid"] and real["fid"] < one_class["fid"], (
+        real, blurred, noisy, one_class)
+    # ComfyUI IMAGE layout ([N, H, W, 3] in [0, 1]) and uint8 arrays give the same answer
+    img = x.unsqueeze(-1).expand(-1, -1, -1, 3)
+    assert quality.measure(img, y)["fid"] == pytest.approx(real["fid"], rel=1e-6)
+    assert quality.measure((img.numpy() * 255).round().astype(np.uint8), y)["accuracy"] == pytest.approx(
+        real["accuracy"], abs=0.01)
+
+
+def test_install_twice_does_not_regenerate(toy, tmp_path):
+    install = toy["install"]
+    first = install.install(tmp_path)
+    assert sorted(Path(p).name for p in first["written"]) == [install.CHECKPOINT_NAME, install.VAE_NAME]
+    stats = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (first["checkpoint"], first["vae"])}
+    second = install.install(tmp_path)
+    assert second["written"] == []
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in stats} == stats
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    # a damaged file is rebuilt
+    first["vae"].write_bytes(b"broken")
+    assert [Path(p).name for p in install.install(tmp_path)["written"]] == [install.VAE_NAME]
+
+
+def test_host_setup_twice_keeps_the_installed_toy():
+    """scripts/setup_host.py installs the toy into the host's models folder; a second run writes nothing."""
+    if os.environ.get("COMFYUI_DIR"):
+        pytest.skip("a user's own ComfyUI: set-up does not install the toy there")
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([shutil.which("python3") or sys.executable, str(REPO / "scripts" / "setup_host.py")],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        comfy_dir = Path([l for l in out.stdout.splitlines() if l.startswith("HYPERSD_COMFYUI=")][0].split("=", 1)[1])
+        ckpt = comfy_dir / "models" / "checkpoints" / "hypersd_toy_digits.safetensors"
+        assert ckpt.is_file(), out.stderr[-3000:]
+        runs.append((ckpt.stat().st_mtime_ns, ckpt.stat().st_ino, out.stderr))
+    assert runs[0][:2] == runs[1][:2], "the second set-up rewrote the toy checkpoint"
+    assert "already installed" in runs[1][2], runs[1][2][-2000:]
+
+
+def test_run_serves_a_users_models_folder(tmp_path):
+    """run.sh --models-dir: the generated extra_model_paths.yaml makes ComfyUI list the user's files."""
+    models = tmp_path / "my models: SD"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "Lora").mkdir()
+    (models / "checkpoints" / "v1-5-pruned-emaonly.safetensors").write_bytes(b"x")
+    (models / "Lora" / "Hyper-SD15-1step-lora.safetensors").write_bytes(b"x")
+    yaml = tmp_path / "extra.yaml"
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "user_models.py"), str(models), str(yaml)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    code = (f"import sys; sys.path.insert(0, {str(COMFY)!r}); import folder_paths; "
+            f"from utils.extra_config import load_extra_path_config; load_extra_path_config({str(yaml)!r}); "
+            "print(folder_paths.get_filename_list('checkpoints'), folder_paths.get_filename_list('loras'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(COMFY))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "v1-5-pruned-emaonly.safetensors" in out.stdout and "Hyper-SD15-1step-lora.safetensors" in out.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "user_models.py"), str(empty), str(yaml)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "no model" in out.stderr
