@@ -7,9 +7,10 @@ Writes ``checkpoints/hypersd_toy_digits.safetensors``: a full SD1.5-format check
 (``model.diffusion_model.*`` from ``weights/toy_unet.safetensors``,
 ``first_stage_model.*`` from ``weights/toy_vae.safetensors`` and
 ``cond_stage_model.transformer.text_model.*``, the CLIP-L that ``clip`` generates, seed 0),
-and ``vae/hypersd_toy_vae.safetensors`` (the VAE alone, for ``VAELoader``). Each file
-carries a stamp of what it was built from (in its safetensors metadata): a second run
-that finds matching stamps writes nothing. Writes are atomic (temporary file, rename).
+and ``vae/hypersd_toy_vae.safetensors`` (the VAE alone, for ``VAELoader``), and copies
+the toy's distilled LoRAs (``weights/hypersd_toy*lora*.safetensors``) into ``loras/``. The
+checkpoint and VAE carry a stamp of what they were built from (in their safetensors
+metadata), LoRAs are compared by content: a second run writes nothing. Writes are atomic (temporary file, rename).
 Needs only torch, numpy and safetensors (no ComfyUI).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import hashlib
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,7 +128,18 @@ def install(models_dir: Path, force: bool = False, weights: Path = WEIGHTS) -> d
         log.info("writing %s", vae)
         _save_atomic(load_file(str(weights / "toy_vae.safetensors")), vae, meta)
         written.append(str(vae))
-    return {"checkpoint": ckpt, "vae": vae, "written": written}
+    loras = []
+    for src in sorted(weights.glob("hypersd_toy*lora*.safetensors")):
+        dest = models_dir / "loras" / src.name
+        loras.append(dest)
+        if force or not dest.is_file() or dest.stat().st_size != src.stat().st_size or _file_hash(dest) != _file_hash(src):
+            log.info("writing %s", dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+            written.append(str(dest))
+    return {"checkpoint": ckpt, "vae": vae, "loras": loras, "written": written}
 
 
 def main() -> int:
@@ -137,7 +150,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="[hypersd toy] %(message)s")
     res = install(args.models_dir, force=args.force)
     if res["written"]:
-        print(f"[hypersd toy] installed {res['checkpoint'].name} and {res['vae'].name} in {args.models_dir}", file=sys.stderr)
+        names = ", ".join(Path(p).name for p in res["written"])
+        print(f"[hypersd toy] installed {names} in {args.models_dir}", file=sys.stderr)
     else:
         print("[hypersd toy] toy models already installed and up to date", file=sys.stderr)
     return 0
