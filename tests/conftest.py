@@ -85,6 +85,28 @@ def pack(comfy):
     return load_pack()
 
 
+@pytest.fixture
+def loras(comfy, tmp_path):
+    """A fresh first 'loras' folder for the test (ComfyUI's own folder registry)."""
+    import folder_paths
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    old = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(folder)] + list(old[0]), old[1])
+    try:
+        yield folder
+    finally:
+        folder_paths.folder_names_and_paths["loras"] = old
+
+
+@pytest.fixture
+def training(pack):
+    from ComfyUI_HyperSD.nodes import training
+
+    return training
+
+
 @pytest.fixture(scope="session")
 def tiny_model(pack):
     """A real ModelPatcher around a tiny SD1.5-shaped UNet (eps, scaled-linear betas)."""

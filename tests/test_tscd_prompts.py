@@ -5,27 +5,6 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def loras(comfy, tmp_path):
-    import folder_paths
-
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    old = folder_paths.folder_names_and_paths["loras"]
-    folder_paths.folder_names_and_paths["loras"] = ([str(folder)] + list(old[0]), old[1])
-    try:
-        yield folder
-    finally:
-        folder_paths.folder_names_and_paths["loras"] = old
-
-
-@pytest.fixture
-def training(pack):
-    from ComfyUI_HyperSD.nodes import training
-
-    return training
-
-
 def _model():
     from ComfyUI_HyperSD.toy import arch
 
