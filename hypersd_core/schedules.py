@@ -74,10 +74,15 @@ def segment_timesteps(segments: int, num_train_timesteps: int = NUM_TRAIN_TIMEST
     return [T - 1] + [(segments - j) * width - 1 for j in range(1, segments)]
 
 
-def segment_edge(t: int, segments: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> int:
-    """Lower edge ``t_b = floor(t / floor(T/k)) * floor(T/k)`` of the segment that holds ``t``."""
+def segment_edge(t, segments: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+    """Lower edge ``t_b = floor(t / floor(T/k)) * floor(T/k)`` of the segment that holds ``t``.
+
+    ``t`` is an integer or an integer tensor (TSCD training uses it on whole batches).
+    """
+    if not 1 <= segments <= num_train_timesteps:
+        raise ValueError(f"segments must be in [1, {num_train_timesteps}], got {segments}")
     width = num_train_timesteps // segments
-    return (int(t) // width) * width
+    return (t // width) * width
 
 
 GRIDS = {"trailing": trailing_timesteps, "tcd": tcd_timesteps, "segments": segment_timesteps}

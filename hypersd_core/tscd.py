@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .schedules import segment_edge  # noqa: F401  (t_b, shared with the segments sampling grid)
+
 log = logging.getLogger(__name__)
 
 T_TRAIN = 1000
@@ -51,18 +53,6 @@ def solver_timesteps(solver_steps: int = SOLVER_STEPS, T: int = T_TRAIN) -> torc
         raise ValueError(f"solver_steps must be in [1, {T}], got {solver_steps}")
     s = T // solver_steps
     return torch.arange(1, solver_steps + 1, dtype=torch.long) * s - 1
-
-
-def segment_size(k: int, T: int = T_TRAIN) -> int:
-    if not 1 <= k <= T:
-        raise ValueError(f"segments must be in [1, {T}], got {k}")
-    return T // k
-
-
-def segment_edge(t: torch.Tensor | int, k: int, T: int = T_TRAIN):
-    """Lower edge of the segment holding ``t``: ``floor(t / floor(T/k)) * floor(T/k)``."""
-    size = segment_size(k, T)
-    return (t // size) * size
 
 
 def target_timesteps(t_n: torch.Tensor, k: int, u: torch.Tensor, skip: int,
