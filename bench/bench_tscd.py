@@ -19,7 +19,7 @@ the 360 held-out digits), in-process on the CPU::
 
     python bench/bench_tscd.py --quality [--per-digit 50] [--train-baseline]
 
-Rows: the teacher (``euler``/``normal``, cfg 5, as the toy's demo) at 25 and 50 steps; the
+Rows: the teacher (``euler``/``normal``, at the cfg the student was distilled from) at 25 and 50 steps; the
 TSCD student (``toy/weights/hypersd_toy_tscd_lora.safetensors``, trained by
 ``toy/train_student.py``) and the one-segment baseline (k = 1 only, the same total steps,
 batch and settings; ``--train-baseline`` trains it through the server with the same
@@ -153,7 +153,7 @@ def _child(cfg: dict) -> dict:
 
 TOY_LORA = REPO / "toy" / "weights" / "hypersd_toy_tscd_lora.safetensors"
 BASELINE_LORA = REPO / "bench" / "out" / "hypersd_toy_k1_lora.safetensors"
-TEACHER_CFG = 5.0
+TEACHER_CFG = 3.0  # the toy's own guidance (toy/demo.py), when a LoRA does not record its teacher's
 
 
 def _lora_meta(path: Path) -> dict:
@@ -226,10 +226,12 @@ def quality(args) -> int:
         return m
 
     rows = []  # (name, steps, cfg, sampler text, result)
+    # the teacher at the guidance the student was distilled from (its metadata), the fair reference
+    teacher_cfg = float(_lora_meta(student).get("hypersd.teacher_cfg", TEACHER_CFG))
     for steps in (25, 50):
         sig = comfy.samplers.calculate_sigmas(ms, "normal", steps).cpu()
-        r = run(model, TEACHER_CFG, comfy.samplers.sampler_object("euler"), sig)
-        rows.append(("teacher", steps, TEACHER_CFG, "euler normal", r))
+        r = run(model, teacher_cfg, comfy.samplers.sampler_object("euler"), sig)
+        rows.append(("teacher", steps, teacher_cfg, "euler normal", r))
         print(f"teacher {steps} steps: {r}", flush=True)
     loras = [("TSCD " + _lora_meta(student).get("hypersd.stages", "?").replace(",", "-"), student)]
     if baseline.exists():
