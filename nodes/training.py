@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STATE_SUFFIX = ".hypersd-state.pt"
 PACK_NAME = "ComfyUI-HyperSD"
 PROGRESS_EVENT = "hypersd.train.progress"
+LOG_EVERY_S = 10.0  # how often training progress is written to the console log
 
 
 class TrainingSaveError(RuntimeError):
@@ -286,6 +287,7 @@ class _ComfyProgress(tscd.Callback):
         self.t0 = time.monotonic()
         self.start = start
         self._last_text = 0.0
+        self._last_log = 0.0
         if start:
             self.pbar.update_absolute(start, max(total, 1))
 
@@ -301,7 +303,9 @@ class _ComfyProgress(tscd.Callback):
         rate = (trainer.step - self.start) / max(now - self.t0, 1e-9)
         text = (f"step {trainer.step}/{self.total} · {logs.get('stage', '')} · loss {loss:.5f} · "
                 f"{rate:.2f} it/s")
-        log.debug("HyperSD TSCD: %s", text)
+        if now - self._last_log >= LOG_EVERY_S or trainer.step >= self.total:
+            self._last_log = now  # the console shows progress too, every LOG_EVERY_S seconds
+            log.info("HyperSD TSCD: %s", text)
         try:
             from server import PromptServer
 

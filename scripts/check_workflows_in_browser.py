@@ -5,7 +5,8 @@ A manual check (not part of CI: it needs Debian's chromium and the playwright pa
 ``apt-get install chromium`` and ``.venv/bin/pip install playwright``). It starts a real
 server with the pack, loads each ``example_workflows/*.json`` with ``app.loadGraphData``,
 asks the front end for the prompt it would queue (``app.graphToPrompt``) and checks that
-it equals what ``tests/workflows.py`` makes of the file, which is what CI runs.
+it equals what ``tests/workflows.py`` makes of the file, which is what CI runs. Then it
+gives Load Checkpoint a LoRA file and checks that the pack's advice reaches the page (toast).
 
     .venv/bin/python scripts/check_workflows_in_browser.py
 """
@@ -64,6 +65,19 @@ def main() -> int:
                 if not ok:
                     print("  front end:", json.dumps(theirs, sort_keys=True)[:1500])
                     print("  ours:     ", json.dumps(ours, sort_keys=True)[:1500])
+            # advice: a LoRA given to Load Checkpoint -> a toast naming the right node
+            shutil.copy(REPO / "toy" / "weights" / "hypersd_toy_tscd_lora.safetensors",
+                        base / "models" / "checkpoints" / "not_a_checkpoint.safetensors")
+            try:
+                srv.post_prompt({"1": {"class_type": "CheckpointLoaderSimple",
+                                       "inputs": {"ckpt_name": "not_a_checkpoint.safetensors"}}})
+            except Exception:
+                pass  # the prompt itself may be refused (no output node); the advice comes first
+            advice = page.wait_for_function("window.__hypersd_last_advice", timeout=20000).json_value()
+            ok = advice.get("use_node") == "HyperSDLoraLoader"
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} advice toast: {advice.get('message', '')[:100]}")
+            page.wait_for_timeout(500)
             page.screenshot(path=str(base / "last.png"))
             shutil.copy(base / "last.png", Path(tempfile.gettempdir()) / "hypersd-ui-last.png")
             browser.close()
