@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="image size in pixels (latent = size/8)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    pack = _host.start(args.threads)
+    _host.start(args.threads)
     import comfy.sample
     import comfy.samplers
 

@@ -5,8 +5,6 @@ model and LoRAs of the official kohya layout, named as the official files.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 

@@ -7,8 +7,6 @@ executes them with tiny models and LoRAs of the same layout, named as the offici
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,14 +23,6 @@ EXAMPLES = REPO / "example_workflows"
 # ----------------------------------------------------------------------------- tiny stand-ins
 
 
-@pytest.fixture(scope="module")
-def parts(example_parts):
-    return example_parts
-
-
-_split_checkpoint = split_checkpoint
-
-
 def _shipped_api(name: str, object_info: dict) -> dict:
     return workflows.ui_to_api(workflows.load(EXAMPLES / f"{name}.json"), object_info)
 
@@ -43,10 +33,10 @@ def _shipped_api(name: str, object_info: dict) -> dict:
 @pytest.mark.parametrize("name,variant", [("hypersd_sd15_nstep_lora", "8 steps, ddim"),
                                           ("hypersd_sd15_unified_tcd", "1 steps, tcd eta 1"),
                                           ("hypersd_sd15_cfg_lora", "cfg 5")])
-def test_sd15_examples_run(server, parts, name, variant):
+def test_sd15_examples_run(server, example_parts, name, variant):
     """The SD1.5 examples, as shipped, run end to end (tiny UNet, real CLIP-L layout, TAESD)."""
     info = server.get("/object_info")
-    api = _split_checkpoint(_shipped_api(name, info), parts)
+    api = split_checkpoint(_shipped_api(name, info), example_parts)
     entry = server.run(api, timeout=300)
     imgs = server.output_files(entry, "8", "images")
     assert imgs and imgs[0].exists()
@@ -57,7 +47,7 @@ def test_sd15_examples_run(server, parts, name, variant):
 @pytest.mark.parametrize("name,want", [("hypersd_sdxl_nstep_lora", ("SDXL 4-step LoRA", "4 steps, ddim")),
                                        ("hypersd_sdxl_unified_tcd", ("SDXL unified", "1 steps, tcd")),
                                        ("hypersd_sdxl_cfg_lora", ("SDXL 12-step CFG", "cfg 5"))])
-def test_sdxl_examples_loader_part_runs(server, parts, name, want):
+def test_sdxl_examples_loader_part_runs(server, example_parts, name, want):
     """SDXL examples: the Hyper-SD part as shipped (LoRA loader -> settings) on a tiny SDXL-layout model.
 
     CLIP-G (694 M parameters) is not generated in CI, so the text-encoding, sampling and decoding
@@ -73,7 +63,7 @@ def test_sdxl_examples_loader_part_runs(server, parts, name, want):
     assert all(w in summary for w in want) and "strength 1 (automatic)" in summary, summary
 
 
-def test_sdxl_onestep_unet_loader_runs(server, parts):
+def test_sdxl_onestep_unet_loader_runs(server, example_parts):
     """The one-step example's loader, as shipped, loads a diffusers-layout SDXL UNet and gives [sigma(800), 0]."""
     info = server.get("/object_info")
     api = _shipped_api("hypersd_sdxl_onestep_unet", info)
@@ -83,7 +73,7 @@ def test_sdxl_onestep_unet_loader_runs(server, parts):
     assert "SDXL diffusers UNet" in summary and "timestep 800" in summary, summary
 
 
-def test_inspect_route(server, parts):
+def test_inspect_route(server, example_parts):
     st, body = server.get_status("/hypersd/inspect?lora=Hyper-SD15-8steps-lora.safetensors")
     assert st == 200, body
     assert (body["family"], body["key_format"], body["variant"], body["steps"], body["rank"], body["alpha"]) == (
@@ -101,7 +91,7 @@ def test_inspect_route(server, parts):
     assert st == 400
 
 
-def test_errors_are_clear_and_the_server_keeps_serving(server, parts):
+def test_errors_are_clear_and_the_server_keeps_serving(server, example_parts):
     """Wrong family, corrupt, truncated and empty files: one clear message each; the next prompt works."""
     server.expect_pack_errors = True
     loras = server.base / "models" / "loras"
@@ -109,7 +99,7 @@ def test_errors_are_clear_and_the_server_keeps_serving(server, parts):
     (loras / "hypersd_cut.safetensors").write_bytes(good[: len(good) // 3])
     (loras / "hypersd_empty.safetensors").write_bytes(b"")
     (loras / "hypersd_junk.safetensors").write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00" + b"x" * 64)
-    base = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}}}
+    base = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": example_parts["unet"], "weight_dtype": "default"}}}
 
     def run_lora(name):
         g = dict(base)
@@ -133,13 +123,13 @@ def test_errors_are_clear_and_the_server_keeps_serving(server, parts):
     assert "8 steps" in "".join(entry["outputs"]["9"]["text"])
 
 
-def test_input_model_unchanged_after_graph(server, parts):
+def test_input_model_unchanged_after_graph(server, example_parts):
     """The UNet the loader got is unpatched after the graph: the same sampling without the LoRA gives the
     same latent before and after a LoRA graph ran."""
     def plain(prefix):
         return {
-            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}},
-            "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": parts["clip"], "type": "stable_diffusion"}},
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": example_parts["unet"], "weight_dtype": "default"}},
+            "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": example_parts["clip"], "type": "stable_diffusion"}},
             "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["2", 0]}},
             "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
             "5": {"class_type": "KSampler", "inputs": {
@@ -161,7 +151,7 @@ def test_input_model_unchanged_after_graph(server, parts):
     assert not torch.equal(la, lw), "the LoRA had no effect"
 
 
-def test_checkpoint_loader_given_a_unet_points_to_the_right_node(server, parts):
+def test_checkpoint_loader_given_a_unet_points_to_the_right_node(server, example_parts):
     """'Load Checkpoint' on the diffusers one-step UNet: the log names HyperSDUNetLoader before it runs."""
     server.expect_pack_errors = True
     ck = server.base / "models" / "checkpoints" / "Hyper-SDXL-1step-Unet.safetensors"
