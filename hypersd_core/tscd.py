@@ -399,8 +399,17 @@ def _to_cpu(obj):
 
 
 def progressive_stages(segments: Sequence[int], steps_per_stage: int, make_terms: Callable[[int], list]) -> list[Stage]:
-    """One TSCD stage per segment count, in order, each with ``make_terms(k)``."""
-    return [Stage(segments=k, steps=int(steps_per_stage), terms=make_terms(k)) for k in segments]
+    """One TSCD stage per segment count, in order, each with ``make_terms(k)``.
+
+    A stage whose segment count differs from the previous one starts its EMA target from
+    the student; a repeated count (``"1,1,1,1"``: one-segment training cut into stages,
+    each saved on its own) carries the EMA on, as one long stage would.
+    """
+    out = []
+    for i, k in enumerate(segments):
+        out.append(Stage(segments=k, steps=int(steps_per_stage), terms=make_terms(k),
+                         reset_ema=(i == 0 or int(segments[i - 1]) != int(k))))
+    return out
 
 
 def recommended_settings(last_segments: int) -> dict[str, str]:

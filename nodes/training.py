@@ -47,6 +47,13 @@ class TrainingSaveError(RuntimeError):
     """The LoRA or its training state could not be written."""
 
 
+class TrainingOutOfMemory(torch.OutOfMemoryError):
+    """Training ran out of device or host memory; the message says what to change.
+
+    An ``OutOfMemoryError`` so that ComfyUI treats it as one (it unloads its models after).
+    """
+
+
 # ---------------------------------------------------------------------- names and files
 
 
@@ -338,6 +345,52 @@ class _Checkpointer(tscd.Callback):
             self.saved_step = trainer.step
 
 
+class _StageSaver(tscd.Callback):
+    """At the end of every stage but the last, ``save(trainer, index)`` (that stage's own LoRA)."""
+
+    def __init__(self, save):
+        self.save = save
+
+    def on_step_end(self, trainer, loss, logs):
+        for i, stage in enumerate(trainer.stages[:-1]):
+            if stage.steps > 0 and trainer.step == trainer.starts[i] + stage.steps:
+                self.save(trainer, i)
+
+
+def stage_file_stem(name: str, index: int, segments: int) -> str:
+    """``<name>_stage<n>_k<k>``: the LoRA of stage ``n`` (1-based), trained down to ``k`` segments."""
+    return f"{name}_stage{index + 1}_k{segments}"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device or host allocation failure (CUDA, MPS, XPU or the CPU allocator)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(e, oom):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
+
+
+def out_of_memory_advice(step: int, total: int, kept: str, *, batch_size: int, rank: int, lora_scope: str,
+                         gradient_checkpointing: bool, shape) -> str:
+    """What to change after running out of memory, cheapest first."""
+    tips = []
+    if not gradient_checkpointing:
+        tips.append("turn on gradient_checkpointing and queue again: with resume on, training continues from "
+                    "the saved step (about 0.7x the memory for about 1.2x the time)")
+    if batch_size > 1:
+        tips.append(f"lower batch_size (now {batch_size}; try {max(1, batch_size // 2)}) with a new output_name "
+                    f"or resume off: a different batch size starts a new run")
+    if lora_scope == "all":
+        tips.append("set lora_scope to 'transformer' (fewer LoRA layers)")
+    if rank > 16:
+        tips.append(f"lower rank (now {rank})")
+    tips.append(f"train on smaller images (latents now {'x'.join(str(int(v)) for v in shape[-2:])})")
+    tips.append("close other workflows' models or restart ComfyUI so the model has the device to itself")
+    return (f"HyperSD TSCD ran out of memory at step {step + 1}/{total}; {kept}. To fit: "
+            + "; ".join(f"({i + 1}) {t}" for i, t in enumerate(tips)) + ".")
+
+
 # ---------------------------------------------------------------------- the work
 
 
@@ -345,14 +398,16 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                learning_rate: float = 1e-4, rank: int = 16, teacher_cfg: float = 7.0, seed: int = 0,
                output_name: str = "hypersd_tscd", checkpoint_every: int = 100, batch_size: int = 4,
                resume: bool = True, loss: str = "huber", lora_scope: str = "transformer",
-               ema_decay: float = 0.95, gradient_checkpointing: bool = False, node_id=None,
-               callbacks: tuple = (), positive_per_latent: bool = False) -> tuple:
+               ema_decay: float = 0.95, gradient_checkpointing: bool = False, save_stages: bool = True,
+               node_id=None, callbacks: tuple = (), positive_per_latent: bool = False) -> tuple:
     """Train a TSCD LoRA for ``model``; returns ``(model_with_lora, lora_path, trainer)``.
 
     ``positive`` is one CONDITIONING for every latent, or with ``positive_per_latent`` a
     list of CONDITIONINGs, one per item of the list ``latents`` (see
     :func:`paired_latent_groups`). ``callbacks`` (``tscd.Callback``) run after the node's
-    own (progress, Cancel, checkpoints).
+    own (progress, Cancel, checkpoints). With ``save_stages``, the end of every stage but the
+    last also writes that stage's LoRA (``<name>_stage<n>_k<k>``: the k-step LoRA, as the
+    official release has one file per step count); the last stage's is ``<name>``.
     """
     name = safe_output_name(output_name)
     ks = tscd.parse_stages(stages)
@@ -398,23 +453,28 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                  "ema_decay": float(ema_decay)}
     if len(prompts) > 1:
         signature["prompts"] = len(prompts)
-    rec = tscd.recommended_settings(ks[-1])
     result: dict = {}
 
-    def metadata(trainer) -> dict:
+    def metadata(trainer, upto: int | None = None) -> dict:
+        """The file's metadata; ``upto``: a stage file, holding stages ``0..upto`` (complete)."""
+        done = ks if upto is None else ks[:upto + 1]
+        rec = tscd.recommended_settings(done[-1])
         md = {
             "hypersd.trained_by": PACK_NAME, "hypersd.method": "tscd", "hypersd.family": family,
-            "hypersd.stages": signature["stages"], "hypersd.steps_per_stage": str(steps_per_stage),
+            "hypersd.stages": ",".join(map(str, done)), "hypersd.steps_per_stage": str(steps_per_stage),
             "hypersd.rank": str(rank), "hypersd.alpha": str(float(rank)),
             "hypersd.teacher_cfg": str(float(teacher_cfg)), "hypersd.learning_rate": str(float(learning_rate)),
             "hypersd.seed": str(int(seed)), "hypersd.lora_scope": lora_scope,
-            "hypersd.step": str(trainer.step), "hypersd.total_steps": str(trainer.total_steps),
-            "hypersd.complete": "true" if trainer.step >= trainer.total_steps else "false",
+            "hypersd.step": str(trainer.step),
+            "hypersd.total_steps": str(trainer.total_steps if upto is None else trainer.step),
+            "hypersd.complete": "true" if upto is not None or trainer.step >= trainer.total_steps else "false",
             "hypersd.recommended_steps": rec["steps"], "hypersd.recommended_cfg": rec["cfg"],
             "hypersd.recommended_sampler": rec["sampler"], "hypersd.recommended_eta": rec["eta"],
             "hypersd.recommended_schedule": rec["schedule"],
             "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(rank)),
         }
+        if upto is not None:
+            md["hypersd.run_stages"] = signature["stages"]  # the whole run this stage belongs to
         if trainer.last_loss is not None:
             md["hypersd.last_loss"] = f"{trainer.last_loss:.6g}"
         return md
@@ -426,6 +486,13 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
         save_lora_file(lora_path, sd, metadata(trainer))
         result["saved_step"] = trainer.step
         log.info("HyperSD TSCD: saved %s at step %d/%d", lora_path, trainer.step, trainer.total_steps)
+
+    def save_stage(trainer, index: int) -> None:
+        path = os.path.join(folder, stage_file_stem(name, index, ks[index]) + ".safetensors")
+        save_lora_file(path, trainer.adapters.kohya_state_dict(prefixes), metadata(trainer, index))
+        result.setdefault("stage_paths", []).append(path)
+        log.info("HyperSD TSCD: stage %d (k=%d) done, its %d-step LoRA saved as %s", index + 1, ks[index],
+                 ks[index], path)
 
     def loop(model_wrap, extra_args):
         guider = loop.guider
@@ -455,7 +522,7 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                 checkpointer.saved_step = trainer.step
                 log.info("HyperSD TSCD: resuming %s at step %d/%d", name, trainer.step, trainer.total_steps)
             trainer.callbacks = [_ComfyProgress(trainer.total_steps, node_id, trainer.step), checkpointer,
-                                 *callbacks]
+                                 *([_StageSaver(save_stage)] if save_stages else []), *callbacks]
             result["trainer"] = trainer
             try:
                 with lora_train.activation_checkpointing(dm, gradient_checkpointing):
@@ -469,6 +536,23 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                 kept = (f"the last good checkpoint (step {checkpointer.saved_step}) is kept at {lora_path}"
                         if checkpointer.saved_step is not None else "no checkpoint had been saved yet")
                 raise RuntimeError(f"HyperSD TSCD: {e}; {kept}") from None
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                trainer.optimizer.zero_grad(set_to_none=True)  # gradients are the largest thing freed here
+                comfy.model_management.soft_empty_cache()
+                kept = "no checkpoint had been saved yet"
+                if checkpointer.saved_step is not None:
+                    kept = f"the checkpoint of step {checkpointer.saved_step} is kept at {lora_path}"
+                if checkpointer.saved_step != trainer.step and trainer.adapters.all_finite():
+                    try:  # the weights of the last finished step are intact: keep them too
+                        save(trainer)
+                        kept = f"the weights of step {trainer.step} are saved at {lora_path}"
+                    except Exception as save_error:  # out of memory again, or a full disk: keep the old file
+                        log.warning("HyperSD TSCD: could not save after running out of memory: %s", save_error)
+                raise TrainingOutOfMemory(out_of_memory_advice(
+                    trainer.step, trainer.total_steps, kept, batch_size=batch_size, rank=rank, lora_scope=lora_scope,
+                    gradient_checkpointing=gradient_checkpointing, shape=groups[0].shape)) from e
             result["lora"] = adapters.kohya_state_dict(prefixes)
         finally:
             adapters.detach()
@@ -553,6 +637,11 @@ class HyperSDTrainTSCD(io.ComfyNode):
                                tooltip="Decay of the EMA target's weights (0: the target is the student)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute activations in the backward pass: less memory, slower steps."),
+                io.Boolean.Input("save_stages", default=True, optional=True,
+                                 tooltip="Also save the LoRA of every stage but the last as "
+                                         "<output_name>_stage<n>_k<k> (the k-step LoRA: sample it with k steps, "
+                                         "DDIM trailing, cfg 1), as the official release has one file per step "
+                                         "count. The last stage's LoRA is <output_name>."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied "
@@ -566,7 +655,7 @@ class HyperSDTrainTSCD(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, positive, negative, stages, steps_per_stage, learning_rate, rank,
                 teacher_cfg, seed, output_name, checkpoint_every, batch_size, resume, loss=None,
-                lora_scope=None, ema_decay=None, gradient_checkpointing=None) -> io.NodeOutput:
+                lora_scope=None, ema_decay=None, gradient_checkpointing=None, save_stages=None) -> io.NodeOutput:
         first = lambda v, d=None: (v[0] if isinstance(v, list) and v else (d if v is None else v))  # noqa: E731
         positives = [p for p in (positive if isinstance(positive, list) else [positive]) if p is not None]
         per_latent = len(positives) > 1
@@ -579,7 +668,8 @@ class HyperSDTrainTSCD(io.ComfyNode):
             seed=first(seed), output_name=first(output_name), checkpoint_every=first(checkpoint_every),
             batch_size=first(batch_size), resume=first(resume), loss=first(loss, "huber"),
             lora_scope=first(lora_scope, "transformer"), ema_decay=first(ema_decay, 0.95),
-            gradient_checkpointing=first(gradient_checkpointing, False), node_id=cls.hidden.unique_id)
+            gradient_checkpointing=first(gradient_checkpointing, False), save_stages=first(save_stages, True),
+            node_id=cls.hidden.unique_id)
         return io.NodeOutput(m, path)
 
 

@@ -85,6 +85,12 @@ def test_parse_stages():
             tscd.parse_stages(bad)
 
 
+def test_progressive_stages_reset_the_ema_only_when_the_segment_count_changes():
+    stages = tscd.progressive_stages([8, 4, 4, 1, 1, 2], 5, lambda k: [])
+    assert [(s.segments, s.steps, s.reset_ema) for s in stages] == [
+        (8, 5, True), (4, 5, True), (4, 5, False), (1, 5, True), (1, 5, False), (2, 5, True)]
+
+
 def test_recommended_settings():
     assert tscd.recommended_settings(1)["sampler"] == "tcd"
     r = tscd.recommended_settings(4)

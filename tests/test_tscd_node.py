@@ -233,7 +233,66 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(training, loras, capl
     assert meta["hypersd.step"] == "3"
     assert all(bool(torch.isfinite(v).all()) for v in sd.values())
     _assert_loads_cleanly(_model(), sd, caplog)
-    assert sorted(p.name for p in loras.iterdir()) == ["nan.hypersd-state.pt", "nan.safetensors"]
+    # the stage-1 LoRA was saved at step 3, before the poison
+    assert sorted(p.name for p in loras.iterdir()) == ["nan.hypersd-state.pt", "nan.safetensors",
+                                                       "nan_stage1_k2.safetensors"]
+
+
+# ---------------------------------------------------------------------- one LoRA per stage
+
+
+def test_each_stage_saves_its_own_k_step_lora(training, loras, caplog):
+    from ComfyUI_HyperSD.hypersd_core import lora_file
+
+    _train(training, name="prog", lora_scope="all")
+    assert sorted(p.name for p in loras.iterdir()) == ["prog.hypersd-state.pt", "prog.safetensors",
+                                                       "prog_stage1_k2.safetensors"]
+    stage_sd, meta = _read(loras / "prog_stage1_k2.safetensors")
+    assert (meta["hypersd.stages"], meta["hypersd.run_stages"], meta["hypersd.step"]) == ("2", "2,1", str(STEPS))
+    assert meta["hypersd.complete"] == "true" and meta["hypersd.total_steps"] == str(STEPS)
+    assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"],
+            meta["hypersd.recommended_schedule"]) == ("2", "ddim", "trailing")
+    final_sd, final_meta = _read(loras / "prog.safetensors")
+    assert final_meta["hypersd.stages"] == "2,1" and final_meta["hypersd.recommended_sampler"] == "tcd"
+    assert any(not torch.equal(stage_sd[k], final_sd[k]) for k in final_sd)  # stage 2 trained on
+    _assert_loads_cleanly(_model(), stage_sd, caplog)
+    info = lora_file.inspect_file(str(loras / "prog_stage1_k2.safetensors"))
+    assert (info.variant, info.steps, info.sampler, info.stages) == ("hypersd_trained", 2, "ddim", [2])
+    assert not info.warnings
+    # The stage file is exactly what a run of that stage alone ends with (same seed, same steps).
+    _train(training, name="alone", stages="2", lora_scope="all", save_stages=False)
+    alone, _ = _read(loras / "alone.safetensors")
+    assert alone.keys() == stage_sd.keys()
+    for k in alone:
+        torch.testing.assert_close(alone[k], stage_sd[k], rtol=0, atol=0)
+    _train(training, name="nostages", save_stages=False, steps_per_stage=1)
+    assert not list(loras.glob("nostages_stage*"))
+
+
+# ---------------------------------------------------------------------- out of memory
+
+
+def test_out_of_memory_keeps_the_last_step_and_says_what_to_change(training, loras):
+    class Exhaust(training.tscd.Callback):
+        def on_step_start(self, trainer):
+            if trainer.step == 2:  # a real allocation failure of torch's allocator, mid-run
+                torch.empty(2 ** 62, dtype=torch.uint8)
+
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        _train(training, name="oom", rank=32, lora_scope="all", callbacks=[Exhaust()])
+    msg = str(err.value)
+    assert isinstance(err.value, training.TrainingOutOfMemory)
+    assert "ran out of memory at step 3/6" in msg and "weights of step 2 are saved" in msg
+    for tip in ("turn on gradient_checkpointing", "lower batch_size (now 3; try 1)", "lora_scope to 'transformer'",
+                "lower rank (now 32)", "smaller images (latents now 8x8)"):
+        assert tip in msg, tip
+    _, meta = _read(loras / "oom.safetensors")
+    assert meta["hypersd.step"] == "2" and meta["hypersd.complete"] == "false"
+    # The advice works: with gradient checkpointing on, the run resumes from step 2 and finishes.
+    _, _, trainer = _train(training, name="oom", rank=32, lora_scope="all", gradient_checkpointing=True)
+    assert trainer.step == 6 and len(trainer.history) == 6
+    _, meta = _read(loras / "oom.safetensors")
+    assert meta["hypersd.complete"] == "true"
 
 
 # ---------------------------------------------------------------------- full or read-only folder

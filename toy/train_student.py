@@ -86,7 +86,7 @@ def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
             "stages": args.stages, "steps_per_stage": args.steps_per_stage, "learning_rate": args.lr,
             "rank": args.rank, "teacher_cfg": args.cfg, "seed": args.seed, "output_name": name,
             "checkpoint_every": args.checkpoint_every, "batch_size": args.batch, "resume": False,
-            "loss": args.loss, "lora_scope": args.lora_scope, "ema_decay": args.ema}},
+            "loss": args.loss, "lora_scope": args.lora_scope, "ema_decay": args.ema, "save_stages": True}},
     }
 
 
@@ -167,6 +167,11 @@ def main(argv=None) -> int:
         train_s = time.time() - t1
         lora = base / "models" / "loras" / f"{args.name}.safetensors"
         copy_atomic(lora, args.out)
+        stage_files = []  # the node's LoRA of each earlier stage, <name>_stage<n>_k<k>, copied beside --out
+        for f in sorted((base / "models" / "loras").glob(f"{args.name}_stage*_k*.safetensors")):
+            dest = args.out.with_name(args.out.stem + f.name[len(args.name):])
+            copy_atomic(f, dest)
+            stage_files.append(str(dest))
         from safetensors import safe_open
 
         with safe_open(str(args.out), "pt") as f:
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
         summary = {"out": str(args.out), "bytes": args.out.stat().st_size, "graph_seconds": round(train_s, 1),
                    "total_seconds": round(time.time() - t0, 1), "images": n,
                    "last_loss": meta.get("hypersd.last_loss"), "steps": meta.get("hypersd.total_steps"),
-                   "stages": meta.get("hypersd.stages")}
+                   "stages": meta.get("hypersd.stages"), "stage_files": stage_files}
         log.info("done: %s", json.dumps(summary))
         print(json.dumps(summary))
     finally:
