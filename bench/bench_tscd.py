@@ -163,11 +163,23 @@ def _lora_meta(path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
+def stage_files(final: Path) -> dict[int, Path]:
+    """The LoRAs of one run by total training steps: ``{steps: path}``, the stage files
+    (``<stem>_stage<n>_k<k>``, written by the node at each stage's end) and the final file."""
+    out = {}
+    for f in sorted(final.parent.glob(final.stem + "_stage*_k*.safetensors")) + [final]:
+        if f.exists():
+            out[int(_lora_meta(f)["hypersd.step"])] = f
+    return out
+
+
 def train_baseline(student: Path, out: Path) -> None:
-    """The one-segment baseline: ``toy/train_student.py --stages 1`` with the student's total steps."""
+    """The one-segment baseline: ``toy/train_student.py --stages 1,1,...`` with the student's
+    stage count and steps per stage (one segment throughout, a file saved at every stage end)."""
     meta = _lora_meta(student)
-    total = int(meta["hypersd.total_steps"])
-    cmd = [sys.executable, str(REPO / "toy" / "train_student.py"), "--stages", "1", "--steps-per-stage", str(total),
+    n_stages = len(meta["hypersd.stages"].split(","))
+    cmd = [sys.executable, str(REPO / "toy" / "train_student.py"), "--stages", ",".join(["1"] * n_stages),
+           "--steps-per-stage", meta["hypersd.steps_per_stage"],
            "--rank", meta["hypersd.rank"], "--lr", meta["hypersd.learning_rate"], "--cfg", meta["hypersd.teacher_cfg"],
            "--seed", meta["hypersd.seed"], "--lora-scope", meta["hypersd.lora_scope"],
            "--name", out.stem, "--out", str(out)]
@@ -205,61 +217,104 @@ def quality(args) -> int:
     n = args.per_digit
     latent = torch.zeros(n, 4, data.SIZE // 8, data.SIZE // 8)
     labels = torch.arange(10).repeat_interleave(n)
+    seeds = [args.seed + 1000 * r for r in range(args.repeats)]
 
     def run(m, cfg, sampler, sigmas):
-        imgs = []
+        """Mean accuracy and FID over the seed sets (digit d of set s uses seed s + d)."""
+        res = []
         t0 = time.perf_counter()
-        for d in range(10):
-            noise = comfy.sample.prepare_noise(latent, args.seed + d)
-            with torch.inference_mode():
-                out = comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, pos[d], neg, latent,
-                                                 disable_pbar=True, seed=args.seed + d)
-                imgs.append(vae.decode(out))
-        dt = time.perf_counter() - t0
-        res = toy_quality.measure(torch.cat(imgs)[..., :3], labels)
-        res["s_per_image"] = dt / (10 * n)
-        return res
+        for s0 in seeds:
+            imgs = []
+            for d in range(10):
+                noise = comfy.sample.prepare_noise(latent, s0 + d)
+                with torch.inference_mode():
+                    out = comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, pos[d], neg, latent,
+                                                     disable_pbar=True, seed=s0 + d)
+                    imgs.append(vae.decode(out))
+            res.append(toy_quality.measure(torch.cat(imgs)[..., :3], labels))
+        fids = [r["fid"] for r in res]
+        return {"accuracy": sum(r["accuracy"] for r in res) / len(res), "fid": sum(fids) / len(fids),
+                "fid_spread": (max(fids) - min(fids)) / 2, "s_per_image": (time.perf_counter() - t0) / (10 * n * len(seeds))}
+
+    loaded = {}
 
     def with_lora(path):
-        sd = comfy.utils.load_torch_file(str(path), safe_load=True)
-        m, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
-        return m
+        if path not in loaded:
+            sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+            loaded[path] = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)[0]
+        return loaded[path]
 
-    rows = []  # (name, steps, cfg, sampler text, result)
+    def sampler_for(how: str, steps: int):
+        """``tcd``: this pack's TCD on the TCD grid (eta 1 at one step, ``--eta`` above);
+        ``ddim``: core's ddim on the trailing grid (the N-step LoRAs' recipe)."""
+        if how == "tcd":
+            eta = 1.0 if steps == 1 else args.eta
+            return f"tcd eta {eta:g}", sampling.tcd_sampler(eta), schedules.hypersd_sigmas(ms, steps, "tcd")
+        return "ddim trailing", comfy.samplers.sampler_object("ddim"), schedules.hypersd_sigmas(ms, steps, "trailing")
+
+    rows = []  # (group, name, steps, cfg, sampler text, training steps, result)
+
+    def add(group, name, m, steps, cfg, how=None, sigmas=None, sampler=None, text=None, trained=""):
+        if how is not None:
+            text, sampler, sigmas = sampler_for(how, steps)
+        r = run(m, cfg, sampler, sigmas)
+        rows.append((group, name, steps, cfg, text, trained, r))
+        print(f"{name} {steps} steps ({text}): {r}", flush=True)
+        return r
+
     # the teacher at the guidance the student was distilled from (its metadata), the fair reference
     teacher_cfg = float(_lora_meta(student).get("hypersd.teacher_cfg", TEACHER_CFG))
     for steps in (25, 50):
         sig = comfy.samplers.calculate_sigmas(ms, "normal", steps).cpu()
-        r = run(model, teacher_cfg, comfy.samplers.sampler_object("euler"), sig)
-        rows.append(("teacher", steps, teacher_cfg, "euler normal", r))
-        print(f"teacher {steps} steps: {r}", flush=True)
-    loras = [("TSCD " + _lora_meta(student).get("hypersd.stages", "?").replace(",", "-"), student)]
-    if baseline.exists():
-        loras.append(("one-segment k=1", baseline))
-    else:
+        add("teacher", "teacher", model, steps, teacher_cfg, sampler=comfy.samplers.sampler_object("euler"),
+            sigmas=sig, text="euler normal")
+    ref = rows[-1][-1]["fid"]
+
+    tscd_files = stage_files(student)
+    base_files = stage_files(baseline) if baseline.exists() else {}
+    if not base_files:
         print(f"no one-segment baseline at {baseline}: run with --train-baseline to train it "
               f"(about as long as the student's training)", file=sys.stderr)
-    for name, path in loras:
-        m = with_lora(path)
+    checks = []
+    # 1. Each N-step TSCD LoRA (the stage that ended with k = N segments) with its own recipe, beside
+    #    the one-segment LoRA with the same number of training steps, sampled both ways.
+    by_k = {}
+    for trained, path in sorted(tscd_files.items()):
+        k = int(_lora_meta(path)["hypersd.stages"].split(",")[-1])
+        by_k[k] = (trained, path)
+    for k in sorted(by_k):
+        trained, path = by_k[k]
+        stages = _lora_meta(path)["hypersd.stages"].replace(",", "-")
+        r = add("N-step", f"TSCD {stages}", with_lora(path), k, 1.0, how="tcd" if k == 1 else "ddim", trained=trained)
+        if trained in base_files:
+            bm = with_lora(base_files[trained])
+            rb = [add("N-step", "one-segment k=1", bm, k, 1.0, how=how, trained=trained)
+                  for how in (["tcd"] if k == 1 else ["tcd", "ddim"])]
+            best = min(x["fid"] for x in rb)
+            if k in (2, 4):
+                checks.append((f"{k}-step TSCD FID {r['fid']:.1f} < one-segment {best:.1f} (best of its samplers, "
+                               f"{trained} training steps each)", r["fid"] < best))
+        if k in (2, 4):
+            bound = 1.3 if k == 4 else 1.6
+            checks.append((f"{k}-step TSCD FID {r['fid']:.1f} <= {bound}x teacher-50 ({bound * ref:.1f})",
+                           r["fid"] <= bound * ref))
+    # 2. The final LoRA of each run as a unified LoRA: TCD at 1 to 8 steps.
+    finals = [("TSCD " + _lora_meta(student)["hypersd.stages"].replace(",", "-"), student)]
+    if base_files:
+        finals.append(("one-segment k=1", max(base_files.items())[1]))
+    for name, path in finals:
+        trained = int(_lora_meta(path)["hypersd.step"])
         for steps in (1, 2, 4, 8):
-            eta = 1.0 if steps == 1 else args.eta
-            sig = schedules.hypersd_sigmas(ms, steps, "tcd")
-            r = run(m, 1.0, sampling.tcd_sampler(eta), sig)
-            rows.append((name, steps, 1.0, f"tcd eta {eta:g}", r))
-            print(f"{name} {steps} steps: {r}", flush=True)
-    ref = next(r["fid"] for nm, st, _, _, r in rows if nm == "teacher" and st == 50)
-    head = ["model", "steps", "cfg", "sampler", "accuracy", "FID", "FID / teacher-50", "s/image"]
-    body = [[nm, st, f"{cfg:g}", smp, f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", f"{r['fid'] / ref:.2f}x",
-             f"{r['s_per_image']:.4f}"] for nm, st, cfg, smp, r in rows]
-    text = (f"toy digits, {n} images per digit ({10 * n} per row), FID on the digits classifier's features "
-            f"against the 360 held-out digits, seed {args.seed}, {args.threads} thread(s)\n" + _host.table(head, body))
-    fid = {(nm.split()[0], st): r["fid"] for nm, st, _, _, r in rows}
-    tscd_name = loras[0][0].split()[0]
-    checks = [(f"4-step TSCD FID <= 1.3x teacher-50", fid[(tscd_name, 4)] <= 1.3 * ref),
-              (f"2-step TSCD FID <= 1.6x teacher-50", fid[(tscd_name, 2)] <= 1.6 * ref)]
-    if ("one-segment", 2) in fid:
-        for st in (2, 4):
-            checks.append((f"{st}-step TSCD FID < one-segment", fid[(tscd_name, st)] < fid[("one-segment", st)]))
+            add("unified", name + " (final)", with_lora(path), steps, 1.0, how="tcd", trained=trained)
+
+    head = ["use", "model", "steps", "cfg", "sampler", "trained steps", "accuracy", "FID", "FID / teacher-50", "s/image"]
+    spread = args.repeats > 1
+    body = [[g, nm, st, f"{cfg:g}", smp, tr, f"{r['accuracy']:.3f}",
+             f"{r['fid']:.1f}" + (f" ± {r['fid_spread']:.1f}" if spread else ""), f"{r['fid'] / ref:.2f}x",
+             f"{r['s_per_image']:.4f}"] for g, nm, st, cfg, smp, tr, r in rows]
+    text = (f"toy digits, {n} images per digit ({10 * n} per row{f', mean of {len(seeds)} seed sets (± half range)' if spread else ''}), "
+            f"FID on the digits classifier's features against the 360 held-out digits, first seed {args.seed}, "
+            f"{args.threads} thread(s)\n" + _host.table(head, body))
     text += "\n\n" + "\n".join(f"{'met    ' if ok else 'NOT met'}  {what}" for what, ok in checks)
     print(text)
     out = REPO / "bench" / "out"
@@ -286,6 +341,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-digit", type=int, default=50, help="--quality: images per digit and row")
     ap.add_argument("--eta", type=float, default=0.3, help="--quality: TCD eta of the students above one step")
     ap.add_argument("--seed", type=int, default=0, help="--quality: first noise seed (digit d uses seed + d)")
+    ap.add_argument("--repeats", type=int, default=1, help="--quality: seed sets per row (seed + 1000 r); FID is their mean")
     ap.add_argument("--student", default=str(TOY_LORA), help="--quality: the TSCD LoRA")
     ap.add_argument("--baseline", default=str(BASELINE_LORA), help="--quality: the one-segment LoRA")
     ap.add_argument("--train-baseline", action="store_true", help="--quality: train the baseline when missing")

@@ -31,16 +31,29 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-COMFY = Path(os.environ.get("HYPERSD_COMFYUI") or REPO / ".host" / "ComfyUI")
 PACK_DIR_NAME = "ComfyUI-HyperSD"
 PACK_MODULE = "ComfyUI_HyperSD"
 
 
-def _comfy_on_path() -> None:
-    if not (COMFY / "main.py").exists():
-        pytest.exit(f"No ComfyUI host at {COMFY}: run scripts/test.sh (it sets one up) or set HYPERSD_COMFYUI.", 2)
-    if str(COMFY) not in sys.path:
-        sys.path.insert(0, str(COMFY))
+def _toy_script():
+    """``toy/_script.py``: finds the host's ComfyUI (``HYPERSD_COMFYUI`` or ``.host/ComfyUI``)."""
+    name = "hypersd_toy_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "toy" / "_script.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return sys.modules[name]
+
+
+COMFY = _toy_script().comfy_dir()
+
+
+def _comfy_on_path(cpu: bool = True) -> None:
+    try:
+        _toy_script().comfy_on_path(cpu)
+    except SystemExit as e:
+        pytest.exit(f"{e} (scripts/test.sh sets one up)", 2)
 
 
 def import_comfy(threads: int = 1):
@@ -49,10 +62,6 @@ def import_comfy(threads: int = 1):
     Also used by ``bench/`` scripts (they put ``tests/`` on the path to reach it).
     """
     _comfy_on_path()
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import utils.extra_config  # noqa: F401  (must come before `import nodes`)
     import comfy.model_management  # noqa: F401
     import nodes  # noqa: F401
     import torch
