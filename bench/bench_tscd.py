@@ -13,21 +13,31 @@ checkpointing off and on. Targets (issue 6): TSCD at most 4x the step time (it m
 denoiser passes a step: teacher cond+uncond, EMA target, student) and at most 1.2x the
 peak memory.
 
-``--quality``: the distilled toy LoRA beside its teacher, on the toy's own quality measure
+``--quality``: the distilled toy LoRAs beside their teacher, on the toy's own quality measure
 (``toy.quality.measure``: digit accuracy and FID on the digits classifier's features against
 the 360 held-out digits), in-process on the CPU::
 
-    python bench/bench_tscd.py --quality [--per-digit 50] [--train-baseline]
+    python bench/bench_tscd.py --quality [--per-digit 50] [--repeats 2] [--train-baseline]
 
-Rows: the teacher (``euler``/``normal``, at the cfg the student was distilled from) at 25 and 50 steps; the
-TSCD student (``toy/weights/hypersd_toy_tscd_lora.safetensors``, trained by
-``toy/train_student.py``) and the one-segment baseline (k = 1 only, the same total steps,
-batch and settings; ``--train-baseline`` trains it through the server with the same
-script into ``bench/out/``) at 1, 2, 4 and 8 steps with this pack's TCD sampler on the TCD
-grid at cfg 1, as the LoRA's metadata recommends (eta 1 at one step, ``--eta`` otherwise).
-Every row draws the same ``--per-digit`` images of each digit from the same seeds. FID
-ratios are to the 50-step teacher; targets (issue 6): the 4-step student at most 1.3x, the
-2-step at most 1.6x, and TSCD below the one-segment baseline at 2 and 4 steps.
+One TSCD run (``toy/train_student.py``, stages 8,4,2,1) leaves a LoRA per stage: the k-step
+LoRAs of the stages k = 8, 4, 2 (``<name>_stage<n>_k<k>``) and the final k = 1 LoRA
+(``toy/weights/hypersd_toy_tscd_lora.safetensors``). The one-segment baseline is the same
+run with k = 1 in every stage (``--stages 1,1,1,1``, same steps, batch and settings;
+``--train-baseline`` trains it through the server into ``bench/out/``), so it has a LoRA at
+the same training steps as each TSCD stage. Rows:
+
+* the teacher (``euler``/``normal``) at 25 and 50 steps, at the cfg the LoRAs were distilled
+  from (their metadata);
+* ``N-step``: each TSCD LoRA at its own step count with the recipe its metadata recommends
+  (k-step: core ``ddim`` on the trailing grid; k = 1: this pack's TCD at one step, eta 1),
+  beside the one-segment LoRA with the same training steps sampled both with TCD (``--eta``,
+  eta 1 at one step) and with DDIM trailing;
+* ``unified``: the final LoRA of each run with TCD at 1, 2, 4 and 8 steps.
+
+Every row draws the same ``--per-digit`` images of each digit from the same seeds
+(``--repeats`` seed sets, FID averaged). FID ratios are to the 50-step teacher; targets
+(issue 6): the 4-step TSCD LoRA at most 1.3x, the 2-step at most 1.6x, and each below the
+one-segment LoRA of the same training steps under the better of its two samplers.
 """
 from __future__ import annotations
 

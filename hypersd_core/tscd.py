@@ -261,6 +261,29 @@ class Callback:
     def on_end(self, trainer: "Trainer") -> None: ...
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_at(base: float, schedule: str, step_in_stage: int, stage_steps: int, floor: float = 0.1) -> float:
+    """The learning rate of a stage's ``step_in_stage``-th step (0-based).
+
+    ``constant``: ``base``. ``cosine``: a linear warm-up over the first 5% of the stage,
+    then ``base * (floor + (1 - floor) * (1 + cos(pi * j / S)) / 2)`` down to ``floor * base``
+    at the stage's end, so every stage (and the LoRA saved at its end) finishes at a low rate.
+    """
+    if schedule == "constant":
+        return base
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+    S = max(int(stage_steps), 1)
+    warm = max(1, S // 20)
+    j = min(max(int(step_in_stage), 0), S - 1)
+    if j < warm:
+        return base * (j + 1) / warm
+    frac = (j - warm) / max(S - 1 - warm, 1)
+    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
 def step_seed(seed: int, step: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**63 - 1)
 
@@ -274,13 +297,16 @@ class Trainer:
 
     def __init__(self, adapters, stages: Sequence[Stage], data: LatentData, *, lr: float, batch_size: int,
                  seed: int, device=None, dtype=torch.float32, ema_decay: float = 0.95, grad_clip: float = 1.0,
-                 weight_decay: float = 0.0, callbacks: Sequence[Callback] = (), signature: dict | None = None):
+                 weight_decay: float = 0.0, callbacks: Sequence[Callback] = (), signature: dict | None = None,
+                 lr_schedule: str = "constant"):
         self.adapters = adapters
         self.stages = list(stages)
         if not self.stages or any(s.steps < 0 for s in self.stages):
             raise ValueError("stages must be non-empty with non-negative step counts")
         self.data = data
         self.lr = float(lr)
+        learning_rate_at(self.lr, lr_schedule, 0, 1)  # validates the name
+        self.lr_schedule = lr_schedule
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.device = device if device is not None else torch.device("cpu")
@@ -318,7 +344,7 @@ class Trainer:
                     cb.on_stage_start(self, index, stage)
             for cb in self.callbacks:
                 cb.on_step_start(self)
-            loss, logs = self._one_step(step, stage)
+            loss, logs = self._one_step(step, stage, self.starts[index])
             self.step = step + 1
             self.last_loss = loss
             self.history.append(loss)
@@ -328,7 +354,7 @@ class Trainer:
             cb.on_end(self)
         return self
 
-    def _one_step(self, step: int, stage: Stage) -> tuple[float, dict]:
+    def _one_step(self, step: int, stage: Stage, stage_start: int = 0) -> tuple[float, dict]:
         gen = torch.Generator().manual_seed(step_seed(self.seed, step))
         x0, cond = self.data.sample(self.batch_size, gen, self.device, self.dtype)
         batch = Batch(x0=x0, cond=cond, step=step)
@@ -345,6 +371,9 @@ class Trainer:
             raise NonFiniteLossError(step, stage, "loss")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        lr = learning_rate_at(self.lr, self.lr_schedule, step - stage_start, stage.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         params = self.adapters.student_parameters()
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
@@ -358,6 +387,7 @@ class Trainer:
             raise NonFiniteLossError(step, stage, "LoRA weights")
         self.adapters.ema_update(self.ema_decay)
         logs["grad_norm"] = float(norm)
+        logs["lr"] = lr
         return float(total.detach()), logs
 
     # ------------------------------------------------------------------ state

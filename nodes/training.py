@@ -399,6 +399,7 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                output_name: str = "hypersd_tscd", checkpoint_every: int = 100, batch_size: int = 4,
                resume: bool = True, loss: str = "huber", lora_scope: str = "transformer",
                ema_decay: float = 0.95, gradient_checkpointing: bool = False, save_stages: bool = True,
+               lr_schedule: str = "constant",
                node_id=None, callbacks: tuple = (), positive_per_latent: bool = False) -> tuple:
     """Train a TSCD LoRA for ``model``; returns ``(model_with_lora, lora_path, trainer)``.
 
@@ -453,6 +454,8 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                  "ema_decay": float(ema_decay)}
     if len(prompts) > 1:
         signature["prompts"] = len(prompts)
+    if lr_schedule != "constant":  # (absent for constant: states saved before the option existed still resume)
+        signature["lr_schedule"] = lr_schedule
     result: dict = {}
 
     def metadata(trainer, upto: int | None = None) -> dict:
@@ -464,7 +467,7 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
             "hypersd.stages": ",".join(map(str, done)), "hypersd.steps_per_stage": str(steps_per_stage),
             "hypersd.rank": str(rank), "hypersd.alpha": str(float(rank)),
             "hypersd.teacher_cfg": str(float(teacher_cfg)), "hypersd.learning_rate": str(float(learning_rate)),
-            "hypersd.seed": str(int(seed)), "hypersd.lora_scope": lora_scope,
+            "hypersd.seed": str(int(seed)), "hypersd.lora_scope": lora_scope, "hypersd.lr_schedule": lr_schedule,
             "hypersd.step": str(trainer.step),
             "hypersd.total_steps": str(trainer.total_steps if upto is None else trainer.step),
             "hypersd.complete": "true" if upto is not None or trainer.step >= trainer.total_steps else "false",
@@ -512,7 +515,7 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
             checkpointer = _Checkpointer(checkpoint_every, save)
             trainer = tscd.Trainer(adapters, stage_list, data, lr=learning_rate, batch_size=batch_size, seed=seed,
                                    device=dev, ema_decay=ema_decay, signature=signature,
-                                   callbacks=[])
+                                   callbacks=[], lr_schedule=lr_schedule)
             if resume_state is not None:
                 try:
                     trainer.load_state_dict(resume_state)
@@ -637,6 +640,10 @@ class HyperSDTrainTSCD(io.ComfyNode):
                                tooltip="Decay of the EMA target's weights (0: the target is the student)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute activations in the backward pass: less memory, slower steps."),
+                io.Combo.Input("lr_schedule", options=list(tscd.LR_SCHEDULES), default="constant", optional=True,
+                               tooltip="Learning rate over each stage: constant, or cosine (a short warm-up, then "
+                                       "down to a tenth of learning_rate at the stage's end, so every stage's "
+                                       "LoRA is saved at a low rate)."),
                 io.Boolean.Input("save_stages", default=True, optional=True,
                                  tooltip="Also save the LoRA of every stage but the last as "
                                          "<output_name>_stage<n>_k<k> (the k-step LoRA: sample it with k steps, "
@@ -655,7 +662,8 @@ class HyperSDTrainTSCD(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, positive, negative, stages, steps_per_stage, learning_rate, rank,
                 teacher_cfg, seed, output_name, checkpoint_every, batch_size, resume, loss=None,
-                lora_scope=None, ema_decay=None, gradient_checkpointing=None, save_stages=None) -> io.NodeOutput:
+                lora_scope=None, ema_decay=None, gradient_checkpointing=None, save_stages=None,
+                lr_schedule=None) -> io.NodeOutput:
         first = lambda v, d=None: (v[0] if isinstance(v, list) and v else (d if v is None else v))  # noqa: E731
         positives = [p for p in (positive if isinstance(positive, list) else [positive]) if p is not None]
         per_latent = len(positives) > 1
@@ -669,7 +677,7 @@ class HyperSDTrainTSCD(io.ComfyNode):
             batch_size=first(batch_size), resume=first(resume), loss=first(loss, "huber"),
             lora_scope=first(lora_scope, "transformer"), ema_decay=first(ema_decay, 0.95),
             gradient_checkpointing=first(gradient_checkpointing, False), save_stages=first(save_stages, True),
-            node_id=cls.hidden.unique_id)
+            lr_schedule=first(lr_schedule, "constant"), node_id=cls.hidden.unique_id)
         return io.NodeOutput(m, path)
 
 

@@ -5,8 +5,9 @@
 file back and checks it still equals its graph here, and the server tests run them with
 tiny models and LoRAs of the official layout, named as the official files.
 
-Two groups: the few-step sampling recipes with core loaders and this pack's sampler and
-scheduler nodes (issue 3), and the Hyper-SD LoRA/UNet loader recipes (issue 4).
+Three groups: the few-step sampling recipes with core loaders and this pack's sampler and
+scheduler nodes (issue 3), the Hyper-SD LoRA/UNet loader recipes (issue 4), and distilling
+your own checkpoint with the TSCD trainer (issue 6).
 """
 from __future__ import annotations
 
@@ -192,5 +193,48 @@ LOADER = {
 }
 
 
+# ----------------------------------------------------------------------------- distilling your own checkpoint
+
+TRAIN_FOLDER = "my_training_images"  # a folder of ComfyUI's input/ with images and one caption .txt per image
+
+
+def sd15_train_tscd() -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_CKPT}},
+        "2": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": TRAIN_FOLDER}},
+        "3": {"class_type": "MakeTrainingDataset", "inputs": {"images": ["2", 0], "texts": ["2", 1], "vae": ["1", 2],
+                                                               "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "HyperSDTrainTSCD", "inputs": {
+            "model": ["1", 0], "latents": ["3", 0], "positive": ["3", 1], "negative": ["4", 0], "stages": "8,4,2,1",
+            "steps_per_stage": 250, "learning_rate": 1e-4, "rank": 16, "teacher_cfg": 7.0, "seed": 0,
+            "output_name": "my_model_hypersd", "checkpoint_every": 100, "batch_size": 4, "resume": True,
+            "loss": "huber", "lora_scope": "transformer", "ema_decay": 0.95, "gradient_checkpointing": False,
+            "lr_schedule": "constant", "save_stages": True}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat sitting on a windowsill, soft light",
+                                                          "clip": ["1", 1]}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {
+            "model": ["5", 0], "seed": 42, "steps": 4, "cfg": 1.0, "sampler_name": "tcd", "scheduler": "hypersd_tcd",
+            "positive": ["6", 0], "negative": ["4", 0], "latent_image": ["7", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "hypersd_trained"}},
+    }
+
+
+TRAINING = {
+    "hypersd_sd15_train_tscd": dict(
+        graph=sd15_train_tscd(),
+        note=("## Distil your own SD1.5 checkpoint into Hyper-SD LoRAs (TSCD)\n\nNeeds an SD1.5 checkpoint "
+              f"(`{SD15_CKPT}`, or your fine-tune) and a folder `input/{TRAIN_FOLDER}` with your images and one "
+              "caption `.txt` per image (same name). Stages 8,4,2,1 train one after another; the LoRAs land in "
+              "`models/loras`: `my_model_hypersd_stage1_k8`, `_stage2_k4`, `_stage3_k2` (8-, 4-, 2-step LoRAs: "
+              "DDIM trailing, cfg 1) and `my_model_hypersd` (the unified one: TCD at 1-8 steps, cfg 1), which the "
+              "KSampler here tries at once. Progress shows on the node; Cancel keeps a checkpoint and queueing "
+              "again resumes it. Out of memory: turn on gradient_checkpointing, or lower batch_size.")),
+}
+
+
 WORKFLOWS = {name: {"graph": make(), "note": SAMPLING_NOTES[name]} for name, make in SAMPLING.items()}
 WORKFLOWS.update(LOADER)
+WORKFLOWS.update(TRAINING)

@@ -53,3 +53,25 @@ def test_sampling_example_runs_on_the_server(name, server, object_info, example_
     entry = server.run(api)
     (image,) = server.output_files(entry, "9", "images")
     assert image.stat().st_size > 100
+
+
+def test_training_example_runs_on_the_server(server, object_info, example_parts):
+    """The TSCD example as shipped, shortened (2 stages of 1 step) and on the tiny stand-ins:
+    captioned images from input/, LoRAs of every stage in models/loras, a picture from the result."""
+    from PIL import Image
+
+    folder = server.base / "input" / example_graphs.TRAIN_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (64, 64), colour).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a {colour} square")
+    api = split_checkpoint(workflows.ui_to_api(workflows.load(EXAMPLES / "hypersd_sd15_train_tscd.json"), object_info),
+                           example_parts)
+    train = api["5"]["inputs"]
+    assert (train["stages"], train["output_name"]) == ("8,4,2,1", "my_model_hypersd")
+    train.update(stages="2,1", steps_per_stage=1, batch_size=2, output_name="example_tscd", resume=False)
+    entry = server.run(api, timeout=600)
+    (image,) = server.output_files(entry, "9", "images")
+    assert image.stat().st_size > 100
+    loras = server.base / "models" / "loras"
+    assert (loras / "example_tscd.safetensors").exists() and (loras / "example_tscd_stage1_k2.safetensors").exists()

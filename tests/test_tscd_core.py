@@ -91,6 +91,19 @@ def test_progressive_stages_reset_the_ema_only_when_the_segment_count_changes():
         (8, 5, True), (4, 5, True), (4, 5, False), (1, 5, True), (1, 5, False), (2, 5, True)]
 
 
+def test_learning_rate_schedules_by_hand():
+    assert tscd.learning_rate_at(1e-3, "constant", 123, 300) == 1e-3
+    # cosine over a 300-step stage: 15 warm-up steps (1/15 .. 15/15), then down to a tenth at the last step
+    lr = [tscd.learning_rate_at(1e-3, "cosine", j, 300) for j in range(300)]
+    assert lr[0] == pytest.approx(1e-3 / 15) and lr[14] == pytest.approx(1e-3)
+    assert lr[15] == pytest.approx(1e-3) and lr[-1] == pytest.approx(1e-4)
+    mid = 15 + (299 - 15) / 2  # half-way through the decay: floor + (1 - floor) / 2
+    assert tscd.learning_rate_at(1e-3, "cosine", int(mid), 300) == pytest.approx(1e-3 * 0.55, rel=1e-2)
+    assert all(a >= b for a, b in zip(lr[14:], lr[15:]))
+    with pytest.raises(ValueError, match="constant, cosine"):
+        tscd.learning_rate_at(1e-3, "linear", 0, 10)
+
+
 def test_recommended_settings():
     assert tscd.recommended_settings(1)["sampler"] == "tcd"
     r = tscd.recommended_settings(4)

@@ -269,6 +269,23 @@ def test_each_stage_saves_its_own_k_step_lora(training, loras, caplog):
     assert not list(loras.glob("nostages_stage*"))
 
 
+def test_cosine_schedule_restarts_in_every_stage_and_is_part_of_the_resume_settings(training, loras):
+    seen = []
+
+    class Rates(training.tscd.Callback):
+        def on_step_end(self, trainer, loss, logs):
+            seen.append(logs["lr"])
+
+    _, path, _ = _train(training, name="cos", stages="1,1", steps_per_stage=4, learning_rate=1e-3,
+                        lr_schedule="cosine", callbacks=[Rates()])
+    per_stage = [training.tscd.learning_rate_at(1e-3, "cosine", j, 4) for j in range(4)]
+    assert seen == pytest.approx(per_stage * 2) and seen[3] == pytest.approx(1e-4)
+    _, meta = _read(path)
+    assert meta["hypersd.lr_schedule"] == "cosine"
+    with pytest.raises(ValueError, match="cannot resume.*lr_schedule"):
+        _train(training, name="cos", stages="1,1", steps_per_stage=4, learning_rate=1e-3)
+
+
 # ---------------------------------------------------------------------- out of memory
 
 

@@ -32,6 +32,7 @@ def test_train_through_the_server_then_load_with_core_and_pack_loaders(server, s
     assert entry["status"]["status_str"] == "success"
     path = server.base / "models" / "loras" / f"{name}.safetensors"
     assert path.exists() and (path.parent / f"{name}.hypersd-state.pt").exists()
+    assert (path.parent / f"{name}_stage1_k2.safetensors").exists()  # the 2-step LoRA of stage 1
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
@@ -81,3 +82,24 @@ def test_bad_output_name_fails_with_a_clear_message(server, sd15_parts):
         server.run(_train_graph(sd15_parts, "../escape"))
     assert "plain file name" in str(e.value)
     assert not (server.base / "models" / "escape.safetensors").exists()
+
+
+def test_demo_runs_each_trained_lora_with_the_recipe_its_metadata_gives(server, sd15_parts, pack):
+    """The main job's demo asks the pack's /hypersd/inspect how to sample each toy LoRA."""
+    from ComfyUI_HyperSD.toy import demo
+
+    name = "hypersd_toy_srvdemo"
+    server.run(_train_graph(sd15_parts, name, steps_per_stage=1, teacher_cfg=2.0), timeout=600)
+    client = demo.Client(server.url)
+    stage = client.inspect(f"{name}_stage1_k2.safetensors")
+    assert (stage["variant"], stage["steps"], stage["sampler"], stage["schedule"]) == ("hypersd_trained", 2, "ddim",
+                                                                                        "trailing")
+    assert client.inspect("no_such_file.safetensors") is None
+    rows = {r["name"]: r for r in demo.variants(server.get("/object_info"), client.inspect)}
+    k2 = rows[f"{name}_stage1_k2.safetensors ddim trailing 2 steps cfg 1"]
+    assert (k2["sampler"], k2["scheduler"], k2["steps"], k2["cfg"]) == ("ddim", "hypersd_trailing", 2, 1.0)
+    for steps in (1, 2, 4):
+        r = rows[f"{name}.safetensors tcd {steps} steps cfg 1"]
+        assert (r["sampler"], r["scheduler"], r["steps"]) == ("tcd", "hypersd_tcd", steps)
+    teacher = rows[f"teacher euler {demo.TEACHER_STEPS} steps cfg 2 (the LoRAs' teacher)"]
+    assert teacher["cfg"] == 2.0 and "lora" not in teacher

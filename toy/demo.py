@@ -39,8 +39,14 @@ TEACHER_STEPS = 25
 TEACHER_CFG = 3.0
 
 
-def variants(object_info: dict) -> list[dict]:
-    """The demo's rows, given what the server offers."""
+def variants(object_info: dict, inspect=None) -> list[dict]:
+    """The demo's rows, given what the server offers.
+
+    ``inspect(lora_name)``: the pack's ``/hypersd/inspect`` answer for a LoRA (or None). A
+    toy LoRA trained by the pack runs with the recipe its metadata recommends: a k-step
+    LoRA at k steps with DDIM trailing, the unified (last stage k = 1) one with TCD at 1, 2
+    and 4 steps; the teacher also runs at the guidance the LoRAs were distilled from.
+    """
     ks = object_info["KSampler"]["input"]["required"]
     samplers, schedulers = ks["sampler_name"][0], ks["scheduler"][0]
     rows = [
@@ -56,12 +62,27 @@ def variants(object_info: dict) -> list[dict]:
         rows.append({"name": "teacher ddim trailing 4 steps", "sampler": "ddim", "scheduler": "hypersd_trailing",
                      "steps": 4, "cfg": TEACHER_CFG})
     loras = object_info.get("LoraLoaderModelOnly", {}).get("input", {}).get("required", {}).get("lora_name", [[]])[0]
+    tcd = ("tcd", "hypersd_tcd") if "tcd" in samplers and "hypersd_tcd" in schedulers else ("lcm", "sgm_uniform")
+    trailing = "hypersd_trailing" if "hypersd_trailing" in schedulers else "sgm_uniform"
+    lora_rows, teacher_cfgs = [], set()
     for lora in sorted(l for l in loras if os.path.basename(l).startswith("hypersd_toy")):
+        info = inspect(lora) if inspect else None
+        meta = (info or {}).get("metadata") or {}
+        if meta.get("hypersd.teacher_cfg"):
+            teacher_cfgs.add(float(meta["hypersd.teacher_cfg"]))
+        label = os.path.basename(lora)
+        if info and info.get("variant") == "hypersd_trained" and info.get("sampler") != "tcd":
+            k = int(info["steps"])  # a k-step LoRA (a stage that ended with k segments)
+            lora_rows.append({"name": f"{label} ddim trailing {k} steps cfg 1", "sampler": "ddim",
+                              "scheduler": trailing, "steps": k, "cfg": 1.0, "lora": lora})
+            continue
         for steps in (1, 2, 4):
-            rows.append({"name": f"{os.path.basename(lora)} tcd {steps} steps cfg 1", "sampler":
-                         "tcd" if "tcd" in samplers else "lcm", "scheduler": "hypersd_tcd" if "hypersd_tcd" in schedulers
-                         else "sgm_uniform", "steps": steps, "cfg": 1.0, "lora": lora})
-    return rows
+            lora_rows.append({"name": f"{label} tcd {steps} steps cfg 1", "sampler": tcd[0], "scheduler": tcd[1],
+                              "steps": steps, "cfg": 1.0, "lora": lora})
+    for cfg in sorted(teacher_cfgs - {TEACHER_CFG}):
+        rows.append({"name": f"teacher euler {TEACHER_STEPS} steps cfg {cfg:g} (the LoRAs' teacher)",
+                     "sampler": "euler", "scheduler": "normal", "steps": TEACHER_STEPS, "cfg": cfg})
+    return rows + lora_rows
 
 
 def digits_graph(ckpt: str, v: dict, per_digit: int, seed: int, prefix: str) -> tuple[dict, dict[int, str]]:
@@ -120,6 +141,13 @@ class Client:
                 return entry
             time.sleep(0.1)
         raise TimeoutError(f"prompt {pid} did not finish within {timeout}s")
+
+    def inspect(self, lora_name: str) -> dict | None:
+        """The pack's inspection of a LoRA (``GET /hypersd/inspect``), None when unavailable."""
+        try:
+            return self.get("/hypersd/inspect?" + urllib.parse.urlencode({"lora": lora_name}))
+        except (urllib.error.URLError, ValueError):
+            return None
 
     def images(self, entry: dict, node_id: str) -> list:
         from PIL import Image
@@ -220,7 +248,7 @@ def main() -> int:
               file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = variants(info)
+    rows = variants(info, client.inspect)
     # warm-up: load the checkpoint once so the first row's time is sampling, not loading
     warm = dict(rows[0], steps=1)
     g, _ = digits_graph(args.ckpt, warm, 1, args.seed + 777, "hypersd_toy_demo/warmup")

@@ -86,7 +86,8 @@ def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
             "stages": args.stages, "steps_per_stage": args.steps_per_stage, "learning_rate": args.lr,
             "rank": args.rank, "teacher_cfg": args.cfg, "seed": args.seed, "output_name": name,
             "checkpoint_every": args.checkpoint_every, "batch_size": args.batch, "resume": False,
-            "loss": args.loss, "lora_scope": args.lora_scope, "ema_decay": args.ema, "save_stages": True}},
+            "loss": args.loss, "lora_scope": args.lora_scope, "ema_decay": args.ema, "save_stages": True,
+            "lr_schedule": args.lr_schedule}},
     }
 
 
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.95)
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     ap.add_argument("--loss", choices=["huber", "mse"], default="huber")
     ap.add_argument("--lora-scope", choices=["transformer", "all"], default="all")
     ap.add_argument("--cfg", type=float, default=TEACHER_CFG, help="teacher guidance baked into the LoRA")
