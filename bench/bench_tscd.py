@@ -192,7 +192,7 @@ def train_baseline(student: Path, out: Path) -> None:
            "--steps-per-stage", meta["hypersd.steps_per_stage"],
            "--rank", meta["hypersd.rank"], "--lr", meta["hypersd.learning_rate"], "--cfg", meta["hypersd.teacher_cfg"],
            "--seed", meta["hypersd.seed"], "--lora-scope", meta["hypersd.lora_scope"],
-           "--name", out.stem, "--out", str(out)]
+           "--lr-schedule", meta.get("hypersd.lr_schedule", "constant"), "--name", out.stem, "--out", str(out)]
     print("training the one-segment baseline: " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
 

@@ -89,6 +89,38 @@ def test_teacher_draws_the_prompted_digit_through_the_server(server, toy, toy_ck
     assert m["fid"] < TEACHER_FID_BOUND, m
 
 
+# The committed toy LoRAs (toy/train_student.py), each at the step count and with the recipe
+# its metadata recommends (the demo's first row for it: k steps DDIM trailing for a k-step
+# LoRA, one TCD step for the unified one), cfg 1, 10 images per digit (seeds 1000-1009),
+# through the server. Measured on the committed files (accuracy, FID); a run must keep the
+# accuracy within 0.1 and the FID within 1.3x, room for other CPUs' float differences. The
+# teacher they were distilled from (25-step euler, cfg 1.5) scores 0.88 / 37.3 here.
+LORA_MEASURED = {
+    "hypersd_toy_tscd_lora.safetensors": (0.97, 69.8),  # unified, 1 step
+    "hypersd_toy_tscd_lora_stage1_k8.safetensors": (0.84, 39.7),
+    "hypersd_toy_tscd_lora_stage2_k4.safetensors": (0.87, 39.3),
+    "hypersd_toy_tscd_lora_stage3_k2.safetensors": (0.90, 40.6),
+}
+
+
+def test_every_committed_toy_lora_has_a_measurement():
+    assert {p.name for p in (REPO / "toy" / "weights").glob("hypersd_toy*lora*.safetensors")} == set(LORA_MEASURED)
+
+
+@pytest.mark.parametrize("lora", sorted(LORA_MEASURED))
+def test_committed_toy_lora_draws_the_digits_with_its_own_recipe(server, toy, toy_ckpt, lora):
+    name = place(server, "loras", REPO / "toy" / "weights" / lora)
+    demo = toy["demo"]
+    rows = [r for r in demo.variants(server.get("/object_info"), demo.Client(server.url).inspect)
+            if r.get("lora") == name]
+    assert rows, f"the demo has no row for {name}"
+    m = _draw(server, toy_ckpt, toy, rows[0])
+    print(f"{rows[0]['name']}: {m}")
+    accuracy, fid = LORA_MEASURED[lora]
+    assert m["accuracy"] >= accuracy - 0.1, m
+    assert m["fid"] < 1.3 * fid, m
+
+
 def test_quality_measure_ranks_real_and_damaged_digits(toy):
     import torch
     import torch.nn.functional as F
