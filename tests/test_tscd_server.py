@@ -96,10 +96,10 @@ def test_demo_runs_each_trained_lora_with_the_recipe_its_metadata_gives(server, 
                                                                                         "trailing")
     assert client.inspect("no_such_file.safetensors") is None
     rows = {r["name"]: r for r in demo.variants(server.get("/object_info"), client.inspect)}
-    k2 = rows[f"{name}_stage1_k2.safetensors ddim trailing 2 steps cfg 1"]
+    k2 = rows[f"{name}_stage1_k2 ddim trailing 2 steps cfg 1"]
     assert (k2["sampler"], k2["scheduler"], k2["steps"], k2["cfg"]) == ("ddim", "hypersd_trailing", 2, 1.0)
     for steps in (1, 2, 4):
-        r = rows[f"{name}.safetensors tcd {steps} steps cfg 1"]
+        r = rows[f"{name} tcd {steps} steps cfg 1"]
         assert (r["sampler"], r["scheduler"], r["steps"]) == ("tcd", "hypersd_tcd", steps)
     teacher = rows[f"teacher euler {demo.TEACHER_STEPS} steps cfg 2 (the LoRAs' teacher)"]
     assert teacher["cfg"] == 2.0 and "lora" not in teacher

@@ -70,7 +70,7 @@ def variants(object_info: dict, inspect=None) -> list[dict]:
         meta = (info or {}).get("metadata") or {}
         if meta.get("hypersd.teacher_cfg"):
             teacher_cfgs.add(float(meta["hypersd.teacher_cfg"]))
-        label = os.path.basename(lora)
+        label = os.path.splitext(os.path.basename(lora))[0]
         if info and info.get("variant") == "hypersd_trained" and info.get("sampler") != "tcd":
             k = int(info["steps"])  # a k-step LoRA (a stage that ended with k segments)
             lora_rows.append({"name": f"{label} ddim trailing {k} steps cfg 1", "sampler": "ddim",
@@ -190,7 +190,7 @@ def run_variant(client: Client, ckpt: str, v: dict, per_digit: int, seed: int, p
 def write_grid(results: list[dict], path: Path, cell: int = 64) -> None:
     from PIL import Image, ImageDraw
 
-    label_w, head_h = 300, 24
+    label_w, head_h = 340, 24
     cols = 10
     W, H = label_w + cols * cell, head_h + len(results) * cell
     grid = Image.new("RGB", (W, H), "white")
