@@ -80,17 +80,27 @@ def _existing_stamp(path: Path) -> str | None:
         return None
 
 
-def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def copy_atomic(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` atomically (a reader never sees a partial file)."""
+    _write_atomic(dest, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def checkpoint_state_dict(weights: Path = WEIGHTS) -> dict:
@@ -134,10 +144,7 @@ def install(models_dir: Path, force: bool = False, weights: Path = WEIGHTS) -> d
         loras.append(dest)
         if force or not dest.is_file() or dest.stat().st_size != src.stat().st_size or _file_hash(dest) != _file_hash(src):
             log.info("writing %s", dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+            copy_atomic(src, dest)
             written.append(str(dest))
     return {"checkpoint": ckpt, "vae": vae, "loras": loras, "written": written}
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -95,17 +94,6 @@ def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
             "loss": args.loss, "lora_scope": args.lora_scope, "ema_decay": args.ema, "save_stages": True,
             "lr_schedule": args.lr_schedule}},
     }
-
-
-def copy_atomic(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def toy_checkpoint(models_dir: Path, unet: Path | None, scratch: Path) -> Path:
@@ -174,11 +162,11 @@ def main(argv=None) -> int:
         srv.run(graph, timeout=args.timeout)
         train_s = time.time() - t1
         lora = base / "models" / "loras" / f"{args.name}.safetensors"
-        copy_atomic(lora, args.out)
+        install.copy_atomic(lora, args.out)
         stage_files = []  # the node's LoRA of each earlier stage, <name>_stage<n>_k<k>, copied beside --out
         for f in sorted((base / "models" / "loras").glob(f"{args.name}_stage*_k*.safetensors")):
             dest = args.out.with_name(args.out.stem + f.name[len(args.name):])
-            copy_atomic(f, dest)
+            install.copy_atomic(f, dest)
             stage_files.append(str(dest))
         from safetensors import safe_open
 
