@@ -173,13 +173,14 @@ def _lora_meta(path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
-def stage_files(final: Path) -> dict[int, Path]:
-    """The LoRAs of one run by total training steps: ``{steps: path}``, the stage files
-    (``<stem>_stage<n>_k<k>``, written by the node at each stage's end) and the final file."""
+def stage_files(final: Path) -> dict[int, tuple[Path, dict]]:
+    """The LoRAs of one run by total training steps: ``{steps: (path, metadata)}``, the stage
+    files (``<stem>_stage<n>_k<k>``, written by the node at each stage's end) and the final file."""
     out = {}
     for f in sorted(final.parent.glob(final.stem + "_stage*_k*.safetensors")) + [final]:
         if f.exists():
-            out[int(_lora_meta(f)["hypersd.step"])] = f
+            meta = _lora_meta(f)
+            out[int(meta["hypersd.step"])] = (f, meta)
     return out
 
 
@@ -272,16 +273,17 @@ def quality(args) -> int:
         print(f"{name} {steps} steps ({text}): {r}", flush=True)
         return r
 
+    tscd_files = stage_files(student)
+    base_files = stage_files(baseline) if baseline.exists() else {}
+    student_meta = tscd_files[max(tscd_files)][1]
     # the teacher at the guidance the student was distilled from (its metadata), the fair reference
-    teacher_cfg = float(_lora_meta(student).get("hypersd.teacher_cfg", TEACHER_CFG))
+    teacher_cfg = float(student_meta.get("hypersd.teacher_cfg", TEACHER_CFG))
     for steps in (25, 50):
         sig = comfy.samplers.calculate_sigmas(ms, "normal", steps).cpu()
         add("teacher", "teacher", model, steps, teacher_cfg, sampler=comfy.samplers.sampler_object("euler"),
             sigmas=sig, text="euler normal")
     ref = rows[-1][-1]["fid"]
 
-    tscd_files = stage_files(student)
-    base_files = stage_files(baseline) if baseline.exists() else {}
     if not base_files:
         print(f"no one-segment baseline at {baseline}: run with --train-baseline to train it "
               f"(about as long as the student's training)", file=sys.stderr)
@@ -289,15 +291,13 @@ def quality(args) -> int:
     # 1. Each N-step TSCD LoRA (the stage that ended with k = N segments) with its own recipe, beside
     #    the one-segment LoRA with the same number of training steps, sampled both ways.
     by_k = {}
-    for trained, path in sorted(tscd_files.items()):
-        k = int(_lora_meta(path)["hypersd.stages"].split(",")[-1])
-        by_k[k] = (trained, path)
+    for trained, (path, meta) in sorted(tscd_files.items()):
+        by_k[int(meta["hypersd.stages"].split(",")[-1])] = (trained, path, meta["hypersd.stages"].replace(",", "-"))
     for k in sorted(by_k):
-        trained, path = by_k[k]
-        stages = _lora_meta(path)["hypersd.stages"].replace(",", "-")
+        trained, path, stages = by_k[k]
         r = add("N-step", f"TSCD {stages}", with_lora(path), k, 1.0, how="tcd" if k == 1 else "ddim", trained=trained)
         if trained in base_files:
-            bm = with_lora(base_files[trained])
+            bm = with_lora(base_files[trained][0])
             rb = [add("N-step", "one-segment k=1", bm, k, 1.0, how=how, trained=trained)
                   for how in (["tcd"] if k == 1 else ["tcd", "ddim"])]
             best = min(x["fid"] for x in rb)
@@ -309,11 +309,10 @@ def quality(args) -> int:
             checks.append((f"{k}-step TSCD FID {r['fid']:.1f} <= {bound}x teacher-50 ({bound * ref:.1f})",
                            r["fid"] <= bound * ref))
     # 2. The final LoRA of each run as a unified LoRA: TCD at 1 to 8 steps.
-    finals = [("TSCD " + _lora_meta(student)["hypersd.stages"].replace(",", "-"), student)]
+    finals = [("TSCD " + student_meta["hypersd.stages"].replace(",", "-"), max(tscd_files), student)]
     if base_files:
-        finals.append(("one-segment k=1", max(base_files.items())[1]))
-    for name, path in finals:
-        trained = int(_lora_meta(path)["hypersd.step"])
+        finals.append(("one-segment k=1", max(base_files), base_files[max(base_files)][0]))
+    for name, trained, path in finals:
         for steps in (1, 2, 4, 8):
             add("unified", name + " (final)", with_lora(path), steps, 1.0, how="tcd", trained=trained)
 

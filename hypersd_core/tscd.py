@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .schedules import segment_edge  # noqa: F401  (t_b, shared with the segments sampling grid)
+from .schedules import segment_edge  # t_b, shared with the segments sampling grid
 
 log = logging.getLogger(__name__)
 

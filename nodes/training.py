@@ -344,6 +344,15 @@ class _Checkpointer(tscd.Callback):
             self.save(trainer)
             self.saved_step = trainer.step
 
+    def save_unsaved(self, trainer) -> bool:
+        """After a stop (Cancel, out of memory): save the last finished step if it is not saved
+        yet and its weights are finite; True when it saved."""
+        if self.saved_step == trainer.step or not trainer.adapters.all_finite():
+            return False
+        self.save(trainer)
+        self.saved_step = trainer.step
+        return True
+
 
 class _StageSaver(tscd.Callback):
     """At the end of every stage but the last, ``save(trainer, index)`` (that stage's own LoRA)."""
@@ -364,8 +373,7 @@ def stage_file_stem(name: str, index: int, segments: int) -> str:
 
 def is_out_of_memory(e: BaseException) -> bool:
     """A device or host allocation failure (CUDA, MPS, XPU or the CPU allocator)."""
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if oom is not None and isinstance(e, oom):
+    if isinstance(e, torch.OutOfMemoryError):
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
@@ -487,13 +495,11 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
         state = trainer.state_dict()
         save_state_file(state_path, state)
         save_lora_file(lora_path, sd, metadata(trainer))
-        result["saved_step"] = trainer.step
         log.info("HyperSD TSCD: saved %s at step %d/%d", lora_path, trainer.step, trainer.total_steps)
 
     def save_stage(trainer, index: int) -> None:
         path = os.path.join(folder, stage_file_stem(name, index, ks[index]) + ".safetensors")
         save_lora_file(path, trainer.adapters.kohya_state_dict(prefixes), metadata(trainer, index))
-        result.setdefault("stage_paths", []).append(path)
         log.info("HyperSD TSCD: stage %d (k=%d) done, its %d-step LoRA saved as %s", index + 1, ks[index],
                  ks[index], path)
 
@@ -531,8 +537,7 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                 with lora_train.activation_checkpointing(dm, gradient_checkpointing):
                     trainer.run()
             except comfy.model_management.InterruptProcessingException:
-                if checkpointer.saved_step != trainer.step and trainer.adapters.all_finite():
-                    save(trainer)
+                checkpointer.save_unsaved(trainer)
                 log.info("HyperSD TSCD: cancelled at step %d; checkpoint %s", trainer.step, lora_path)
                 raise
             except tscd.NonFiniteLossError as e:
@@ -547,12 +552,11 @@ def train_tscd(model, latents, positive, negative, *, stages: str = "8,4,2,1", s
                 kept = "no checkpoint had been saved yet"
                 if checkpointer.saved_step is not None:
                     kept = f"the checkpoint of step {checkpointer.saved_step} is kept at {lora_path}"
-                if checkpointer.saved_step != trainer.step and trainer.adapters.all_finite():
-                    try:  # the weights of the last finished step are intact: keep them too
-                        save(trainer)
+                try:  # the weights of the last finished step are intact: keep them too
+                    if checkpointer.save_unsaved(trainer):
                         kept = f"the weights of step {trainer.step} are saved at {lora_path}"
-                    except Exception as save_error:  # out of memory again, or a full disk: keep the old file
-                        log.warning("HyperSD TSCD: could not save after running out of memory: %s", save_error)
+                except Exception as save_error:  # out of memory again, or a full disk: keep the old file
+                    log.warning("HyperSD TSCD: could not save after running out of memory: %s", save_error)
                 raise TrainingOutOfMemory(out_of_memory_advice(
                     trainer.step, trainer.total_steps, kept, batch_size=batch_size, rank=rank, lora_scope=lora_scope,
                     gradient_checkpointing=gradient_checkpointing, shape=groups[0].shape)) from e
