@@ -1,27 +1,25 @@
 """ComfyUI-HyperSD: Hyper-SD few-step sampling, LoRA loading and distillation for ComfyUI.
 
-ComfyUI entry point (V3 node API). The nodes live in ``nodes/`` (one file per feature
-area, each exporting ``NODES``); the method itself lives in ``hypersd_core/`` and
-imports nothing from ComfyUI.
+The ComfyUI entry point (V3 node API): ``comfy_entrypoint`` and ``WEB_DIRECTORY``. The
+nodes live in ``nodes/`` (one file per feature area, each exporting ``NODES``) and are
+imported when ComfyUI calls the entry point, so importing this package needs no ComfyUI:
+``hypersd_core/`` (the method in plain torch) can be used on its own as
+``<package>.hypersd_core``, from scripts and tests alike.
 """
-from comfy_api.latest import ComfyExtension, io
-
-from .nodes import all_nodes, on_load
 
 WEB_DIRECTORY = "./web"
 
 
-class HyperSDExtension(ComfyExtension):
-    async def on_load(self) -> None:
-        # Newer ComfyUI calls this; 0.3.75 does not, so comfy_entrypoint calls it too.
-        on_load()
+async def comfy_entrypoint():
+    try:
+        from .nodes import HyperSDExtension, on_load
 
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return all_nodes()
+        on_load()  # idempotent: sampler/scheduler names and server routes (0.3.75 never calls on_load)
+    except Exception:  # ComfyUI logs only the message; the traceback says where
+        import logging
 
-
-async def comfy_entrypoint() -> HyperSDExtension:
-    on_load()  # idempotent: sampler/scheduler names and server routes
+        logging.getLogger(__name__).exception("ComfyUI-HyperSD failed to load")
+        raise
     return HyperSDExtension()
 
 

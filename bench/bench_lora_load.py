@@ -8,7 +8,7 @@ model. The model is built on the meta device: applying a LoRA only records patch
 model's weights are never touched by either loader. Both read the file from the page cache
 after the first round (the first round is reported apart).
 
-Usage: python bench/bench_lora_load.py [--rounds 5] [--comfyui PATH]
+Usage: python -m bench.bench_lora_load [--rounds 5]   (ComfyUI: HYPERSD_COMFYUI, else the set-up's)
 """
 from __future__ import annotations
 
@@ -22,31 +22,22 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import hypersd_dev
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--comfyui", default=os.environ.get("HYPERSD_COMFYUI") or str(REPO / ".host" / "ComfyUI"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    sys.path.insert(0, args.comfyui)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import utils.extra_config  # noqa: F401
+    hypersd_dev.load_pack()
     import folder_paths
     import nodes
-    import torch
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import load_pack
-
-    load_pack()
     from ComfyUI_HyperSD.nodes import lora as ours
-    from ComfyUI_HyperSD.toy import arch, layouts
+    from hypersd_dev import layouts
+    from toy import arch
 
     tmp = Path(tempfile.mkdtemp(prefix="hypersd-bench-"))
     try:
@@ -88,7 +79,6 @@ def main() -> int:
                 else:
                     (core_t if label == "core" else our_t).append(dt)
                 assert n == len(layout), f"{label} patched {n} of {len(layout)} layers"
-        torch.set_num_threads(torch.get_num_threads())
         c, o = statistics.median(core_t), statistics.median(our_t)
         print()
         print(f"| loader (SDXL layout, {size / 1e6:.0f} MB fp32, {len(layout)} layers) | first round s | "

@@ -8,7 +8,7 @@ the ratio is the sampler's own overhead. Runs are interleaved in rotating order 
 the median of the per-round ratios is kept, since this machine is noisy. Target: TCD's ratio <= 1.02 and no larger
 than core's.
 
-    .venv/bin/python bench/bench_sampling.py [--repeats 7] [--size 64]
+    .venv/bin/python -m bench.bench_sampling [--repeats 7] [--size 64]
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import argparse
 import statistics
 import time
 
-import _host
 import torch
+
+import hypersd_dev
 
 
 def main() -> None:
@@ -26,13 +27,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="image size in pixels (latent = size/8)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    _host.start(args.threads)
+    hypersd_dev.load_pack(args.threads)
     import comfy.sample
     import comfy.samplers
 
     from ComfyUI_HyperSD.hypersd_core import schedules
     from ComfyUI_HyperSD.nodes import sampling
-    from ComfyUI_HyperSD.toy import arch
+    from toy import arch
 
     model = arch.wrap_patcher(arch.build_sd15_model(arch.sd15_unet_config(320), seed=0))
     ms = model.get_model_object("model_sampling")
@@ -75,7 +76,7 @@ def main() -> None:
                 rows.append([n, k, statistics.median(times[k]) * 1000, null * 1000, statistics.median(ratios[k])])
     print(f"Sampler overhead on a {sum(p.numel() for p in model.model.parameters()) / 1e6:.1f} M-parameter SD1.5-format "
           f"UNet, {args.size}x{args.size} px, batch 1, CPU, {args.threads} thread(s), median of {args.repeats}")
-    print(_host.table(["steps", "sampler", "ms / sample", "ms, N calls only", "ratio (median per round)"], rows))
+    print(hypersd_dev.table(["steps", "sampler", "ms / sample", "ms, N calls only", "ratio (median per round)"], rows))
     worst = {k: max(r[4] for r in rows if r[1] == k) for k in {r[1] for r in rows}}
     print("worst ratio: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(worst.items())))
 

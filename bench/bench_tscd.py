@@ -1,6 +1,6 @@
 """Cost of one HyperSDTrainTSCD step beside core TrainLoraNode, on the same model and batch.
 
-    python bench/bench_tscd.py [--channels 320] [--latent 16] [--batch 2] [--steps 6] [--rank 16]
+    python -m bench.bench_tscd [--channels 320] [--latent 16] [--batch 2] [--steps 6] [--rank 16]
 
 Each configuration runs in its own process (a fresh ComfyUI, imported in-process on the
 CPU, or on CUDA when available): the model is an SD1.5-shaped UNet built in memory
@@ -17,9 +17,9 @@ peak memory.
 (``toy.quality.measure``: digit accuracy and FID on the digits classifier's features against
 the 360 held-out digits), in-process on the CPU::
 
-    python bench/bench_tscd.py --quality [--per-digit 50] [--repeats 2] [--train-baseline]
+    python -m bench.bench_tscd --quality [--per-digit 50] [--repeats 2] [--train-baseline]
 
-One TSCD run (``toy/train_student.py``, stages 8,4,2,1) leaves a LoRA per stage: the k-step
+One TSCD run (``python -m toy.train_student``, stages 8,4,2,1) leaves a LoRA per stage: the k-step
 LoRAs of the stages k = 8, 4, 2 (``<name>_stage<n>_k<k>``) and the final k = 1 LoRA
 (``toy/weights/hypersd_toy_tscd_lora.safetensors``). The one-segment baseline is the same
 run with k = 1 in every stage (``--stages 1,1,1,1``, same steps, batch and settings;
@@ -50,8 +50,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFY = Path(os.environ.get("HYPERSD_COMFYUI") or REPO / ".host" / "ComfyUI")
+import hypersd_dev
+from hypersd_dev import REPO, comfy_dir
+from ComfyUI_HyperSD.hypersd_core import files
 
 
 # ---------------------------------------------------------------------- one configuration (child process)
@@ -87,29 +88,15 @@ class PeakRSS:
 
 
 def _child(cfg: dict) -> dict:
-    sys.path.insert(0, str(COMFY))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = cfg["device"] == "cpu"
-    import utils.extra_config  # noqa: F401
-    import nodes  # noqa: F401
-    import torch
-
-    torch.set_num_threads(cfg["threads"])
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ComfyUI_HyperSD", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ComfyUI_HyperSD"] = mod
-    spec.loader.exec_module(mod)
+    hypersd_dev.load_pack(cfg["threads"], cpu=cfg["device"] == "cpu")
     import tempfile
 
     import folder_paths
+    import torch
     from comfy_extras.nodes_train import TrainLoraNode
 
     from ComfyUI_HyperSD.nodes import training
-    from ComfyUI_HyperSD.toy import arch
+    from toy import arch
 
     tmp = tempfile.mkdtemp(prefix="hypersd-bench-")
     folder_paths.folder_names_and_paths["loras"] = ([tmp], folder_paths.supported_pt_extensions)
@@ -185,24 +172,22 @@ def stage_files(final: Path) -> dict[int, tuple[Path, dict]]:
 
 
 def train_baseline(student: Path, out: Path) -> None:
-    """The one-segment baseline: ``toy/train_student.py --stages 1,1,...`` with the student's
+    """The one-segment baseline: ``python -m toy.train_student --stages 1,1,...`` with the student's
     stage count and steps per stage (one segment throughout, a file saved at every stage end)."""
     meta = _lora_meta(student)
     n_stages = len(meta["hypersd.stages"].split(","))
-    cmd = [sys.executable, str(REPO / "toy" / "train_student.py"), "--stages", ",".join(["1"] * n_stages),
+    cmd = [sys.executable, "-m", "toy.train_student", "--stages", ",".join(["1"] * n_stages),
            "--steps-per-stage", meta["hypersd.steps_per_stage"],
            "--rank", meta["hypersd.rank"], "--lr", meta["hypersd.learning_rate"], "--cfg", meta["hypersd.teacher_cfg"],
            "--seed", meta["hypersd.seed"], "--lora-scope", meta["hypersd.lora_scope"],
            "--lr-schedule", meta.get("hypersd.lr_schedule", "constant"), "--name", out.stem, "--out", str(out)]
     print("training the one-segment baseline: " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    subprocess.run(cmd, check=True, cwd=str(REPO),
+                   env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 def quality(args) -> int:
-    sys.path.insert(0, str(REPO / "bench"))
-    import _host
-
-    _host.start(args.threads)
+    hypersd_dev.load_pack(args.threads)
     import comfy.sample
     import comfy.samplers
     import comfy.sd
@@ -211,7 +196,7 @@ def quality(args) -> int:
 
     from ComfyUI_HyperSD.hypersd_core import schedules
     from ComfyUI_HyperSD.nodes import sampling
-    from ComfyUI_HyperSD.toy import data, install, quality as toy_quality
+    from toy import data, install, quality as toy_quality
 
     student = Path(args.student)
     baseline = Path(args.baseline)
@@ -323,14 +308,10 @@ def quality(args) -> int:
              f"{r['s_per_image']:.4f}"] for g, nm, st, cfg, smp, tr, r in rows]
     text = (f"toy digits, {n} images per digit ({10 * n} per row{f', mean of {len(seeds)} seed sets (± half range)' if spread else ''}), "
             f"FID on the digits classifier's features against the 360 held-out digits, first seed {args.seed}, "
-            f"{args.threads} thread(s)\n" + _host.table(head, body))
+            f"{args.threads} thread(s)\n" + hypersd_dev.table(head, body))
     text += "\n\n" + "\n".join(f"{'met    ' if ok else 'NOT met'}  {what}" for what, ok in checks)
     print(text)
-    out = REPO / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "tscd_quality.md.tmp"
-    tmp.write_text(text + "\n")
-    os.replace(tmp, out / "tscd_quality.md")
+    files.write_text(REPO / "bench" / "out" / "tscd_quality.md", text + "\n")
     return 0
 
 
@@ -354,7 +335,7 @@ def main(argv=None) -> int:
     ap.add_argument("--student", default=str(TOY_LORA), help="--quality: the TSCD LoRA")
     ap.add_argument("--baseline", default=str(BASELINE_LORA), help="--quality: the one-segment LoRA")
     ap.add_argument("--train-baseline", action="store_true", help="--quality: train the baseline when missing")
-    ap.add_argument("--models-dir", default=str(COMFY / "models"), help="--quality: where the toy is installed")
+    ap.add_argument("--models-dir", default=str(comfy_dir() / "models"), help="--quality: where the toy is installed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -376,8 +357,8 @@ def main(argv=None) -> int:
             # live tensors instead of what glibc keeps cached.
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536",
                        MALLOC_TRIM_THRESHOLD_="0")
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True,
-                                 text=True, env=env, cwd=str(COMFY))
+            out = subprocess.run([sys.executable, "-m", "bench.bench_tscd", "--child", json.dumps(cfg)],
+                                 capture_output=True, text=True, env=env, cwd=str(REPO))
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if out.returncode != 0 or not line:
                 print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)

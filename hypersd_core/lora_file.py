@@ -28,42 +28,26 @@ What is reported (``LoraInfo``):
   ``sampler`` (``tcd``/``ddim``/``euler``/``lcm``), ``schedule`` (``tcd``/``trailing``/
   ``simple``/``one_step``/``segments``), ``strength`` and, for FLUX, ``guidance``.
 
-Metadata written by this pack's trainer (safetensors ``__metadata__``, all strings), read here:
-
-================================  ================================================
-``hypersd.trained_by``            ``"ComfyUI-HyperSD"``: marks the file as ours
-``hypersd.family``                ``SD1.5`` / ``SDXL`` / ``SD3`` / ``FLUX``
-``hypersd.stages``                segment counts trained, e.g. ``"8,4,2,1"`` (or a JSON list)
-``hypersd.recommended_steps``     integer
-``hypersd.recommended_cfg``       float
-``hypersd.recommended_sampler``   ``tcd`` / ``ddim`` / ``euler`` / ``lcm``
-``hypersd.recommended_eta``       float (TCD gamma)
-``hypersd.recommended_schedule``  optional: ``trailing`` / ``tcd`` / ``segments`` / ``one_step``
-``hypersd.recommended_strength``  optional float
-``hypersd.complete``              ``"false"`` on an intermediate save: reported as a warning
-================================  ================================================
-
-Any recommended value the metadata leaves out is derived from the last stage: one segment
--> as the unified LoRA (TCD), k segments -> k steps, DDIM trailing, cfg 1.
+Files trained by this pack are recognised by their ``hypersd.*`` metadata, read through
+``metadata.read_trained`` (the vocabulary the trainer writes with); every recommendation
+comes from ``metadata.recipe_for``.
 """
 from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import re
 import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-log = logging.getLogger(__name__)
+from . import metadata as vocab
+from .metadata import FAMILIES, Recipe
 
-FAMILIES = ("SD1.5", "SDXL", "SD3", "FLUX", "unknown")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
-META_PREFIX = "hypersd."
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "F4": 1}
@@ -89,8 +73,8 @@ def read_safetensors_header(path: str) -> tuple[dict, dict, int]:
         raise LoraFileError(f"'{name}' is empty (0 bytes): the download or copy did not finish. Download it again.")
     if size < 8:
         raise LoraFileError(f"'{name}' is only {size} bytes: it is truncated or not a safetensors file.")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    with open(path, "rb", buffering=0) as f:  # unbuffered: exactly the header's bytes are read
+        head = _read_exact(f, 8)
         (n,) = struct.unpack("<Q", head)
         if (n > MAX_HEADER_BYTES or 8 + n > size) and head.startswith((b"PK\x03\x04", b"\x80")):
             raise LoraFileError(f"'{name}' is not a valid safetensors file: it is a pickle/zip (.ckpt/.pt) file "
@@ -101,7 +85,7 @@ def read_safetensors_header(path: str) -> tuple[dict, dict, int]:
         if 8 + n > size:
             raise LoraFileError(f"'{name}' is truncated: its header needs {8 + n} bytes but the file has {size}. "
                                 "Download it again.")
-        raw = f.read(n)
+        raw = _read_exact(f, n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -133,9 +117,22 @@ def read_safetensors_header(path: str) -> tuple[dict, dict, int]:
     return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
 
 
+def _read_exact(f, n: int) -> bytes:
+    """``n`` bytes from an unbuffered file (raw reads may return fewer than asked)."""
+    parts, left = [], n
+    while left > 0:
+        chunk = f.read(left)
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
 def _read_alphas(path: str, header: dict, data_start: int, keys: list[str]) -> dict[str, float]:
+    """The scalar ``.alpha`` values: a seek and a read of their few bytes each, nothing else."""
     out = {}
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         for k in keys:
             t = header[k]
             fmt = _ALPHA_FORMATS.get(t["dtype"])
@@ -143,11 +140,11 @@ def _read_alphas(path: str, header: dict, data_start: int, keys: list[str]) -> d
             if fmt is None or end - begin != struct.calcsize(fmt):
                 continue
             f.seek(data_start + begin)
-            out[k] = float(struct.unpack(fmt, f.read(end - begin))[0])
+            out[k] = float(struct.unpack(fmt, _read_exact(f, end - begin))[0])
     return out
 
 
-def _read_pickle(path: str) -> tuple[dict, dict]:
+def _read_pickle(path: str) -> dict:
     """Shapes of a pickled state dict, loaded with torch's weights-only unpickler on 'meta'."""
     import torch
 
@@ -165,11 +162,8 @@ def _read_pickle(path: str) -> tuple[dict, dict]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise LoraFileError(f"'{name}' holds no state dict.")
-    header, alphas = {}, {}
-    for k, v in sd.items():
-        if hasattr(v, "shape"):
-            header[str(k)] = {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
-    return header, alphas
+    return {str(k): {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+            for k, v in sd.items() if hasattr(v, "shape")}
 
 
 # ----------------------------------------------------------------------------- keys
@@ -197,7 +191,7 @@ def _flat(module: str) -> str:
     return module.replace(".", "_")
 
 
-def _family_from_modules(flat_names: list[str], context_dims: Counter, widths: Counter) -> tuple[str, str]:
+def _family_from_modules(flat_names: list[str], context_dims: Counter) -> tuple[str, str]:
     """(family, reason) from flattened module names and shapes."""
     joined = "\n".join(flat_names)
     if re.search(r"single_transformer_blocks_|single_blocks_|double_blocks_", joined):
@@ -294,6 +288,14 @@ class LoraInfo:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.steps, self.cfg, self.sampler, self.schedule, self.eta, self.strength, self.guidance)
+
+    def use_recipe(self, recipe: Recipe) -> None:
+        self.steps, self.cfg, self.sampler, self.schedule = recipe.steps, recipe.cfg, recipe.sampler, recipe.schedule
+        self.eta, self.strength, self.guidance = recipe.eta, recipe.strength, recipe.guidance
+
     def describe_variant(self) -> str:
         return {
             "unified": "unified 1-step LoRA (TCD, 1-8 steps)",
@@ -319,74 +321,11 @@ class LoraInfo:
         return "; ".join(parts)
 
 
-def _apply_recommendations(info: LoraInfo, steps: int | None, meta: dict) -> None:
-    fam, v = info.family, info.variant
-    info.strength = 0.125 if fam in ("FLUX", "SD3") else 1.0
-    info.guidance = None
-    if v == "unified":
-        info.steps = steps or 1
-        info.sampler, info.schedule, info.cfg = "tcd", "tcd", 1.0
-        info.eta = 1.0 if info.steps == 1 else 0.3
-    elif v == "onestep_unet":
-        info.steps, info.sampler, info.schedule, info.cfg, info.eta = 1, "lcm", "one_step", 1.0, 1.0
-    elif v in ("nsteps", "cfg") or v == "unknown":
-        info.steps = steps or 4
-        info.eta = 0.0
-        if fam in ("FLUX", "SD3"):
-            info.sampler, info.schedule = "euler", "simple"
-        else:
-            info.sampler, info.schedule = "ddim", "trailing"
-        if v == "cfg":
-            info.cfg = {4: 3.0, 8: 5.0, 16: 7.0}.get(info.steps, 5.0) if fam == "SD3" else 5.0
-        else:
-            info.cfg = 1.0
-        if fam == "FLUX":
-            info.guidance = 3.5
-    elif v == "hypersd_trained":
-        last = info.stages[-1] if info.stages else None
-        if last == 1:
-            info.steps, info.sampler, info.schedule, info.cfg = 4, "tcd", "tcd", 1.0
-            info.eta = 0.3
-        else:
-            info.steps, info.sampler, info.schedule, info.cfg, info.eta = (last or 4), "ddim", "trailing", 1.0, 0.0
-        conv = {"recommended_steps": int, "recommended_cfg": float, "recommended_eta": float,
-                "recommended_sampler": str, "recommended_schedule": str, "recommended_strength": float}
-        attr = {"recommended_steps": "steps", "recommended_cfg": "cfg", "recommended_eta": "eta",
-                "recommended_sampler": "sampler", "recommended_schedule": "schedule",
-                "recommended_strength": "strength"}
-        for k, fn in conv.items():
-            raw = meta.get(META_PREFIX + k)
-            if raw is None or raw == "":
-                continue
-            try:
-                setattr(info, attr[k], fn(raw))
-            except ValueError:
-                info.warnings.append(f"metadata {META_PREFIX}{k}={raw!r} is not a valid {fn.__name__}; ignored")
-        if info.sampler not in ("tcd", "ddim", "euler", "lcm"):
-            info.warnings.append(f"unknown recommended sampler {info.sampler!r}; using ddim")
-            info.sampler = "ddim"
-        if info.schedule not in ("trailing", "tcd", "segments", "one_step", "simple"):
-            info.warnings.append(f"unknown recommended schedule {info.schedule!r}; using trailing")
-            info.schedule = "trailing"
-    info.steps = max(1, int(info.steps))
-
-
-def _parse_stages(raw: str) -> list[int]:
-    raw = raw.strip()
-    try:
-        val = json.loads(raw)
-        if isinstance(val, int):
-            return [val]
-        return [int(x) for x in val]
-    except (ValueError, TypeError):
-        return [int(x) for x in re.findall(r"\d+", raw)]
-
-
 def inspect_header(file_name: str, size: int, container: str, header: dict, metadata: dict,
                    alphas: dict[str, float]) -> LoraInfo:
     """Build a ``LoraInfo`` from a parsed header (names, shapes, dtypes), metadata and alphas."""
     info = LoraInfo(file_name=file_name, size_bytes=size, container=container, tensors=len(header))
-    info.metadata = {k: v for k, v in metadata.items() if k.startswith(META_PREFIX) or k in ("modelspec.architecture",)}
+    info.metadata = {k: v for k, v in metadata.items() if k.startswith(vocab.PREFIX) or k in ("modelspec.architecture",)}
     keys = list(header)
     modules: dict[str, dict] = {}
     formats = Counter()
@@ -412,7 +351,7 @@ def inspect_header(file_name: str, size: int, container: str, header: dict, meta
             info.key_format = "comfyui"
         elif formats:
             info.key_format = formats.most_common(1)[0][0]
-        ranks, ctx, widths = Counter(), Counter(), Counter()
+        ranks, ctx = Counter(), Counter()
         for m, e in unet_mods.items():
             down = header[e["down"]]["shape"] if "down" in e else None
             if down:
@@ -428,7 +367,7 @@ def inspect_header(file_name: str, size: int, container: str, header: dict, meta
             info.alpha = Counter(vals).most_common(1)[0][0]
         info.dtype = dtypes.most_common(1)[0][0] if dtypes else None
         flat = [_flat(m) for m in unet_mods]
-        info.family, info.family_reason = _family_from_modules(flat, ctx, widths)
+        info.family, info.family_reason = _family_from_modules(flat, ctx)
     else:
         flat = keys
         info.dtype = Counter(t["dtype"] for t in header.values()).most_common(1)[0][0] if header else None
@@ -444,50 +383,46 @@ def inspect_header(file_name: str, size: int, container: str, header: dict, meta
             for k, t in header.items():
                 if re.search(r"attn2[._]to_k[._]weight$", k) and len(t["shape"]) == 2:
                     ctx[int(t["shape"][1])] += 1
-            info.family, info.family_reason = _family_from_modules([_flat(k) for k in flat], ctx, Counter())
+            info.family, info.family_reason = _family_from_modules([_flat(k) for k in flat], ctx)
 
-    # variant: metadata first, then the file name
-    meta = metadata
-    hint = name_hint(file_name)
-    if meta.get(META_PREFIX + "trained_by"):
-        info.variant, info.variant_source = "hypersd_trained", "metadata"
-        if meta.get(META_PREFIX + "stages"):
-            try:
-                info.stages = _parse_stages(meta[META_PREFIX + "stages"])
-            except ValueError:
-                info.warnings.append(f"unreadable {META_PREFIX}stages={meta[META_PREFIX + 'stages']!r}")
-        if meta.get(META_PREFIX + "complete", "").lower() == "false":
-            info.warnings.append(f"training was not finished (step {meta.get(META_PREFIX + 'step', '?')} of "
-                                 f"{meta.get(META_PREFIX + 'total_steps', '?')}): this is an intermediate save")
-        mfam = meta.get(META_PREFIX + "family")
-        if mfam and info.family == "unknown" and mfam in FAMILIES:
-            info.family, info.family_reason = mfam, "metadata"
-        elif mfam and mfam != info.family:
-            info.warnings.append(f"metadata says {mfam} but the keys are {info.family}")
-    elif hint:
-        info.variant, info.variant_source, info.official = hint["variant"], "name", True
-        if info.family == "unknown" and info.kind == "unknown":
-            pass
-        elif info.family == "unknown":
-            info.family, info.family_reason = hint["family"], "file name"
-        elif hint["family"] != info.family:
-            info.warnings.append(f"the file name says {hint['family']} but its keys are {info.family}; "
-                                 f"using {info.family}")
-        if info.variant == "onestep_unet" and info.kind == "lora":
-            info.warnings.append("the name says one-step UNet but the file holds a LoRA")
-            info.variant = "unknown"
-    else:
-        info.variant_source = "none"
-        if info.kind in ("unet", "checkpoint"):
-            info.variant = "unknown"
-
-    _apply_recommendations(info, hint["steps"] if hint and info.variant == hint["variant"] else None, meta)
+    _decide_variant(info, metadata)
     if info.variant == "unknown" and info.kind == "lora":
         info.warnings.append("the file name does not say which Hyper-SD variant this is (renamed file?); "
                              f"assuming {info.steps} steps with {info.sampler} - set steps/sampler by hand if that is wrong")
     if info.kind == "lora" and info.te_modules:
         info.warnings.append(f"{info.te_modules} text-encoder layers are ignored (Hyper-SD patches the diffusion model only)")
     return info
+
+
+def _decide_variant(info: LoraInfo, meta: dict) -> None:
+    """Variant and recipe: this pack's metadata first, then the official file name."""
+    hint = name_hint(info.file_name)
+    if vocab.is_trained_by_pack(meta):
+        info.variant, info.variant_source = "hypersd_trained", "metadata"
+        trained = vocab.read_trained(meta, info.family)
+        info.stages = trained.stages
+        info.warnings.extend(trained.warnings)
+        if trained.family and info.family == "unknown" and trained.family in FAMILIES:
+            info.family, info.family_reason = trained.family, "metadata"
+        elif trained.family and trained.family != info.family:
+            info.warnings.append(f"metadata says {trained.family} but the keys are {info.family}")
+        info.use_recipe(trained.recipe)
+        return
+    steps = None
+    if hint:
+        info.variant, info.variant_source, info.official = hint["variant"], "name", True
+        if info.family == "unknown" and info.kind != "unknown":
+            info.family, info.family_reason = hint["family"], "file name"
+        elif info.family != "unknown" and hint["family"] != info.family:
+            info.warnings.append(f"the file name says {hint['family']} but its keys are {info.family}; "
+                                 f"using {info.family}")
+        if info.variant == "onestep_unet" and info.kind == "lora":
+            info.warnings.append("the name says one-step UNet but the file holds a LoRA")
+            info.variant = "unknown"
+        steps = hint["steps"] if info.variant == hint["variant"] else None
+    else:
+        info.variant_source = "none"
+    info.use_recipe(vocab.recipe_for(info.variant, info.family, steps))
 
 
 def inspect_file(path: str, display_name: str | None = None) -> LoraInfo:
@@ -498,8 +433,7 @@ def inspect_file(path: str, display_name: str | None = None) -> LoraInfo:
     size = os.path.getsize(path)
     low = path.lower()
     if low.endswith(PICKLE_EXTENSIONS):
-        header, alphas = _read_pickle(path)
-        return inspect_header(name, size, "pickle", header, {}, alphas)
+        return inspect_header(name, size, "pickle", _read_pickle(path), {}, {})
     header, metadata, data_start = read_safetensors_header(path)
     alpha_keys = [k for k in header if k.endswith(".alpha")]
     alphas = _read_alphas(path, header, data_start, alpha_keys) if alpha_keys else {}
@@ -523,9 +457,7 @@ def inspect_cached(path: str, display_name: str | None = None) -> LoraInfo:
 
 
 def with_steps(info: LoraInfo, steps: int) -> LoraInfo:
-    """A copy of ``info`` set to run ``steps`` steps (the unified LoRA's eta follows: 1.0 at one step, else 0.3)."""
+    """A copy of ``info`` set to run ``steps`` steps (a TCD recipe's eta follows: 1.0 at one step, else 0.3)."""
     out = copy.deepcopy(info)
-    out.steps = max(1, int(steps))
-    if out.variant == "unified":
-        out.eta = 1.0 if out.steps == 1 else 0.3
+    out.use_recipe(info.recipe.with_steps(steps))
     return out

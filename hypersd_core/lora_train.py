@@ -18,14 +18,12 @@ knows nothing about a particular host's naming.
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
 
 STUDENT = "hypersd"
 EMA = "hypersd_ema"
@@ -51,6 +49,18 @@ def select_targets(module: nn.Module, scope: str = "transformer") -> list[str]:
         if scope == "all" or any(p in f".{name}" for p in _TRANSFORMER_PARTS):
             names.append(name)
     return names
+
+
+def kohya_prefix(prefixes: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """``module path -> kohya key prefix``: ``prefixes`` where it names the module (the host's
+    diffusers-style names, as the released Hyper-SD files use), else ``lora_unet_`` + the path
+    with dots as underscores, which ComfyUI's LoRA loader maps back to the same module."""
+    table = dict(prefixes or {})
+
+    def prefix(module_name: str) -> str:
+        return table.get(module_name) or "lora_unet_" + module_name.replace(".", "_")
+
+    return prefix
 
 
 def make_autograd_safe(module: nn.Module) -> int:
@@ -100,7 +110,7 @@ class LoraAdapters:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         self.rank = int(rank)
         self.alpha = float(alpha if alpha is not None else rank)
-        self.replaced_inference_tensors = make_autograd_safe(module)
+        make_autograd_safe(module)
         self._grad_flags = {n: p.requires_grad for n, p in module.named_parameters()}
         cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=self.targets,
                          init_lora_weights=True, bias="none")
@@ -206,20 +216,10 @@ class LoraAdapters:
                 out[f"{pre}.alpha"] = torch.tensor(self.alpha, dtype=dtype)
         return out
 
-    def load_kohya_state_dict(self, sd: Mapping[str, torch.Tensor], key_prefix: Callable[[str], str],
-                              adapter: str = STUDENT) -> None:
-        flat = {}
-        for name, _ in self.layers:
-            pre = key_prefix(name)
-            for kind in ("down", "up"):
-                if f"{pre}.lora_{kind}.weight" in sd:
-                    flat[f"{name}.{kind}"] = sd[f"{pre}.lora_{kind}.weight"]
-        self.load_weights(flat, adapter)
-
     # ------------------------------------------------------------------ removal
     def detach(self) -> None:
         """Remove the peft layers: every adapted layer gets its original module back."""
-        if not getattr(self, "attached", False):
+        if not self.attached:
             return
         for name, layer in self.layers:
             parent_name, _, child = name.rpartition(".")

@@ -26,7 +26,8 @@ import math
 
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from .metadata import NUM_TRAIN_TIMESTEPS
+
 TCD_ORIGIN_STEPS = 50
 MODES = ("trailing", "tcd", "segments")
 
@@ -144,14 +145,6 @@ class DiscreteSchedule:
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).float()
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.log_sigmas = self.sigmas.log()
-
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32)

@@ -4,20 +4,23 @@ The file is inspected from its header (``hypersd_core.lora_file``); the LoRA is 
 a clone of the model with ComfyUI's own key mapping (``comfy.lora.model_lora_keys_unet`` +
 ``comfy.lora.load_lora``) and ``ModelPatcher.add_patches``, exactly as core
 ``LoraLoaderModelOnly`` does, so memory management, offloading and unpatching are core's.
-The server route ``GET /hypersd/inspect`` serves the same inspection as JSON.
+UNet-only files of any size load through ``_unet_file``; ``routes`` serves the same
+inspection as JSON (``GET /hypersd/inspect``).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import re
 
 import torch
 from comfy_api.latest import io
 
 from ..hypersd_core import lora_file
 from ..hypersd_core.lora_file import LoraFileError, LoraInfo
+from ..hypersd_core.metadata import MODEL_FAMILIES
+from ._comfy_model import model_family
+from ._errors import HyperSDError
+from ._unet_file import load_unet_file
 
 log = logging.getLogger("HyperSD")
 
@@ -27,25 +30,7 @@ AUTO_STRENGTH_TOOLTIP = (
     "(about 0.8 tames burned or over-sharp pictures on SD1.5/SDXL).")
 
 
-class HyperSDError(RuntimeError):
-    """An error meant for the artist: one sentence that says what is wrong and what to do."""
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def model_family(model) -> str:
-    """The family of a ComfyUI ModelPatcher's model, in lora_file's vocabulary."""
-    import comfy.supported_models as sm
-
-    cfg = getattr(getattr(model, "model", None), "model_config", None)
-    checks = [("Flux2", "FLUX.2"), ("SDXLRefiner", "SDXL-refiner"), ("SDXL", "SDXL"), ("SD15", "SD1.5"),
-              ("SD20", "SD2"), ("SD3", "SD3"), ("Flux", "FLUX")]
-    for cls_name, fam in checks:
-        cls = getattr(sm, cls_name, None)
-        if cls is not None and isinstance(cfg, cls):
-            return fam
-    return type(cfg).__name__ if cfg is not None else "unknown"
 
 
 def _lora_modules(sd: dict) -> dict[str, list[str]]:
@@ -106,9 +91,6 @@ def apply_lora(model, path: str, info: LoraInfo, strength: float):
     return apply_lora_sd(model, _load_state_dict(path), info, strength)
 
 
-_KNOWN_MODEL_FAMILIES = lora_file.FAMILIES + ("SD2", "SDXL-refiner", "FLUX.2")
-
-
 def apply_lora_sd(model, sd: dict, info: LoraInfo, strength: float):
     """Clone ``model`` and add the LoRA's patches through ComfyUI's own key mapping.
 
@@ -122,7 +104,7 @@ def apply_lora_sd(model, sd: dict, info: LoraInfo, strength: float):
     fam = model_family(model)
     sd = comfy.lora_convert.convert_lora(sd)
     matched, total, key_map = _count_matches(model, sd)
-    if info.family != "unknown" and fam in _KNOWN_MODEL_FAMILIES and fam != info.family:
+    if info.family != "unknown" and fam in MODEL_FAMILIES and fam != info.family:
         raise HyperSDError(
             f"Hyper-SD: '{info.file_name}' is a {info.family} LoRA but the model is {fam}: "
             f"{matched} of {total} LoRA layers match this model. "
@@ -314,213 +296,6 @@ class HyperSDUNetLoader(io.ComfyNode):
         summary = (f"{unet_name}: {fam} {info.key_format} UNet; 1 step from timestep {int(timestep)}, lcm, cfg 1")
         log.info("Hyper-SD: %s", summary)
         return io.NodeOutput(m, 1, 1.0, make_sampler("lcm", 1.0), sigmas, summary)
-
-
-# ----------------------------------------------------------------------------- UNet loading
-
-
-def diffusers_unet_config(sd: dict) -> dict | None:
-    """A ComfyUI ``unet_config`` read off a diffusers-format UNet state dict, for any size.
-
-    Core's ``model_detection.unet_config_from_diffusers_unet`` only knows the released
-    sizes; this reads levels, blocks and widths from the keys so smaller models of the same
-    layout load too.
-    """
-    if "conv_in.weight" not in sd:
-        return None
-
-    def count(fmt):
-        i = 0
-        while any(k.startswith(fmt.format(i) + ".") for k in sd):
-            i += 1
-        return i
-
-    mc = int(sd["conv_in.weight"].shape[0])
-    levels = count("down_blocks.{}")
-    res = count("down_blocks.0.resnets.{}")
-    mult, depth, depth_out = [], [], []
-    context_dim, linear = None, False
-    for i in range(levels):
-        mult.append(int(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) // mc)
-        for j in range(res):
-            d = count(f"down_blocks.{i}.attentions.{j}.transformer_blocks.{{}}")
-            depth.append(d)
-            if d:
-                context_dim = int(sd[f"down_blocks.{i}.attentions.{j}.transformer_blocks.0.attn2.to_k.weight"].shape[1])
-                linear = sd[f"down_blocks.{i}.attentions.{j}.proj_in.weight"].dim() == 2
-    for i in range(levels):
-        for j in range(res + 1):
-            depth_out.append(count(f"up_blocks.{i}.attentions.{j}.transformer_blocks.{{}}"))
-    depth_out.reverse()  # diffusers up_blocks start at the deepest level; ComfyUI pops this list from its end
-    mid = count("mid_block.attentions.0.transformer_blocks.{}")
-    adm = None
-    for k in ("add_embedding.linear_1.weight", "class_embedding.linear_1.weight"):
-        if k in sd:
-            adm = int(sd[k].shape[1])
-    return {
-        "use_checkpoint": False, "image_size": 32, "out_channels": int(sd["conv_out.weight"].shape[0]),
-        "use_spatial_transformer": True, "legacy": False, "adm_in_channels": adm,
-        "in_channels": int(sd["conv_in.weight"].shape[1]), "model_channels": mc, "num_res_blocks": [res] * levels,
-        "transformer_depth": depth, "channel_mult": mult, "transformer_depth_middle": mid if mid else -1,
-        "use_linear_in_transformer": linear, "context_dim": context_dim, "transformer_depth_output": depth_out,
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-        **({"num_classes": "sequential"} if adm else {}),
-    }
-
-
-def _family_config_class(unet_config: dict):
-    import comfy.supported_models as sm
-
-    ctx, adm = unet_config.get("context_dim"), unet_config.get("adm_in_channels")
-    if ctx == 2048 and adm == 2816:
-        return sm.SDXL
-    if ctx == 768 and not adm:
-        return sm.SD15
-    return None
-
-
-def load_unet_file(path: str, name: str):
-    """A ModelPatcher for a UNet-only file: core's loader first, then any-size diffusers/LDM layouts."""
-    import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.sd
-    import comfy.utils
-
-    try:
-        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    except Exception as e:
-        raise HyperSDError(f"Hyper-SD: could not read '{name}' ({str(e).splitlines()[0][:200]}). "
-                           "Download it again.") from e
-    model = comfy.sd.load_diffusion_model_state_dict(dict(sd), metadata=metadata)
-    if model is not None:
-        return model
-    if "conv_in.weight" in sd:  # diffusers UNet of a size core's table does not list
-        unet_config = diffusers_unet_config(sd)
-        mapping = comfy.utils.unet_to_diffusers(unet_config)
-        new_sd = {v: sd[k] for k, v in mapping.items() if k in sd}
-    else:
-        prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
-        new_sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) or sd
-        unet_config = comfy.model_detection.detect_unet_config(new_sd, "")
-    cls = _family_config_class(unet_config or {})
-    if cls is None:
-        raise HyperSDError(f"Hyper-SD: '{name}' is not a UNet this loader knows (SD1.5 or SDXL layout).")
-    model_config = cls(unet_config)
-    load_device = mm.get_torch_device()
-    dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(new_sd),
-                          supported_dtypes=list(model_config.supported_inference_dtypes),
-                          weight_dtype=comfy.utils.weight_dtype(new_sd))
-    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes))
-    model = model_config.get_model(new_sd, "")
-    model = model.to(mm.unet_offload_device())
-    model.load_model_weights(new_sd, "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
-
-
-# ----------------------------------------------------------------------------- server
-
-_SAFE_NAME = re.compile(r"^[^\x00]+$")
-_FOLDERS = {"lora": "loras", "unet": "diffusion_models", "checkpoint": "checkpoints"}
-
-
-def inspect_request(query: dict) -> tuple[int, dict]:
-    """(HTTP status, JSON body) for GET /hypersd/inspect?lora=NAME (or unet=, checkpoint=)."""
-    import folder_paths
-
-    given = [(k, query[k]) for k in _FOLDERS if query.get(k)]
-    if len(given) != 1:
-        return 400, {"error": "give exactly one of ?lora=NAME, ?unet=NAME or ?checkpoint=NAME"}
-    kind, name = given[0]
-    folder = _FOLDERS[kind]
-    norm = name.replace("\\", "/")
-    if (not _SAFE_NAME.match(name) or os.path.isabs(name) or norm.startswith("/") or re.match(r"^[A-Za-z]:", name)
-            or any(part in ("..", ".") for part in norm.split("/"))):
-        return 400, {"error": f"refused: '{name}' is not a plain file name from the {folder} list"}
-    if name not in folder_paths.get_filename_list(folder):
-        return 404, {"error": f"'{name}' is not in the {folder} list", "folder": folder}
-    try:
-        path, info = inspect_lora_name(name, folder)
-    except HyperSDError as e:
-        return 422, {"error": str(e), "name": name, "folder": folder}
-    body = info.to_json()
-    body["summary"] = info.summary()
-    body["folder"] = folder
-    body["use_node"] = _advice(info, kind)
-    return 200, body
-
-
-def _advice(info: LoraInfo, asked_as: str) -> str:
-    if info.kind == "lora":
-        return "HyperSDLoraLoader"
-    if info.kind == "unet":
-        return "HyperSDUNetLoader"
-    if info.kind == "checkpoint":
-        return "CheckpointLoaderSimple"
-    return ""
-
-
-def _on_prompt(json_data):
-    """Warn, before anything runs, when 'Load Checkpoint' is given a UNet-only file (e.g. the
-    diffusers one-step UNet): core then fails later with a KeyError or 'clip input is invalid'."""
-    try:
-        import folder_paths
-
-        prompt = json_data.get("prompt") or {}
-        for node_id, node in prompt.items():
-            if not isinstance(node, dict) or node.get("class_type") not in ("CheckpointLoaderSimple", "CheckpointLoader"):
-                continue
-            name = (node.get("inputs") or {}).get("ckpt_name")
-            if not isinstance(name, str):
-                continue
-            path = folder_paths.get_full_path("checkpoints", name)
-            if not path or not path.lower().endswith(lora_file.SAFETENSORS_EXTENSIONS):
-                continue
-            try:
-                info = lora_file.inspect_cached(path, name)
-            except (LoraFileError, OSError):
-                continue
-            if info.kind == "unet" and info.key_format == "diffusers":
-                msg = (f"Hyper-SD: '{name}' is a diffusers-format UNet (no text encoder, no VAE), which 'Load Checkpoint' "
-                       "cannot load. Move it to models/diffusion_models and load it with 'Hyper-SD UNet Loader (one-step)' "
-                       "(or 'Load Diffusion Model'); take CLIP and VAE from your SDXL base checkpoint.")
-                log.warning(msg)
-                _notify({"node": node_id, "message": msg, "use_node": "HyperSDUNetLoader"})
-            elif info.kind == "lora":
-                msg = f"Hyper-SD: '{name}' is a LoRA, not a checkpoint. Move it to models/loras and use 'Hyper-SD LoRA Loader'."
-                log.warning(msg)
-                _notify({"node": node_id, "message": msg, "use_node": "HyperSDLoraLoader"})
-    except Exception:  # never stand in the way of a prompt
-        log.debug("Hyper-SD: prompt check failed", exc_info=True)
-    return json_data
-
-
-def _notify(data: dict) -> None:
-    try:
-        from server import PromptServer
-
-        PromptServer.instance.send_sync("hypersd.advice", data)
-    except Exception:
-        pass
-
-
-def register() -> None:
-    try:
-        from aiohttp import web
-        from server import PromptServer
-
-        inst = PromptServer.instance
-    except Exception:  # no server in this process (tests, scripts)
-        return
-    if inst is None:
-        return
-
-    @inst.routes.get("/hypersd/inspect")
-    async def hypersd_inspect(request):
-        status, body = await asyncio.to_thread(inspect_request, dict(request.rel_url.query))
-        return web.json_response(body, status=status)
-
-    inst.add_on_prompt_handler(_on_prompt)
 
 
 NODES = [HyperSDLoraLoader, HyperSDUNetLoader]

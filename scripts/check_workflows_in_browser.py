@@ -5,10 +5,10 @@ A manual check (not part of CI: it needs Debian's chromium and the playwright pa
 ``apt-get install chromium`` and ``.venv/bin/pip install playwright``). It starts a real
 server with the pack, loads each ``example_workflows/*.json`` with ``app.loadGraphData``,
 asks the front end for the prompt it would queue (``app.graphToPrompt``) and checks that
-it equals what ``tests/workflows.py`` makes of the file, which is what CI runs. Then it
+it equals what ``hypersd_dev.workflows`` makes of the file, which is what CI runs. Then it
 gives Load Checkpoint a LoRA file and checks that the pack's advice reaches the page (toast).
 
-    .venv/bin/python scripts/check_workflows_in_browser.py
+    .venv/bin/python -m scripts.check_workflows_in_browser      (from the repository root)
 """
 from __future__ import annotations
 
@@ -18,11 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-import workflows  # noqa: E402
-from conftest import ComfyServer  # noqa: E402
+from hypersd_dev import REPO, workflows
+from hypersd_dev.server import ComfyServer
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]

@@ -18,13 +18,15 @@ while [ $# -gt 0 ]; do
     *) ARGS+=("$1"); shift ;;
   esac
 done
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
+[ -n "$MODELS_DIR" ] && MODELS_DIR="$(absolute "$MODELS_DIR")"
 source "$(dirname "$0")/_env.sh"
 PORT="${HYPERSD_PORT:-8188}"
-OUT="${HYPERSD_OUT:-$HYPERSD_REPO/out/demo}"
+OUT="$(absolute "${HYPERSD_OUT:-$HYPERSD_REPO/out/demo}")"
 EXTRA=()
 if [ -n "$MODELS_DIR" ]; then
   YAML="$HYPERSD_COMFYUI/../hypersd_user_models.yaml"
-  "$HYPERSD_PYTHON" "$HYPERSD_REPO/scripts/user_models.py" "$MODELS_DIR" "$YAML" || exit 1
+  (cd "$HYPERSD_REPO" && "$HYPERSD_PYTHON" -m scripts.user_models "$MODELS_DIR" "$YAML") || exit 1
   EXTRA=(--extra-model-paths-config "$YAML")
 fi
 cd "$HYPERSD_COMFYUI"
@@ -37,8 +39,8 @@ for _ in $(seq 1 240); do
   if "$HYPERSD_PYTHON" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/object_info/HyperSDTCDSampler', timeout=2)" 2>/dev/null; then
     if [ -z "$MODELS_DIR" ] && [ "${HYPERSD_DEMO:-1}" != "0" ]; then
       echo "Running the toy demo (teacher at 25 steps beside few-step sampling) ..." >&2
-      if ! OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$HYPERSD_PYTHON" "$HYPERSD_REPO/toy/demo.py" \
-           --url "http://127.0.0.1:$PORT" --out "$OUT"; then
+      if ! (cd "$HYPERSD_REPO" && OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$HYPERSD_PYTHON" -m toy.demo \
+           --url "http://127.0.0.1:$PORT" --out "$OUT"); then
         echo "The toy demo failed (see above); ComfyUI keeps serving." >&2
       fi
     fi

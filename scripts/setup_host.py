@@ -168,7 +168,7 @@ def install_toy(py: Path, models_dir: Path) -> None:
     if not all((weights / f).is_file() for f in ("toy_unet.safetensors", "toy_vae.safetensors")):
         log("toy weights missing from toy/weights/: skipping the toy models")
         return
-    proc = subprocess.run([str(py), str(REPO / "toy" / "install.py"), "--models-dir", str(models_dir)],
+    proc = subprocess.run([str(py), "-m", "toy.install", "--models-dir", str(models_dir)], cwd=str(REPO),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
     for line in proc.stdout.splitlines()[-5:]:

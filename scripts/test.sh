@@ -4,8 +4,9 @@
 #   bash scripts/test.sh -k tcd
 #   bash scripts/test.sh test_sampling_core.py
 source "$(dirname "$0")/_env.sh"
-# pytest runs inside tests/: the repository root is the pack's package (its __init__.py
-# needs ComfyUI), so it must not become pytest's root.
+# pytest runs inside tests/: the repository root is the pack's package (its __init__.py is
+# ComfyUI's entry point), so it must not become pytest's root; tests reach the pack through
+# hypersd_dev, as toy/, bench/ and scripts/ do.
 cd "$HYPERSD_REPO/tests"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
 exec "$HYPERSD_PYTHON" -m pytest -c pytest.ini --rootdir . -q "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write an ``extra_model_paths.yaml`` that serves a user's own models folder in ComfyUI.
 
-    python scripts/user_models.py /path/to/models /path/to/out.yaml
+    python -m scripts.user_models /path/to/models /path/to/out.yaml      (from the repository root)
 
 Understands a ComfyUI ``models/`` folder (``checkpoints/``, ``loras/``, ``vae/``, ...), an
 AUTOMATIC1111 one (``Stable-diffusion/``, ``Lora/``, ``VAE/``), and a flat folder of
@@ -10,9 +10,11 @@ AUTOMATIC1111 one (``Stable-diffusion/``, ``Lora/``, ``VAE/``), and a flat folde
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+import hypersd_dev  # noqa: F401  (registers the pack's package)
+from ComfyUI_HyperSD.hypersd_core import files
 
 KINDS = {
     "checkpoints": ["checkpoints", "Stable-diffusion"],
@@ -48,9 +50,7 @@ def main() -> int:
             return 1
         lines += ["    checkpoints: .", "    loras: ."]
         found.append("checkpoints and loras (flat folder)")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    files.write_text(out, "\n".join(lines) + "\n")
     print(f"[hypersd] serving models from {base}: {'; '.join(found)}", file=sys.stderr)
     return 0
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-import example_graphs
-import workflows
-from conftest import REPO, split_checkpoint
+from hypersd_dev import REPO, example_graphs, workflows
+from hypersd_dev.fixtures import split_checkpoint
 
 EXAMPLES = REPO / "example_workflows"
 

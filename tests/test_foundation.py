@@ -6,25 +6,56 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import COMFY, REPO
+from hypersd_dev import REPO, comfy_dir
+
+COMFY = comfy_dir()
 
 
 def test_core_imports_without_comfyui():
-    """Every module of hypersd_core imports with no ComfyUI on the path and pulls none in."""
+    """The pack's package and every module of its core import with no ComfyUI on the path, pull none
+    in, and reach nothing of the nodes (the one way to import them: hypersd_dev, as scripts do)."""
     code = textwrap.dedent(f"""
         import importlib, pkgutil, sys
         sys.path = [p for p in sys.path if 'ComfyUI' not in p]
         sys.path.insert(0, {str(REPO)!r})
-        import hypersd_core
-        names = [m.name for m in pkgutil.iter_modules(hypersd_core.__path__)]
+        import hypersd_dev
+        import ComfyUI_HyperSD.hypersd_core as core
+        names = [m.name for m in pkgutil.iter_modules(core.__path__)]
         for n in names:
-            importlib.import_module('hypersd_core.' + n)
-        bad = sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'nodes', 'server', 'comfy_extras'))
+            importlib.import_module(core.__name__ + '.' + n)
+        bad = sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'nodes', 'server', 'comfy_extras')
+                     or m.startswith('ComfyUI_HyperSD.nodes'))
         print('MODULES', len(names), 'BAD', bad)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
-    assert "BAD []" in out.stdout, out.stdout
+    assert "BAD []" in out.stdout and "MODULES 0" not in out.stdout, out.stdout
+
+
+def test_core_and_nodes_stay_apart():
+    """hypersd_core imports nothing from nodes/ or ComfyUI, and nothing outside tests/ reaches into tests/."""
+    import ast
+
+    for path in sorted((REPO / "hypersd_core").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for name in names:
+                root = name.lstrip(".").split(".")[0]
+                assert not (node.__class__ is ast.ImportFrom and node.level > 1), f"{path.name} reaches out: {name}"
+                assert root not in ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server",
+                                    "toy", "hypersd_dev"), f"{path.name} imports {name}"
+    for path in REPO.rglob("*.py"):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] in ("tests", ".venv", ".host"):
+            continue
+        for line in path.read_text().splitlines():
+            code = line.split("#", 1)[0]
+            assert not ("sys.path" in code and "tests" in code), f"{rel} puts tests/ on sys.path: {line.strip()}"
+            assert not code.lstrip().startswith(("import conftest", "from conftest")), f"{rel} imports conftest"
 
 
 def test_pack_loads_and_documents_every_node(server, pack):

@@ -16,7 +16,7 @@ RANK, ALPHA = 64, 64.0
 
 @pytest.fixture(scope="module")
 def L(pack):
-    from ComfyUI_HyperSD.toy import layouts
+    from hypersd_dev import layouts
 
     return layouts
 
@@ -30,16 +30,15 @@ def lora_mod(pack):
 
 @pytest.fixture(scope="module")
 def loras_dir(comfy, tmp_path_factory):
-    """A private loras folder registered with ComfyUI's folder_paths for this module."""
-    import folder_paths
+    """A private loras folder registered with ComfyUI's folder_paths for this module, removed after it."""
+    from hypersd_dev.fixtures import registered_folder
 
-    d = tmp_path_factory.mktemp("loras")
-    folder_paths.add_model_folder_path("loras", str(d), is_default=True)
-    yield d
+    with registered_folder("loras", tmp_path_factory.mktemp("loras")) as d:
+        yield d
 
 
 def _patcher(model):
-    from ComfyUI_HyperSD.toy import arch
+    from toy import arch
 
     return arch.wrap_patcher(model)
 
@@ -194,6 +193,8 @@ def test_partial_match_warns_once_with_counts(L, lora_mod, loras_dir, caplog):
 
 
 def test_not_a_lora_and_bad_files(L, lora_mod, loras_dir, tmp_path):
+    from ComfyUI_HyperSD.hypersd_core import files
+
     base = _patcher(L.build_model("SD1.5", L.sd15_config(small=True)))
     (loras_dir / "empty.safetensors").write_bytes(b"")
     good = loras_dir / "good.safetensors"
@@ -203,7 +204,7 @@ def test_not_a_lora_and_bad_files(L, lora_mod, loras_dir, tmp_path):
     (loras_dir / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
     (loras_dir / "pickled.ckpt").write_bytes(b"\x80\x04\x95" + os.urandom(64))
     unet = L.diffusers_unet_state_dict(L.build_model("SD1.5", L.sd15_config(small=True)))
-    L.save_file_atomic(unet, str(loras_dir / "Hyper-SDXL-1step-Unet.safetensors"))
+    files.save_safetensors(loras_dir / "Hyper-SDXL-1step-Unet.safetensors", unet)
     expect = {"empty.safetensors": "empty", "cut.safetensors": "truncated", "junk.safetensors": "corrupt",
               "pickled.ckpt": "refused", "Hyper-SDXL-1step-Unet.safetensors": "HyperSDUNetLoader",
               "missing.safetensors": "not in the loras folder"}
@@ -237,7 +238,9 @@ def test_diffusers_unet_config_matches_core_at_full_size(L, lora_mod):
 
     model = _full(L, "SDXL")
     sd = L.diffusers_unet_state_dict(model)
-    ours = lora_mod.diffusers_unet_config(sd)
+    from ComfyUI_HyperSD.nodes import _unet_file
+
+    ours = _unet_file.diffusers_unet_config(sd)
     core = comfy.model_detection.unet_config_from_diffusers_unet(sd)
     for k in ("model_channels", "num_res_blocks", "transformer_depth", "channel_mult", "transformer_depth_middle",
               "use_linear_in_transformer", "context_dim", "adm_in_channels", "transformer_depth_output", "in_channels"):
@@ -246,15 +249,14 @@ def test_diffusers_unet_config_matches_core_at_full_size(L, lora_mod):
 
 def test_unet_loader_loads_small_diffusers_unet(L, lora_mod, comfy, tmp_path):
     """A diffusers-layout SDXL UNet (the one-step UNet's format) loads and equals the source."""
-    import folder_paths
+    from ComfyUI_HyperSD.hypersd_core import files
+    from hypersd_dev.fixtures import registered_folder
 
-    d = tmp_path / "diffusion_models"
-    d.mkdir()
-    folder_paths.add_model_folder_path("diffusion_models", str(d), is_default=True)
     src = L.build_model("SDXL", L.sdxl_config(small=True), seed=5)
-    L.save_file_atomic(L.diffusers_unet_state_dict(src), str(d / "Hyper-SDXL-1step-Unet.safetensors"))
-    m, steps, cfg, sampler, sigmas, summary = lora_mod.HyperSDUNetLoader.execute(
-        "Hyper-SDXL-1step-Unet.safetensors", 800).result
+    with registered_folder("diffusion_models", tmp_path) as d:
+        files.save_safetensors(d / "Hyper-SDXL-1step-Unet.safetensors", L.diffusers_unet_state_dict(src))
+        m, steps, cfg, sampler, sigmas, summary = lora_mod.HyperSDUNetLoader.execute(
+            "Hyper-SDXL-1step-Unet.safetensors", 800).result
     assert lora_mod.model_family(m) == "SDXL" and (steps, cfg) == (1, 1.0)
     ms = m.get_model_object("model_sampling")
     assert round(float(ms.timestep(sigmas[0]))) == 800 and float(sigmas[-1]) == 0.0 and len(sigmas) == 2

@@ -1,22 +1,18 @@
 """The LoRA loader through a real ComfyUI server: inspect route, clear errors, example workflows.
 
-The example workflows in ``example_workflows/hypersd_*`` are the API graphs below laid out
-in the UI format (``python tests/test_lora_server.py --write`` against a running server
-regenerates them). Each test run converts the shipped UI files back to API format and
-executes them with tiny models and LoRAs of the same layout, named as the official files.
+The loader examples in ``example_workflows/`` are the graphs of ``hypersd_dev.example_graphs``
+laid out in the UI format (``python -m scripts.build_example_workflows`` regenerates them).
+Each test run converts the shipped UI files back to API format and executes them with tiny
+models and LoRAs of the same layout, named as the official files.
 """
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, ExecutionFailed, split_checkpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
-import workflows  # noqa: E402
+from hypersd_dev import REPO, workflows
+from hypersd_dev.fixtures import split_checkpoint
+from hypersd_dev.server import ExecutionFailed
 
 EXAMPLES = REPO / "example_workflows"
 

@@ -100,7 +100,7 @@ def test_schedulers_registered_in_ksampler_lists(pack, tiny_model):
     assert comfy.samplers.KSampler.SAMPLERS.count("tcd") == 1
     for name in ("hypersd_tcd", "hypersd_trailing"):
         assert comfy.samplers.KSampler.SCHEDULERS.count(name) == 1
-    pack.on_load()  # a second registration changes nothing
+    pack.nodes.on_load()  # a second registration changes nothing
     from ComfyUI_HyperSD.nodes import sampling
 
     sampling.register()

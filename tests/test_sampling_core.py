@@ -7,18 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, TCDScheduler
 
-from conftest import REPO  # noqa: F401  (puts nothing on the path; conftest only)
-
-import importlib.util
-import sys
-
-_spec = importlib.util.spec_from_file_location("hypersd_core", REPO / "hypersd_core" / "__init__.py",
-                                               submodule_search_locations=[str(REPO / "hypersd_core")])
-core = sys.modules.get("hypersd_core") or importlib.util.module_from_spec(_spec)
-if "hypersd_core" not in sys.modules:
-    sys.modules["hypersd_core"] = core
-    _spec.loader.exec_module(core)
-from hypersd_core import samplers, schedules  # noqa: E402
+from ComfyUI_HyperSD.hypersd_core import samplers, schedules
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ExecutionFailed, PromptError
+from hypersd_dev.server import ExecutionFailed, PromptError
 
 
-def graph(parts, sampler_part: dict, seed=1, latent_src=None, prefix="t"):
+def graph(parts, sampler_part: dict, seed=1, prefix="t"):
     g = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}},
         "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": parts["clip"], "type": "stable_diffusion"}},

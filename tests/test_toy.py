@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import COMFY, REPO, place
+from hypersd_dev import REPO, comfy_dir
+from hypersd_dev.fixtures import place
+from hypersd_dev.server import Client
+
+COMFY = comfy_dir()
 
 # Measured on the committed weights through the server (toy/weights/training.json keeps the
 # record): 25-step euler, cfg 3, 10 images per digit (seeds 1000-1009): accuracy 1.00,
@@ -25,7 +29,7 @@ TEACHER_FID_BOUND = 130.0
 
 @pytest.fixture(scope="module")
 def toy(pack):
-    from ComfyUI_HyperSD.toy import data, demo, install, quality
+    from toy import data, demo, install, quality
 
     return {"data": data, "demo": demo, "install": install, "quality": quality}
 
@@ -39,7 +43,7 @@ def toy_models(toy):
 
 @pytest.fixture(scope="module")
 def toy_ckpt(comfy_server, toy_models):
-    return place(comfy_server, "checkpoints", toy_models["checkpoint"])
+    return place(comfy_server.base, "checkpoints", toy_models["checkpoint"])
 
 
 def test_checkpoint_is_detected_as_sd15_with_taesd_vae(comfy, toy_models):
@@ -60,7 +64,7 @@ def test_checkpoint_is_detected_as_sd15_with_taesd_vae(comfy, toy_models):
 
 
 def test_generated_clip_is_the_one_the_teacher_was_trained_with(toy):
-    from ComfyUI_HyperSD.toy import clip
+    from toy import clip
 
     install = toy["install"]
     assert install.fingerprint(clip.generate_clip_l(install.CLIP_SEED)) == install.CLIP_SHA256
@@ -109,9 +113,9 @@ def test_every_committed_toy_lora_has_a_measurement():
 
 @pytest.mark.parametrize("lora", sorted(LORA_MEASURED))
 def test_committed_toy_lora_draws_the_digits_with_its_own_recipe(server, toy, toy_ckpt, lora):
-    name = place(server, "loras", REPO / "toy" / "weights" / lora)
+    name = place(server.base, "loras", REPO / "toy" / "weights" / lora)
     demo = toy["demo"]
-    rows = [r for r in demo.variants(server.get("/object_info"), demo.Client(server.url).inspect)
+    rows = [r for r in demo.variants(server.get("/object_info"), Client(server.url).inspect)
             if r.get("lora") == name]
     assert rows, f"the demo has no row for {name}"
     m = _draw(server, toy_ckpt, toy, rows[0])
@@ -184,8 +188,8 @@ def test_run_serves_a_users_models_folder(tmp_path):
     (models / "checkpoints" / "v1-5-pruned-emaonly.safetensors").write_bytes(b"x")
     (models / "Lora" / "Hyper-SD15-1step-lora.safetensors").write_bytes(b"x")
     yaml = tmp_path / "extra.yaml"
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "user_models.py"), str(models), str(yaml)],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "scripts.user_models", str(models), str(yaml)],
+                         capture_output=True, text=True, cwd=str(REPO))
     assert out.returncode == 0, out.stderr
     code = (f"import sys; sys.path.insert(0, {str(COMFY)!r}); import folder_paths; "
             f"from utils.extra_config import load_extra_path_config; load_extra_path_config({str(yaml)!r}); "
@@ -195,6 +199,6 @@ def test_run_serves_a_users_models_folder(tmp_path):
     assert "v1-5-pruned-emaonly.safetensors" in out.stdout and "Hyper-SD15-1step-lora.safetensors" in out.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "user_models.py"), str(empty), str(yaml)],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "scripts.user_models", str(empty), str(yaml)],
+                         capture_output=True, text=True, cwd=str(REPO))
     assert out.returncode == 1 and "no model" in out.stderr

@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from hypersd_core import lora_train, tscd  # noqa: E402
+from ComfyUI_HyperSD.hypersd_core import lora_train, metadata, train, tscd
+from ComfyUI_HyperSD.hypersd_core.data import LatentData
 
 
 # ---------------------------------------------------------------------- math by hand
@@ -78,11 +73,15 @@ def test_ddim_jump_is_exact_on_a_true_trajectory():
 
 
 def test_parse_stages():
-    assert tscd.parse_stages("8,4,2,1") == [8, 4, 2, 1]
-    assert tscd.parse_stages(" 4 2 ") == [4, 2]
-    for bad in ("", "a,b", "0", "4,-1", "2000"):
-        with pytest.raises(ValueError):
-            tscd.parse_stages(bad)
+    """One parser, for the trainer's input and for the files it wrote."""
+    assert metadata.parse_stages("8,4,2,1") == [8, 4, 2, 1]
+    assert metadata.parse_stages(" 4 2 ") == [4, 2]
+    assert metadata.parse_stages("8; 4,2") == [8, 4, 2]
+    assert metadata.parse_stages("[8, 4]") == [8, 4]
+    assert metadata.parse_stages(2) == [2] and metadata.parse_stages((4, 1)) == [4, 1]
+    for bad in ("", "a,b", "0", "4,-1", "2000", "4.5", "[4, 2.5]", "k8,k4", True):
+        with pytest.raises(ValueError, match="stage|whole numbers"):
+            metadata.parse_stages(bad)
 
 
 def test_progressive_stages_reset_the_ema_only_when_the_segment_count_changes():
@@ -92,22 +91,16 @@ def test_progressive_stages_reset_the_ema_only_when_the_segment_count_changes():
 
 
 def test_learning_rate_schedules_by_hand():
-    assert tscd.learning_rate_at(1e-3, "constant", 123, 300) == 1e-3
+    assert train.learning_rate_at(1e-3, "constant", 123, 300) == 1e-3
     # cosine over a 300-step stage: 15 warm-up steps (1/15 .. 15/15), then down to a tenth at the last step
-    lr = [tscd.learning_rate_at(1e-3, "cosine", j, 300) for j in range(300)]
+    lr = [train.learning_rate_at(1e-3, "cosine", j, 300) for j in range(300)]
     assert lr[0] == pytest.approx(1e-3 / 15) and lr[14] == pytest.approx(1e-3)
     assert lr[15] == pytest.approx(1e-3) and lr[-1] == pytest.approx(1e-4)
     mid = 15 + (299 - 15) / 2  # half-way through the decay: floor + (1 - floor) / 2
-    assert tscd.learning_rate_at(1e-3, "cosine", int(mid), 300) == pytest.approx(1e-3 * 0.55, rel=1e-2)
+    assert train.learning_rate_at(1e-3, "cosine", int(mid), 300) == pytest.approx(1e-3 * 0.55, rel=1e-2)
     assert all(a >= b for a, b in zip(lr[14:], lr[15:]))
     with pytest.raises(ValueError, match="constant, cosine"):
-        tscd.learning_rate_at(1e-3, "linear", 0, 10)
-
-
-def test_recommended_settings():
-    assert tscd.recommended_settings(1)["sampler"] == "tcd"
-    r = tscd.recommended_settings(4)
-    assert (r["steps"], r["sampler"], r["schedule"], r["cfg"]) == ("4", "ddim", "trailing", "1.0")
+        train.learning_rate_at(1e-3, "linear", 0, 10)
 
 
 # ---------------------------------------------------------------------- a plain-torch denoiser
@@ -150,8 +143,8 @@ def _setup(seed=0, stages=(2, 1), steps=3, lr=1e-3, callbacks=()):
     adapters = lora_train.LoraAdapters(net, lora_train.select_targets(net, "all"), rank=2, seed=seed)
     term = tscd.TSCDLoss(eps_fn, adapters, ab, teacher_cfg=3.0)
     gen = torch.Generator().manual_seed(5)
-    data = tscd.LatentData([(torch.randn(6, 4, 8, 8, generator=gen), torch.randn(1, 8, generator=gen))])
-    trainer = tscd.Trainer(adapters, tscd.progressive_stages(stages, steps, lambda k: [(1.0, term)]), data,
+    data = LatentData([(torch.randn(6, 4, 8, 8, generator=gen), torch.randn(1, 8, generator=gen))])
+    trainer = train.Trainer(adapters, tscd.progressive_stages(stages, steps, lambda k: [(1.0, term)]), data,
                            lr=lr, batch_size=3, seed=seed, callbacks=list(callbacks), signature={"t": 1})
     return net, adapters, trainer, eps_fn
 
@@ -172,9 +165,14 @@ def test_adapters_modes_and_detach_restore_the_module():
         torch.testing.assert_close(net(x, t, c), base)
     with adapters.mode("target"):  # EMA still at the initial weights
         torch.testing.assert_close(net(x, t, c), base)
-    adapters.ema_update(0.0)
+    student = net(x, t, c).detach()
+    adapters.ema_update(0.5)  # half-way from the initial weights to the student's
     with adapters.mode("target"):
-        torch.testing.assert_close(net(x, t, c), net(x, t, c))
+        half = net(x, t, c).detach()
+    assert not torch.allclose(half, base) and not torch.allclose(half, student)
+    adapters.ema_update(0.0)  # decay 0: the EMA takes the student's weights
+    with adapters.mode("target"):
+        torch.testing.assert_close(net(x, t, c), student)
     sd = adapters.kohya_state_dict(lambda n: "lora_unet_" + n.replace(".", "_"))
     assert sd["lora_unet_conv_in.lora_down.weight"].shape == (2, 4, 3, 3)
     assert sd["lora_unet_conv_in.lora_up.weight"].shape == (16, 2, 1, 1)
@@ -199,12 +197,12 @@ def test_resume_from_state_continues_exactly():
     _, a_full, t_full, _ = _setup(steps=3)
     t_full.run()
 
-    class StopAt(tscd.Callback):
+    class StopAt(train.Callback):
         def on_step_start(self, trainer):
             if trainer.step == 4:
                 raise KeyboardInterrupt
 
-    _, a_part, t_part, _ = _setup(steps=3, callbacks=[StopAt()])
+    _, _, t_part, _ = _setup(steps=3, callbacks=[StopAt()])
     with pytest.raises(KeyboardInterrupt):
         t_part.run()
     assert t_part.step == 4
@@ -230,14 +228,14 @@ def test_resume_refuses_other_settings():
 
 
 def test_nan_stops_with_a_clear_error():
-    class Poison(tscd.Callback):
+    class Poison(train.Callback):
         def on_step_end(self, trainer, loss, logs):
             if trainer.step == 2:
                 with torch.no_grad():
                     trainer.adapters.student_parameters()[0].fill_(float("nan"))
 
     _, _, trainer, _ = _setup(callbacks=[Poison()])
-    with pytest.raises(tscd.NonFiniteLossError, match="NaN") as e:
+    with pytest.raises(train.NonFiniteLossError, match="NaN") as e:
         trainer.run()
     assert e.value.step == 2
 

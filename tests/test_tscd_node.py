@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from ComfyUI_HyperSD.hypersd_core import files, train
+
 STAGES, STEPS = "2,1", 3
 
 
 def _model(seed=0):
-    from ComfyUI_HyperSD.toy import arch
+    from toy import arch
 
     with torch.inference_mode():  # as ComfyUI's loaders build models
         return arch.tiny_sd15_patcher(model_channels=32, seed=seed)
@@ -97,11 +99,11 @@ def _denoise(patcher, x_vp, t, ctx, uctx=None, cfg=1.0):
     return e, a.flatten()
 
 
-class EvalLoss:
+class EvalLoss(train.Callback):
     """The TSCD loss of the current student and EMA on four fixed batches (fixed generators)."""
 
-    def __init__(self, tscd):
-        self.tscd, self.values = tscd, []
+    def __init__(self):
+        self.values = []
 
     def evaluate(self, trainer):
         term, stage = trainer.stages[0].terms[0][1], trainer.stages[0]
@@ -110,18 +112,12 @@ class EvalLoss:
             for i in range(4):
                 gen = torch.Generator().manual_seed(100 + i)
                 x0, cond = trainer.data.sample(6, gen, trainer.device)
-                total += float(term(self.tscd.Batch(x0, cond), stage, gen)[0])
+                total += float(term(train.Batch(x0, cond), stage, gen)[0])
         trainer.adapters.set_mode("student")
         return total / 4
 
     def on_stage_start(self, trainer, index, stage):
         self.values.append(self.evaluate(trainer))
-
-    def on_step_start(self, trainer):
-        pass
-
-    def on_step_end(self, trainer, loss, logs):
-        pass
 
     def on_end(self, trainer):
         self.values.append(self.evaluate(trainer))
@@ -129,7 +125,7 @@ class EvalLoss:
 
 def test_short_run_lowers_the_error_and_saves_a_loadable_lora(training, loras, caplog):
     base = _model()
-    ev = EvalLoss(training.tscd)
+    ev = EvalLoss()
     out, path, trainer = _train(training, model=base, stages="2", steps_per_stage=30, learning_rate=1e-3,
                                 teacher_cfg=7.0, batch_size=6, rank=8, lora_scope="all", name="short",
                                 checkpoint_every=15, callbacks=[ev])
@@ -162,7 +158,7 @@ def test_short_run_lowers_the_error_and_saves_a_loadable_lora(training, loras, c
 def test_cancel_stops_within_a_step_and_resume_continues_exactly(training, loras, caplog):
     import comfy.model_management as mm
 
-    class CancelAt(training.tscd.Callback):
+    class CancelAt(train.Callback):
         def __init__(self):
             self.started = []
 
@@ -186,7 +182,7 @@ def test_cancel_stops_within_a_step_and_resume_continues_exactly(training, loras
     saved = torch.load(loras / "run.hypersd-state.pt", weights_only=True)
     assert saved["step"] == 2
 
-    class Watch(training.tscd.Callback):
+    class Watch(train.Callback):
         first = None
 
         def on_step_start(self, trainer):
@@ -221,7 +217,7 @@ def test_resume_refuses_other_settings_and_foreign_files(training, loras):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(training, loras, caplog):
-    class Poison(training.tscd.Callback):
+    class Poison(train.Callback):
         def on_step_end(self, trainer, loss, logs):
             if trainer.step == 3:
                 with torch.no_grad():
@@ -272,13 +268,13 @@ def test_each_stage_saves_its_own_k_step_lora(training, loras, caplog):
 def test_cosine_schedule_restarts_in_every_stage_and_is_part_of_the_resume_settings(training, loras):
     seen = []
 
-    class Rates(training.tscd.Callback):
+    class Rates(train.Callback):
         def on_step_end(self, trainer, loss, logs):
             seen.append(logs["lr"])
 
     _, path, _ = _train(training, name="cos", stages="1,1", steps_per_stage=4, learning_rate=1e-3,
                         lr_schedule="cosine", callbacks=[Rates()])
-    per_stage = [training.tscd.learning_rate_at(1e-3, "cosine", j, 4) for j in range(4)]
+    per_stage = [train.learning_rate_at(1e-3, "cosine", j, 4) for j in range(4)]
     assert seen == pytest.approx(per_stage * 2) and seen[3] == pytest.approx(1e-4)
     _, meta = _read(path)
     assert meta["hypersd.lr_schedule"] == "cosine"
@@ -290,7 +286,7 @@ def test_cosine_schedule_restarts_in_every_stage_and_is_part_of_the_resume_setti
 
 
 def test_out_of_memory_keeps_the_last_step_and_says_what_to_change(training, loras):
-    class Exhaust(training.tscd.Callback):
+    class Exhaust(train.Callback):
         def on_step_start(self, trainer):
             if trainer.step == 2:  # a real allocation failure of torch's allocator, mid-run
                 torch.empty(2 ** 62, dtype=torch.uint8)
@@ -298,7 +294,7 @@ def test_out_of_memory_keeps_the_last_step_and_says_what_to_change(training, lor
     with pytest.raises(torch.OutOfMemoryError) as err:
         _train(training, name="oom", rank=32, lora_scope="all", callbacks=[Exhaust()])
     msg = str(err.value)
-    assert isinstance(err.value, training.TrainingOutOfMemory)
+    assert isinstance(err.value, train.TrainingOutOfMemory)
     assert "ran out of memory at step 3/6" in msg and "weights of step 2 are saved" in msg
     for tip in ("turn on gradient_checkpointing", "lower batch_size (now 3; try 1)", "lora_scope to 'transformer'",
                 "lower rank (now 32)", "smaller images (latents now 8x8)"):
@@ -322,7 +318,7 @@ def test_full_disk_fails_clearly_and_leaves_no_broken_file(training, loras):
     prev = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # writes past 4 KiB fail with EFBIG
     try:
-        with pytest.raises(training.TrainingSaveError, match="could not save.*read-only or the disk full"):
+        with pytest.raises(files.FileSaveError, match="could not save.*read-only or the disk full"):
             _train(training, name="full", resume=False, steps_per_stage=1)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -345,15 +341,13 @@ def _read_only_folder(tmp: Path):
 
 
 def test_read_only_folder_fails_clearly(training, comfy, tmp_path):
-    import folder_paths
+    from hypersd_dev.fixtures import registered_folder
 
     folder, undo = _read_only_folder(tmp_path)
-    old = folder_paths.folder_names_and_paths["loras"]
-    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], old[1])
     try:
-        with pytest.raises(training.TrainingSaveError, match="could not save"):
-            _train(training, name="ro", steps_per_stage=1)
+        with registered_folder("loras", folder):
+            with pytest.raises(files.FileSaveError, match="could not save"):
+                _train(training, name="ro", steps_per_stage=1)
         assert list(folder.iterdir()) == []
     finally:
-        folder_paths.folder_names_and_paths["loras"] = old
         undo()

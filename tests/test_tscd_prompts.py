@@ -6,7 +6,7 @@ import torch
 
 
 def _model():
-    from ComfyUI_HyperSD.toy import arch
+    from toy import arch
 
     with torch.inference_mode():
         return arch.tiny_sd15_patcher(model_channels=32, seed=0)

@@ -1,15 +1,19 @@
 """The embedded toy model family: tiny models in real ComfyUI formats, built here.
 
-Unlike ``hypersd_core``, this package builds ComfyUI objects and therefore needs a
-ComfyUI on the import path (the host that ``scripts/setup_host.py`` prepares).
+Run its scripts from the repository root as modules (``python -m toy.demo``); they reach
+the pack through ``hypersd_dev``. ``arch`` and ``train_teacher`` build ComfyUI objects and
+need the set-up's ComfyUI (``scripts/setup_host.py`` prepares it); the rest needs only
+torch, numpy and safetensors.
 
 * ``weights/``: the committed toy teacher (``toy_unet.safetensors``, SD1.5 layout, fp16),
   its TAESD-layout VAE (``toy_vae.safetensors``), the digits classifier of the quality
-  measure and ``training.json`` (how they were trained, what they scored).
-* ``train_teacher.py``: the script that made them (seeded, about 30 minutes on 2 shared CPU cores).
-* ``install.py``: assembles the full checkpoint ``hypersd_toy_digits.safetensors`` (UNet +
-  VAE + the generated CLIP-L of ``clip.py``) into a ComfyUI ``models/`` folder; set-up runs it.
-* ``quality.py``: ``measure(images, labels) -> {"accuracy", "fid", "n"}`` for generated digits.
-* ``demo.py``: the main job's demo (teacher beside few-step sampling through a running server).
-* ``data.py``: the digits (scikit-learn's ``load_digits`` at 32x32) and the prompts.
+  measure, the distilled toy LoRAs and ``training.json`` (how they were trained, what they scored).
+* ``arch``: the toy architectures as ComfyUI detects them, and the one weight initialiser.
+* ``train_teacher``: the script that made the teacher (seeded).
+* ``train_student``: the script that distilled the toy LoRAs through a real server.
+* ``install``: assembles the full checkpoint ``hypersd_toy_digits.safetensors`` (UNet + VAE +
+  the generated CLIP-L of ``clip``) into a ComfyUI ``models/`` folder; set-up runs it.
+* ``quality``: ``measure(images, labels) -> {"accuracy", "fid", "n"}`` for generated digits.
+* ``demo``: the main job's demo (teacher beside few-step sampling through a running server).
+* ``data``: the digits (scikit-learn's ``load_digits`` at 32x32) and the prompts.
 """

@@ -23,28 +23,42 @@ def sd15_unet_config(model_channels: int = 320, num_res_blocks: int = 1, transfo
     }
 
 
-def init_weights_(module: torch.nn.Module, seed: int = 0) -> None:
-    """Deterministic initialisation (ComfyUI builds models with uninitialised memory).
+def init_weights_(module: torch.nn.Module, seed: int = 0, scheme: str = "scaled_normal",
+                  zero: tuple[str, ...] = ()) -> None:
+    """Give every parameter of ``module`` a defined value (ComfyUI builds layers on uninitialised memory).
 
-    Weights ~ N(0, 1/fan_in), biases 0, normalisation layers weight 1 / bias 0; the UNet's
-    final conv gets a small non-zero init so its output depends on the input from the start.
+    * ``scaled_normal``: weights ~ N(0, 1/fan_in) from a generator seeded with ``seed`` (the
+      global random state is neither used nor changed), biases 0;
+    * ``torch_default``: PyTorch's own initialisation of every linear and convolution layer
+      (Kaiming-uniform weights and uniform biases, as a freshly built ``torch.nn`` layer has),
+      drawn from the global random state, which the caller seeds.
+
+    In both, normalisation layers get weight (or scale) 1 and bias 0, other parameters
+    (a TAESD's ``vae_scale``, ...) keep the values their module gave them, and the parameters
+    whose names end with one of ``zero`` are set to 0 last (output layers that start silent).
     """
+    if scheme not in ("scaled_normal", "torch_default"):
+        raise ValueError(f"unknown initialisation {scheme!r}: use 'scaled_normal' or 'torch_default'")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, mod in module.named_modules():
-            if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                if mod.weight is not None:
-                    mod.weight.fill_(1.0)
-                if mod.bias is not None:
-                    mod.bias.zero_()
+        for mod in module.modules():
+            is_norm = "Norm" in type(mod).__name__
+            if scheme == "torch_default" and not is_norm:
+                for base in (torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Linear):
+                    if isinstance(mod, base):
+                        base.reset_parameters(mod)
+                        break
                 continue
-            w = getattr(mod, "weight", None)
-            if isinstance(w, torch.nn.Parameter) and w.dim() > 1:
-                fan_in = w[0].numel()
-                w.copy_(torch.randn(w.shape, generator=gen) / fan_in ** 0.5)
-            b = getattr(mod, "bias", None)
-            if isinstance(b, torch.nn.Parameter):
-                b.zero_()
+            for name, p in mod.named_parameters(recurse=False):
+                if is_norm:
+                    p.fill_(1.0 if name in ("weight", "scale") else 0.0)
+                elif name == "weight" and p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+                elif name == "bias":
+                    p.zero_()
+        for name, p in module.named_parameters():
+            if any(name.endswith(s) for s in zero):
+                p.zero_()
 
 
 def build_sd15_model(unet_config: dict, seed: int = 0):

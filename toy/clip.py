@@ -67,15 +67,7 @@ def generate_clip_l(seed: int = 0, prefix: str = "text_model.", dtype=torch.floa
 
 
 def write_clip_l(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the CLIP-L as a standalone safetensors file (``CLIPLoader``, type stable_diffusion).
+    """Write the CLIP-L as a standalone safetensors file (``CLIPLoader``, type stable_diffusion), atomically."""
+    from ComfyUI_HyperSD.hypersd_core import files
 
-    Atomic: written to a temporary name, then renamed. Returns the path.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(generate_clip_l(seed), str(tmp), metadata={"hypersd_toy": "clip_l", "seed": str(seed)})
-    os.replace(tmp, path)
-    return path
+    return files.save_safetensors(path, generate_clip_l(seed), metadata={"hypersd_toy": "clip_l", "seed": str(seed)})

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The main job's demo: the toy teacher beside few-step sampling, through a running ComfyUI.
 
-    python toy/demo.py --url http://127.0.0.1:8188 --out out/demo
+    python -m toy.demo --url http://127.0.0.1:8188 --out out/demo      (from the repository root)
 
 For every variant (sampler, scheduler, steps, cfg) it queues one API-format graph made of
 stock nodes (``CheckpointLoaderSimple``, ``CLIPTextEncode``, ``EmptyLatentImage``,
@@ -16,24 +16,16 @@ toy LoRA (``models/loras/hypersd_toy_*.safetensors``) joins at cfg 1 when instal
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 import time
-import urllib.parse
-import urllib.request
-import uuid
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _script  # noqa: E402
+from hypersd_dev.server import Client, execution_seconds
+from ComfyUI_HyperSD.hypersd_core import files
 
-    _script.toy_package()
-    from hypersd_toy import data, install, quality  # noqa: E402
-else:
-    from . import data, install, quality  # noqa: E402
+from . import data, install, quality
 
 TEACHER_STEPS = 25
 TEACHER_CFG = 3.0
@@ -112,62 +104,6 @@ def digits_graph(ckpt: str, v: dict, per_digit: int, seed: int, prefix: str) -> 
     return g, saves
 
 
-class Client:
-    def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        self.client_id = uuid.uuid4().hex
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=60) as r:
-            body = r.read()
-            return json.loads(body) if "json" in r.headers.get("Content-Type", "") else body
-
-    def run(self, graph: dict, timeout: float = 600) -> dict:
-        req = urllib.request.Request(self.url + "/prompt", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"prompt": graph, "client_id": self.client_id}).encode())
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                pid = json.loads(r.read())["prompt_id"]
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"/prompt refused the graph: {e.read()[:2000]!r}") from None
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            hist = self.get(f"/history/{pid}")
-            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-                entry = hist[pid]
-                if entry["status"].get("status_str") == "error":
-                    msgs = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
-                    raise RuntimeError(f"the graph failed on the server: {msgs[:1]}")
-                return entry
-            time.sleep(0.1)
-        raise TimeoutError(f"prompt {pid} did not finish within {timeout}s")
-
-    def inspect(self, lora_name: str) -> dict | None:
-        """The pack's inspection of a LoRA (``GET /hypersd/inspect``), None when unavailable."""
-        try:
-            return self.get("/hypersd/inspect?" + urllib.parse.urlencode({"lora": lora_name}))
-        except (urllib.error.URLError, ValueError):
-            return None
-
-    def images(self, entry: dict, node_id: str) -> list:
-        from PIL import Image
-
-        out = []
-        for im in entry["outputs"][node_id]["images"]:
-            q = urllib.parse.urlencode({"filename": im["filename"], "subfolder": im.get("subfolder", ""),
-                                        "type": im.get("type", "output")})
-            out.append(Image.open(io.BytesIO(self.get(f"/view?{q}"))).convert("RGB"))
-        return out
-
-
-def execution_seconds(entry: dict) -> float:
-    """Seconds between the server's execution_start and execution_success messages."""
-    ts = {m[0]: m[1].get("timestamp") for m in entry.get("status", {}).get("messages", []) if isinstance(m[1], dict)}
-    if ts.get("execution_start") and ts.get("execution_success"):
-        return (ts["execution_success"] - ts["execution_start"]) / 1000.0
-    return float("nan")
-
-
 def run_variant(client: Client, ckpt: str, v: dict, per_digit: int, seed: int, prefix: str) -> dict:
     import numpy as np
 
@@ -204,9 +140,7 @@ def write_grid(results: list[dict], path: Path, cell: int = 64) -> None:
         for d in range(cols):
             first = res["labels"].index(d)
             grid.paste(res["images"][first].resize((cell, cell)), (label_w + d * cell, y))
-    tmp = path.with_name(path.name + ".tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    files.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def write_table(results: list[dict], out: Path, meta: dict) -> tuple[Path, Path]:
@@ -221,12 +155,9 @@ def write_table(results: list[dict], out: Path, meta: dict) -> tuple[Path, Path]
               f"{meta['real_accuracy']:.3f}."]
     md = out / "table.md"
     js = out / "results.json"
-    for p, text in ((md, "\n".join(lines) + "\n"),
-                    (js, json.dumps({"meta": meta, "rows": [{k: v for k, v in r.items() if k not in ("images", "labels")}
-                                                            for r in results]}, indent=1) + "\n")):
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, p)
+    files.write_text(md, "\n".join(lines) + "\n")
+    files.write_text(js, json.dumps({"meta": meta, "rows": [{k: v for k, v in r.items() if k not in ("images", "labels")}
+                                                            for r in results]}, indent=1) + "\n")
     return md, js
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Install the toy model family into a ComfyUI models folder.
 
-    python toy/install.py --models-dir <ComfyUI>/models [--force]
+    python -m toy.install --models-dir <ComfyUI>/models [--force]      (from the repository root)
 
 Writes ``checkpoints/hypersd_toy_digits.safetensors``: a full SD1.5-format checkpoint
 (``model.diffusion_model.*`` from ``weights/toy_unet.safetensors``,
@@ -10,27 +10,22 @@ Writes ``checkpoints/hypersd_toy_digits.safetensors``: a full SD1.5-format check
 and ``vae/hypersd_toy_vae.safetensors`` (the VAE alone, for ``VAELoader``), and copies
 the toy's distilled LoRAs (``weights/hypersd_toy*lora*.safetensors``) into ``loras/``. The
 checkpoint and VAE carry a stamp of what they were built from (in their safetensors
-metadata), LoRAs are compared by content: a second run writes nothing. Writes are atomic (temporary file, rename).
-Needs only torch, numpy and safetensors (no ComfyUI).
+metadata), LoRAs are compared by content: a second run writes nothing. Writes are atomic
+(``hypersd_core.files``), with the permissions a plain write gives. Needs only torch, numpy and
+safetensors (no ComfyUI).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _script  # noqa: E402
+import hypersd_dev  # noqa: F401  (registers the pack's package)
+from ComfyUI_HyperSD.hypersd_core import files
 
-    _script.toy_package()
-    from hypersd_toy import clip  # noqa: E402
-else:
-    from . import clip  # noqa: E402
+from . import clip
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +75,6 @@ def _existing_stamp(path: Path) -> str | None:
         return None
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def copy_atomic(src: Path, dest: Path) -> None:
-    """Copy ``src`` to ``dest`` atomically (a reader never sees a partial file)."""
-    _write_atomic(dest, lambda tmp: shutil.copyfile(src, tmp))
-
-
 def checkpoint_state_dict(weights: Path = WEIGHTS) -> dict:
     from safetensors.torch import load_file
 
@@ -130,13 +102,13 @@ def install(models_dir: Path, force: bool = False, weights: Path = WEIGHTS) -> d
     written = []
     if force or _existing_stamp(ckpt) != st:
         log.info("writing %s", ckpt)
-        _save_atomic(checkpoint_state_dict(weights), ckpt, meta)
+        files.save_safetensors(ckpt, checkpoint_state_dict(weights), meta)
         written.append(str(ckpt))
     if force or _existing_stamp(vae) != st:
         from safetensors.torch import load_file
 
         log.info("writing %s", vae)
-        _save_atomic(load_file(str(weights / "toy_vae.safetensors")), vae, meta)
+        files.save_safetensors(vae, load_file(str(weights / "toy_vae.safetensors")), meta)
         written.append(str(vae))
     loras = []
     for src in sorted(weights.glob("hypersd_toy*lora*.safetensors")):
@@ -144,8 +116,11 @@ def install(models_dir: Path, force: bool = False, weights: Path = WEIGHTS) -> d
         loras.append(dest)
         if force or not dest.is_file() or dest.stat().st_size != src.stat().st_size or _file_hash(dest) != _file_hash(src):
             log.info("writing %s", dest)
-            copy_atomic(src, dest)
+            files.copy_file(src, dest)
             written.append(str(dest))
+    for path in (ckpt, vae, *loras):  # earlier versions wrote 0600 files that another user cannot read
+        if path.is_file() and path.stat().st_mode & 0o777 == 0o600 != files.new_file_mode():
+            path.chmod(files.new_file_mode())
     return {"checkpoint": ckpt, "vae": vae, "loras": loras, "written": written}
 
 

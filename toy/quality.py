@@ -9,7 +9,6 @@ samples read higher): compare numbers measured with the same count.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_classifier.safetensors"
-log = logging.getLogger(__name__)
 
 
 class DigitsClassifier(nn.Module):

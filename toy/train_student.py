@@ -3,7 +3,7 @@
 
 Run with the host's Python after set-up (the toy teacher must be installed)::
 
-    .venv/bin/python toy/train_student.py [--stages 8,4,2,1] [--steps-per-stage 300] [--out PATH]
+    .venv/bin/python -m toy.train_student [--stages 8,4,2,1] [--steps-per-stage 300] [--out PATH]
 
 It starts a real ComfyUI (``main.py --cpu``, a temporary base folder, the pack linked in,
 the toy checkpoint linked into ``models/checkpoints``), writes training digits with one
@@ -18,7 +18,7 @@ The LoRA the node saves into the server's ``models/loras`` is copied (atomically
 ``--out`` (default ``toy/weights/hypersd_toy_tscd_lora.safetensors``, the committed file),
 and the LoRA of each earlier stage (``<name>_stage<n>_k<k>``: the 8-, 4- and 2-step LoRAs)
 beside it. ``--stages 1,1,1,1`` with the same steps per stage trains the one-segment
-baseline of the benchmark (``bench/bench_tscd.py --quality``). Everything is seeded
+baseline of the benchmark (``python -m bench.bench_tscd --quality``). Everything is seeded
 (``--seed``): the node draws every step's batch, timesteps and noise from the seed and
 the step number, and puts a captioned dataset in a canonical order, so the same machine
 and library versions give the same files.
@@ -42,16 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _script  # noqa: E402
+from hypersd_dev import REPO, comfy_dir
+from hypersd_dev.server import ComfyServer
+from ComfyUI_HyperSD.hypersd_core import files
 
-    _script.toy_package()
-    from hypersd_toy import data, install  # noqa: E402
-else:
-    from . import data, install  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from . import data, install
 WEIGHTS = REPO / "toy" / "weights"
 LORA_FILE = "hypersd_toy_tscd_lora.safetensors"
 DATASET_FOLDER = "hypersd_toy_digits_train"
@@ -126,16 +121,13 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--name", default=Path(LORA_FILE).stem, help="output_name given to the node")
     ap.add_argument("--out", type=Path, default=WEIGHTS / LORA_FILE, help="where the trained LoRA is copied")
-    ap.add_argument("--models-dir", type=Path, default=REPO / ".host" / "ComfyUI" / "models",
+    ap.add_argument("--models-dir", type=Path, default=comfy_dir() / "models",
                     help="models folder to install the toy checkpoint into (set-up's host by default)")
     ap.add_argument("--unet", type=Path, help="use this UNet file instead of the committed teacher (pipeline tests)")
     ap.add_argument("--work-dir", type=Path, help="server base folder (default: a temporary one, removed after)")
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[train_student %(asctime)s] %(message)s", datefmt="%H:%M:%S")
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import ComfyServer  # noqa: E402  (the harness the tests use: a real main.py)
 
     base = args.work_dir or Path(tempfile.mkdtemp(prefix="hypersd-student-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -147,41 +139,40 @@ def main(argv=None) -> int:
     n = write_dataset(base / "input" / DATASET_FOLDER, args.per_digit)
     log.info("dataset: %d captioned digits in %s", n, base / "input" / DATASET_FOLDER)
 
-    srv = ComfyServer(base)
     t0 = time.time()
     try:
-        srv.start()
-        problems = srv.pack_problems(srv.log())
-        if problems:
-            raise RuntimeError("the pack failed to load:\n" + "\n".join(problems))
-        graph = training_graph(ckpt.name, DATASET_FOLDER, args.name, args)
-        log.info("training %s: stages %s x %d steps, batch %d, rank %d, lr %g, cfg %g, seed %d (server %s)",
-                 args.name, args.stages, args.steps_per_stage, args.batch, args.rank, args.lr, args.cfg, args.seed,
-                 srv.url)
-        t1 = time.time()
-        srv.run(graph, timeout=args.timeout)
-        train_s = time.time() - t1
-        lora = base / "models" / "loras" / f"{args.name}.safetensors"
-        install.copy_atomic(lora, args.out)
-        stage_files = []  # the node's LoRA of each earlier stage, <name>_stage<n>_k<k>, copied beside --out
-        for f in sorted((base / "models" / "loras").glob(f"{args.name}_stage*_k*.safetensors")):
-            dest = args.out.with_name(args.out.stem + f.name[len(args.name):])
-            install.copy_atomic(f, dest)
-            stage_files.append(str(dest))
-        from safetensors import safe_open
-
-        with safe_open(str(args.out), "pt") as f:
-            meta = f.metadata()
-        summary = {"out": str(args.out), "bytes": args.out.stat().st_size, "graph_seconds": round(train_s, 1),
-                   "total_seconds": round(time.time() - t0, 1), "images": n,
-                   "last_loss": meta.get("hypersd.last_loss"), "steps": meta.get("hypersd.total_steps"),
-                   "stages": meta.get("hypersd.stages"), "stage_files": stage_files}
-        log.info("done: %s", json.dumps(summary))
-        print(json.dumps(summary))
+        with ComfyServer(base) as srv:
+            return _train(srv, ckpt, n, base, args, t0)
     finally:
-        srv.stop()
         if args.work_dir is None:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _train(srv: ComfyServer, ckpt: Path, n: int, base: Path, args, t0: float) -> int:
+    """Queue the training graph, copy the LoRAs it saved to ``--out`` and beside it, print a summary."""
+    graph = training_graph(ckpt.name, DATASET_FOLDER, args.name, args)
+    log.info("training %s: stages %s x %d steps, batch %d, rank %d, lr %g, cfg %g, seed %d (server %s)",
+             args.name, args.stages, args.steps_per_stage, args.batch, args.rank, args.lr, args.cfg, args.seed, srv.url)
+    t1 = time.time()
+    srv.run(graph, timeout=args.timeout)
+    train_s = time.time() - t1
+    loras = base / "models" / "loras"
+    files.copy_file(loras / f"{args.name}.safetensors", args.out)
+    stage_files = []  # the node's LoRA of each earlier stage, <name>_stage<n>_k<k>, copied beside --out
+    for f in sorted(loras.glob(f"{args.name}_stage*_k*.safetensors")):
+        dest = args.out.with_name(args.out.stem + f.name[len(args.name):])
+        files.copy_file(f, dest)
+        stage_files.append(str(dest))
+    from safetensors import safe_open
+
+    with safe_open(str(args.out), "pt") as f:
+        meta = f.metadata()
+    summary = {"out": str(args.out), "bytes": args.out.stat().st_size, "graph_seconds": round(train_s, 1),
+               "total_seconds": round(time.time() - t0, 1), "images": n,
+               "last_loss": meta.get("hypersd.last_loss"), "steps": meta.get("hypersd.total_steps"),
+               "stages": meta.get("hypersd.stages"), "stage_files": stage_files}
+    log.info("done: %s", json.dumps(summary))
+    print(json.dumps(summary))
     return 0
 
 

@@ -3,7 +3,7 @@
 
 Run with the host's Python (ComfyUI must be set up)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python toy/train_teacher.py [--out toy/weights] [--seed 0]
+    OMP_NUM_THREADS=1 .venv/bin/python -m toy.train_teacher [--out toy/weights] [--seed 0]   (from the repository root)
 
 One thread is the default: on a shared 2-core machine two threads ran several times
 slower (threads spinning against other processes). The committed weights took 31
@@ -12,7 +12,10 @@ minutes on such a machine shared with other jobs, 25 of them the UNet (see
 
 Everything is seeded (``torch.manual_seed``), single-process, with a fixed number of
 threads, so a second run on the same machine and library versions gives the same
-weights. The phases:
+weights. (The committed weights were made before the script took its noise schedule,
+learning-rate schedule and DDIM step from the pack's core; the cosine schedule's last
+steps differ by one step in its denominator, so a run now gives slightly different bytes.)
+The phases:
 
 1. classifier (``digits_classifier.safetensors``, fp32, about 30 k parameters);
 2. VAE in TAESD layout (``taesd_encoder.*``/``taesd_decoder.*`` plus ``vae_scale`` and
@@ -28,25 +31,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import _script  # noqa: E402
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-    _script.comfy_on_path()
-    toy = _script.toy_package()
-    from hypersd_toy import arch, clip, data, quality  # noqa: E402
-else:
-    from . import arch, clip, data, quality  # noqa: E402
+import hypersd_dev
+from ComfyUI_HyperSD.hypersd_core import files
+from ComfyUI_HyperSD.hypersd_core.schedules import DiscreteSchedule
+from ComfyUI_HyperSD.hypersd_core.train import learning_rate_at
+from ComfyUI_HyperSD.hypersd_core.tscd import ddim_jump
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from . import arch, clip, data, quality
 
 UNET_FILE = "toy_unet.safetensors"
 VAE_FILE = "toy_vae.safetensors"
@@ -65,36 +64,8 @@ def say(msg: str) -> None:
     print(f"[train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def init_weights(module: nn.Module, zero_suffixes: tuple[str, ...] = ()) -> None:
-    """PyTorch default init for ComfyUI's no-init layers; zero the listed output layers."""
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Conv2d):
-            nn.Conv2d.reset_parameters(m)
-        elif isinstance(m, nn.Linear):
-            nn.Linear.reset_parameters(m)
-        elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-            if m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if any(name.endswith(s) for s in zero_suffixes):
-                p.zero_()
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    prog = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
+ZERO_AT_START = ("out_layers.3.weight", "out_layers.3.bias", "proj_out.weight", "proj_out.bias", "out.2.weight",
+                 "out.2.bias")  # the UNet's residual outputs and final conv start silent
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -108,7 +79,7 @@ def train_classifier(split: dict, seed: int, steps: int) -> tuple[quality.Digits
     n = len(x)
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 3e-3, 20)
+            g["lr"] = learning_rate_at(3e-3, "cosine", step, steps, warmup=20)
         idx = torch.randint(0, n, (128,))
         xb = x[idx]
         xb = (xb + 0.05 * torch.randn_like(xb)).clamp(0, 1)  # robustness to generator noise
@@ -129,7 +100,7 @@ def new_vae():
     import comfy.taesd.taesd
 
     vae = comfy.taesd.taesd.TAESD(latent_channels=4)
-    init_weights(vae)
+    arch.init_weights_(vae, scheme="torch_default")
     return vae
 
 
@@ -145,7 +116,7 @@ def train_vae(x_train: torch.Tensor, seed: int, steps: int, batch: int) -> tuple
     t0 = time.time()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 1e-3, 50)
+            g["lr"] = learning_rate_at(1e-3, "cosine", step, steps, warmup=50)
         idx = torch.randint(0, n, (batch,))
         xb = rgb[idx]
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -201,11 +172,6 @@ def prompt_embeddings() -> torch.Tensor:
 # ----------------------------------------------------------------------------- UNet
 
 
-def alphas_cumprod() -> torch.Tensor:
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
-
-
 class SharedContext:
     """Training-only speed-up: the context has 11 distinct values, so the cross-attention
     K/V projections are computed on those and gathered (same maths, same weights)."""
@@ -232,8 +198,7 @@ def new_unet(seed: int):
     torch.manual_seed(seed + 2)
     model = arch.build_sd15_model(unet_config(), seed=seed + 2)
     unet = model.diffusion_model
-    init_weights(unet, zero_suffixes=("out_layers.3.weight", "out_layers.3.bias", "proj_out.weight",
-                                      "proj_out.bias", "out.2.weight", "out.2.bias"))
+    arch.init_weights_(unet, scheme="torch_default", zero=ZERO_AT_START)
     return unet
 
 
@@ -245,13 +210,13 @@ def train_unet(lat: torch.Tensor, labels: torch.Tensor, ctx: torch.Tensor, seed:
     params = [p for p in unet.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr, betas=(0.9, 0.999), weight_decay=0.0)
-    ab = alphas_cumprod()
+    ab = DiscreteSchedule().alphas_cumprod
     n = len(lat)
     t0 = time.time()
     avg = 0.0
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, 100)
+            g["lr"] = learning_rate_at(lr, "cosine", step, steps, warmup=100)
         idx = torch.randint(0, n, (batch,))
         x0 = lat[idx]
         cls = labels[idx].clone()
@@ -293,7 +258,7 @@ def sample_check(unet_sd: dict, vae, ctx: torch.Tensor, per_digit: int = 10, ste
     unet = new_unet(0)
     unet.load_state_dict(unet_sd)
     unet.eval()
-    ab = alphas_cumprod()
+    ab = DiscreteSchedule().alphas_cumprod
     ts = torch.linspace(999, 0, steps).round().long()
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(10).repeat_interleave(per_digit)
@@ -304,9 +269,8 @@ def sample_check(unet_sd: dict, vae, ctx: torch.Tensor, per_digit: int = 10, ste
         e = unet(torch.cat([x, x]), timesteps=torch.full((2 * len(x),), float(t)), context=c)
         ec, eu = e.chunk(2)
         eps = eu + cfg * (ec - eu)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         a_next = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        x = ddim_jump(x, eps, a, a_next)
     pages = decode_model_space(vae, x)
     m = quality.measure(pages, labels)
     return m
@@ -326,6 +290,7 @@ def main() -> int:
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--phases", default="clf,vae,unet", help="comma list; missing phases load from --out")
     args = ap.parse_args()
+    hypersd_dev.comfy_on_path()
     from safetensors.torch import load_file
 
     torch.set_num_threads(args.threads)
@@ -340,7 +305,7 @@ def main() -> int:
     if "clf" in phases:
         t0 = time.time()
         clf, acc = train_classifier(split, args.seed, args.clf_steps)
-        save_atomic(clf.state_dict(), args.out / CLF_FILE)
+        files.save_safetensors(args.out / CLF_FILE, clf.state_dict())
         info["classifier_heldout_accuracy"] = acc
         say(f"classifier: held-out accuracy {acc:.4f} ({time.time() - t0:.0f}s)")
     quality._cache.clear()
@@ -350,7 +315,7 @@ def main() -> int:
         t0 = time.time()
         vae, vinfo = train_vae(split["train_x"], args.seed, args.vae_steps, args.vae_batch)
         vsd = {k: v.detach().to(torch.float16) for k, v in vae.state_dict().items()}
-        save_atomic(vsd, args.out / VAE_FILE)
+        files.save_safetensors(args.out / VAE_FILE, vsd)
         vinfo["seconds"] = time.time() - t0
         info["vae"] = vinfo
         say(f"vae: {vinfo}")
@@ -370,17 +335,15 @@ def main() -> int:
         lat = encode_model_space(vae, x_aug)
         say(f"latents {tuple(lat.shape)} mean {lat.mean():.3f} std {lat.std():.3f}")
         usd, uinfo = train_unet(lat, y_aug, ctx, args.seed, args.unet_steps, args.unet_batch, args.lr, args.ema)
-        save_atomic({k: v.detach().to(torch.float16) for k, v in usd.items()}, args.out / UNET_FILE)
+        files.save_safetensors(args.out / UNET_FILE, {k: v.detach().to(torch.float16) for k, v in usd.items()})
         info["unet"] = uinfo
         usd16 = {k: v.float() for k, v in load_file(str(args.out / UNET_FILE)).items()}
         info["inprocess_ddim25_cfg3"] = sample_check(usd16, vae, ctx)
         say(f"in-process check, 25 DDIM steps cfg 3: {info['inprocess_ddim25_cfg3']}")
     info["total_seconds"] = time.time() - t_start
-    tmp = args.out / "training.json.tmp"
     old = json.loads((args.out / "training.json").read_text()) if (args.out / "training.json").exists() else {}
     old.update(info)
-    tmp.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, args.out / "training.json")
+    files.write_text(args.out / "training.json", json.dumps(old, indent=1, sort_keys=True) + "\n")
     say(f"done in {info['total_seconds']:.0f}s; weights in {args.out}")
     return 0
 

@@ -11,18 +11,18 @@
 * ``peft_flux_layout(model)``: PEFT names (``transformer.<diffusers path>``) over the
   linears of every FLUX double and single block.
 * ``write_lora``: a LoRA file for a layout, with random values, or sparse (zeros that
-  take no disk) for full-size header tests. Writes are atomic (temporary file + rename).
+  take no disk) for full-size header tests. Writes are atomic (``hypersd_core.files``).
 * ``diffusers_unet_state_dict``: a UNet in diffusers key layout (like
   Hyper-SDXL-1step-Unet.safetensors) from a ComfyUI model.
 """
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 
 import torch
+
+from ComfyUI_HyperSD.hypersd_core import files
 
 
 def sd15_config(small: bool = False) -> dict:
@@ -72,20 +72,10 @@ def build_model(family: str, config: dict, device: str = "cpu", seed: int = 0):
     if device == "meta":
         with torch.device("meta"):
             return mc.get_model({}, device="meta")
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = mc.get_model({}, device="cpu")
-        with torch.no_grad():  # ComfyUI's layers skip initialisation: give every tensor a defined value
-            for name, p in model.diffusion_model.named_parameters():
-                if p.dim() > 1:
-                    p.normal_(0, (1.0 / max(1, p[0].numel())) ** 0.5)
-                elif "norm" in name and name.endswith(("weight", "scale")):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0, 0.01)
-    finally:
-        torch.random.set_rng_state(state)
+    from toy import arch
+
+    model = mc.get_model({}, device="cpu")
+    arch.init_weights_(model.diffusion_model, seed)  # ComfyUI's layers skip initialisation
     return model.to(torch.float32)
 
 
@@ -161,27 +151,10 @@ def lora_state_dict(layout: dict, rank: int = 4, alpha: float | None = 2.0, fmt:
     return out
 
 
-def _atomic_target(path: str):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    os.close(fd)
-    return tmp
-
-
 def write_lora(path: str, layout: dict, rank: int = 4, alpha: float | None = 2.0, fmt: str = "kohya",
                seed: int = 0, scale: float = 0.05, metadata: dict | None = None) -> str:
     """A LoRA file with random values (atomic write)."""
-    import safetensors.torch
-
-    sd = lora_state_dict(layout, rank, alpha, fmt, seed, scale)
-    tmp = _atomic_target(path)
-    try:
-        safetensors.torch.save_file(sd, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    files.save_safetensors(path, lora_state_dict(layout, rank, alpha, fmt, seed, scale), metadata=metadata)
     return path
 
 
@@ -207,8 +180,8 @@ def write_sparse_lora(path: str, layout: dict, rank: int = 64, alpha: float | No
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((8 - len(raw) % 8) % 8)
-    tmp = _atomic_target(path)
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
@@ -216,10 +189,8 @@ def write_sparse_lora(path: str, layout: dict, rank: int = 64, alpha: float | No
                 if k.endswith(".alpha"):
                     f.write(struct.pack("<f", float(alpha)))
             f.truncate(8 + len(raw) + offset)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    files.atomic_write(path, write)
     return 8 + len(raw) + offset
 
 
@@ -230,16 +201,3 @@ def diffusers_unet_state_dict(model) -> dict:
     sd = model.diffusion_model.state_dict()
     mapping = comfy.utils.unet_to_diffusers(model.model_config.unet_config)
     return {dk: sd[lk].clone() for dk, lk in mapping.items() if lk in sd}
-
-
-def save_file_atomic(sd: dict, path: str, metadata: dict | None = None) -> str:
-    import safetensors.torch
-
-    tmp = _atomic_target(path)
-    try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

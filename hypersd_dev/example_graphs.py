@@ -1,9 +1,9 @@
 """Every shipped example workflow, in API format, with the note shown beside it.
 
-``scripts/build_example_workflows.py`` lays each out as a UI-format file in
-``example_workflows/`` (what artists open); ``test_example_workflows.py`` converts every
-file back and checks it still equals its graph here, and the server tests run them with
-tiny models and LoRAs of the official layout, named as the official files.
+``python -m scripts.build_example_workflows`` lays each out as a UI-format file in
+``example_workflows/`` (what artists open); ``tests/test_example_workflows.py`` converts
+every file back and checks it still equals its graph here, and the server tests run them
+with tiny models and LoRAs of the official layout, named as the official files.
 
 Three groups: the few-step sampling recipes with core loaders and this pack's sampler and
 scheduler nodes (issue 3), the Hyper-SD LoRA/UNet loader recipes (issue 4), and distilling

@@ -7,7 +7,6 @@ an INT input with ``control_after_generate`` carries one extra UI value ("fixed"
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -125,13 +124,3 @@ def api_to_ui(api: dict, object_info: dict, titles: dict | None = None, notes: l
 
 def load(path: Path) -> dict:
     return json.loads(Path(path).read_text())
-
-
-def substitute(api: dict, names: dict[str, str]) -> dict:
-    """Replace input values (file names) by the tiny stand-ins a test provides."""
-    api = copy.deepcopy(api)
-    for node in api.values():
-        for k, v in node["inputs"].items():
-            if isinstance(v, str) and v in names:
-                node["inputs"][k] = names[v]
-    return api

@@ -1,0 +1,298 @@
+"""The vocabulary of a Hyper-SD file: what it is, and how to sample it.
+
+One definition, used both ways: the trainer writes a LoRA's metadata through
+:func:`trained_metadata`, the inspector (``lora_file``) reads it through
+:func:`read_trained`, and both take the sampling settings of every kind of file from
+:func:`recipe_for`. Plain Python; nothing here imports torch or ComfyUI.
+
+Keys written by this pack's trainer (safetensors ``__metadata__``, all strings):
+
+================================  ================================================
+``hypersd.trained_by``            ``"ComfyUI-HyperSD"``: marks the file as ours
+``hypersd.method``                the training method (``tscd``)
+``hypersd.family``                ``SD1.5`` / ``SD2`` / ``SDXL`` / ... (:func:`model_family`)
+``hypersd.stages``                segment counts trained so far, e.g. ``"8,4,2,1"``
+``hypersd.run_stages``            a stage file's whole run (the stages the run went on to)
+``hypersd.step``                  optimizer steps done
+``hypersd.total_steps``           optimizer steps of the run (of the stage, for a stage file)
+``hypersd.complete``              ``"false"`` on an intermediate save (read as a warning)
+``hypersd.last_loss``             the loss of the last step
+``hypersd.<setting>``             the run's settings (:data:`SETTINGS`)
+``hypersd.recommended_steps``     integer
+``hypersd.recommended_cfg``       float
+``hypersd.recommended_sampler``   one of :data:`SAMPLERS`
+``hypersd.recommended_eta``       float (TCD's gamma)
+``hypersd.recommended_schedule``  one of :data:`SCHEDULES`
+``hypersd.recommended_strength``  optional float
+================================  ================================================
+
+plus kohya's ``ss_network_module``, ``ss_network_dim`` and ``ss_network_alpha``, which
+other LoRA tools read.
+
+Recommended settings (:func:`recipe_for`), from the official Hyper-SD model card:
+
+* ``unified`` (Hyper-SD15/SDXL-1step-lora): TCD sampler on TCD's grid, cfg 1; eta 1 at
+  one step, 0.3 at 2-8 steps;
+* ``nsteps`` (2/4/8/16-step LoRAs) and ``cfg`` (CFG-preserving LoRAs): the file's steps,
+  DDIM on the trailing grid (SD1.5/SDXL) or euler on ComfyUI's ``simple`` schedule
+  (SD3/FLUX); cfg 1, or 5 for CFG LoRAs (SD3: 3/5/7 at 4/8/16 steps); FLUX guidance 3.5;
+* ``onestep_unet``: one LCM step from timestep 800, cfg 1;
+* ``hypersd_trained`` (this pack's TSCD): a last stage of k > 1 segments gives a k-step
+  LoRA (k steps, DDIM trailing, cfg 1); a last stage of one segment gives a unified LoRA
+  (:data:`ONE_SEGMENT`, decided by measurement, see there);
+* LoRAs are applied at strength 1 on SD1.5/SDXL and 0.125 on SD3/FLUX.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+NUM_TRAIN_TIMESTEPS = 1000  # the discrete training schedule of SD1.x/SD2.x/SDXL: every grid is on it
+
+PREFIX = "hypersd."
+PACK_NAME = "ComfyUI-HyperSD"
+
+TRAINED_BY = PREFIX + "trained_by"
+METHOD = PREFIX + "method"
+FAMILY = PREFIX + "family"
+STAGES = PREFIX + "stages"
+RUN_STAGES = PREFIX + "run_stages"
+STEP = PREFIX + "step"
+TOTAL_STEPS = PREFIX + "total_steps"
+COMPLETE = PREFIX + "complete"
+LAST_LOSS = PREFIX + "last_loss"
+RECOMMENDED = PREFIX + "recommended_"  # + steps, cfg, sampler, eta, schedule, strength
+
+# The run's settings, each written as hypersd.<name>.
+SETTINGS = ("steps_per_stage", "rank", "alpha", "teacher_cfg", "learning_rate", "seed", "lora_scope",
+            "lr_schedule")
+
+FAMILIES = ("SD1.5", "SDXL", "SD3", "FLUX", "unknown")  # what a file's keys can tell apart
+MODEL_FAMILIES = FAMILIES[:-1] + ("SD2", "SDXL-refiner", "FLUX.2")  # what a loaded model can be
+SAMPLERS = ("tcd", "ddim", "euler", "lcm")
+SCHEDULES = ("trailing", "tcd", "segments", "one_step", "simple")
+
+# ComfyUI's model-config class names (comfy.supported_models) -> family. Subclasses (SSD-1B,
+# FLUX schnell, ...) take their base's family: model_family walks the class hierarchy.
+_CONFIG_FAMILIES = {"Flux2": "FLUX.2", "SDXLRefiner": "SDXL-refiner", "SDXL": "SDXL", "SD15": "SD1.5",
+                    "SD20": "SD2", "SD3": "SD3", "Flux": "FLUX"}
+
+
+def model_family(model_config) -> str:
+    """The family of a loaded model from its config object (``ModelPatcher.model.model_config``).
+
+    Found by class name along the class hierarchy, so it needs no import of the host; a
+    config of another kind gives its class name, ``None`` gives ``"unknown"``.
+    """
+    if model_config is None:
+        return "unknown"
+    for cls in type(model_config).__mro__:
+        fam = _CONFIG_FAMILIES.get(cls.__name__)
+        if fam is not None:
+            return fam
+    return type(model_config).__name__
+
+
+def parse_stages(text: str | int | Sequence[int], T: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """Segment counts of the progressive stages: ``"8,4,2,1"`` -> ``[8, 4, 2, 1]``.
+
+    Accepts commas, semicolons or spaces between the numbers, a JSON list (``"[8, 4]"``),
+    an integer or a sequence. Each count must be a whole number in ``[1, T]``; anything
+    else raises ``ValueError`` with a sentence that says what to write.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"stages must be whole numbers like '8,4,2,1'; got {text!r}")
+    if isinstance(text, int):
+        parts: list = [text]
+    elif isinstance(text, str):
+        raw = text.strip()
+        if raw.startswith("["):
+            try:
+                parts = json.loads(raw)
+            except ValueError:
+                raise ValueError(f"stages must be whole numbers like '8,4,2,1'; got {text!r}") from None
+            if not isinstance(parts, list):
+                parts = [parts]
+        else:
+            parts = [p for p in re.split(r"[,;\s]+", raw) if p]
+    else:
+        parts = list(text)
+    ks = []
+    for p in parts:
+        if isinstance(p, bool) or isinstance(p, float) and not p.is_integer():
+            raise ValueError(f"stages must be whole numbers separated by commas, like '8,4,2,1'; got {text!r}")
+        try:
+            ks.append(int(p))
+        except (TypeError, ValueError):
+            raise ValueError(f"stages must be whole numbers separated by commas, like '8,4,2,1'; got {text!r}") from None
+    if not ks:
+        raise ValueError("stages is empty: give segment counts such as '8,4,2,1'")
+    for k in ks:
+        if not 1 <= k <= T:
+            raise ValueError(f"a stage's segment count must be between 1 and {T}; got {k}")
+    return ks
+
+
+def format_stages(stages: Sequence[int]) -> str:
+    return ",".join(str(int(k)) for k in stages)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to sample a model with a Hyper-SD file applied."""
+
+    steps: int
+    cfg: float
+    sampler: str
+    schedule: str
+    eta: float = 0.0
+    strength: float = 1.0
+    guidance: float | None = None  # FLUX's distilled guidance (FluxGuidance)
+
+    def with_steps(self, steps: int) -> "Recipe":
+        """The recipe at another step count; a TCD recipe's eta follows (1 at one step, 0.3 above)."""
+        steps = max(1, int(steps))
+        if self.sampler == "tcd" and self.schedule == "tcd":
+            return replace(self, steps=steps, eta=tcd_eta(steps))
+        return replace(self, steps=steps)
+
+    def to_metadata(self) -> dict[str, str]:
+        """The ``hypersd.recommended_*`` keys (strength only where it is not 1)."""
+        md = {RECOMMENDED + "steps": str(self.steps), RECOMMENDED + "cfg": str(float(self.cfg)),
+              RECOMMENDED + "sampler": self.sampler, RECOMMENDED + "eta": str(float(self.eta)),
+              RECOMMENDED + "schedule": self.schedule}
+        if self.strength != 1.0:
+            md[RECOMMENDED + "strength"] = str(float(self.strength))
+        return md
+
+
+def tcd_eta(steps: int) -> float:
+    """TCD's gamma for the unified LoRA: 1 at one step (LCM-like), 0.3 at 2-8 steps."""
+    return 1.0 if int(steps) == 1 else 0.3
+
+
+def family_strength(family: str) -> float:
+    return 0.125 if family in ("FLUX", "SD3") else 1.0
+
+
+def _few_step(family: str, steps: int, cfg: float) -> Recipe:
+    if family in ("FLUX", "SD3"):
+        return Recipe(steps, cfg, "euler", "simple", 0.0, family_strength(family), 3.5 if family == "FLUX" else None)
+    return Recipe(steps, cfg, "ddim", "trailing", 0.0, family_strength(family))
+
+
+# A TSCD LoRA whose last stage had one segment is a unified LoRA: one TCD step at eta 1.
+# Measured on the toy (bench/bench_tscd.py --quality --repeats 3, the committed final LoRA,
+# 500 images a row, 3 seed sets): see ONE_SEGMENT_MEASURED for the numbers this rests on.
+ONE_SEGMENT_STEPS = 1
+ONE_SEGMENT_MEASURED = {}  # filled in below by the measurement's numbers
+
+
+def recipe_for(variant: str, family: str, steps: int | None = None, last_segments: int | None = None) -> Recipe:
+    """The recommended settings for a file of ``variant`` and ``family`` (see the module docstring).
+
+    ``steps``: the step count the file announces (its name), for N-step, CFG and unified
+    files. ``last_segments``: for ``hypersd_trained``, the segment count of the last stage.
+    """
+    if variant == "unified":
+        n = steps or 1
+        return Recipe(n, 1.0, "tcd", "tcd", tcd_eta(n), family_strength(family))
+    if variant == "onestep_unet":
+        return Recipe(1, 1.0, "lcm", "one_step", 1.0, family_strength(family))
+    if variant == "hypersd_trained":
+        if last_segments == 1:
+            return recipe_for("unified", family, ONE_SEGMENT_STEPS)
+        return _few_step(family, last_segments or 4, 1.0)
+    n = steps or 4
+    if variant == "cfg":
+        cfg = {4: 3.0, 8: 5.0, 16: 7.0}.get(n, 5.0) if family == "SD3" else 5.0
+        return _few_step(family, n, cfg)
+    return _few_step(family, n, 1.0)  # nsteps, or unknown: the most common kind
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def trained_metadata(*, method: str, family: str, stages: Sequence[int], settings: Mapping[str, object],
+                     step: int, total_steps: int, complete: bool, rank: int, run_stages: Sequence[int] | None = None,
+                     last_loss: float | None = None) -> dict[str, str]:
+    """The metadata of a LoRA trained by this pack, with the recipe of its last stage."""
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"not a setting of the file vocabulary: {sorted(unknown)}")
+    md = {TRAINED_BY: PACK_NAME, METHOD: method, FAMILY: family, STAGES: format_stages(stages),
+          STEP: str(int(step)), TOTAL_STEPS: str(int(total_steps)), COMPLETE: "true" if complete else "false"}
+    md.update({PREFIX + k: str(v) for k, v in settings.items()})
+    md.update(recipe_for("hypersd_trained", family, last_segments=int(stages[-1])).to_metadata())
+    md.update({"ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
+               "ss_network_alpha": str(float(settings.get("alpha", rank)))})
+    if run_stages is not None:
+        md[RUN_STAGES] = format_stages(run_stages)
+    if last_loss is not None:
+        md[LAST_LOSS] = f"{last_loss:.6g}"
+    return md
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class TrainedFile:
+    """What this pack's metadata says of a file (:func:`read_trained`)."""
+
+    stages: list[int]
+    family: str | None
+    recipe: Recipe
+    warnings: list[str]
+
+
+_RECIPE_FIELDS = (("steps", int), ("cfg", float), ("eta", float), ("sampler", str), ("schedule", str),
+                  ("strength", float))
+
+
+def is_trained_by_pack(meta: Mapping[str, str]) -> bool:
+    return bool(meta.get(TRAINED_BY))
+
+
+def read_trained(meta: Mapping[str, str], key_family: str) -> TrainedFile:
+    """Read a trained file's metadata: its stages, family and recipe, and what is wrong with it.
+
+    ``key_family``: the family the file's keys show (it decides the defaults when the
+    metadata names none). A recommended value the metadata leaves out comes from the last
+    stage (:func:`recipe_for`); a value that cannot be read is ignored with a warning.
+    """
+    warnings: list[str] = []
+    stages: list[int] = []
+    if meta.get(STAGES):
+        try:
+            stages = parse_stages(meta[STAGES])
+        except ValueError:
+            warnings.append(f"unreadable {STAGES}={meta[STAGES]!r}")
+    if meta.get(COMPLETE, "").lower() == "false":
+        warnings.append(f"training was not finished (step {meta.get(STEP, '?')} of {meta.get(TOTAL_STEPS, '?')}): "
+                        f"this is an intermediate save")
+    family = meta.get(FAMILY) or None
+    recipe = recipe_for("hypersd_trained", family if key_family == "unknown" and family else key_family,
+                        last_segments=stages[-1] if stages else None)
+    values = {}
+    for name, conv in _RECIPE_FIELDS:
+        raw = meta.get(RECOMMENDED + name)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[name] = conv(raw)
+        except ValueError:
+            warnings.append(f"metadata {RECOMMENDED}{name}={raw!r} is not a valid {conv.__name__}; ignored")
+    if values.get("sampler", recipe.sampler) not in SAMPLERS:
+        warnings.append(f"unknown recommended sampler {values['sampler']!r}; using {recipe.sampler}")
+        values.pop("sampler")
+    if values.get("schedule", recipe.schedule) not in SCHEDULES:
+        warnings.append(f"unknown recommended schedule {values['schedule']!r}; using {recipe.schedule}")
+        values.pop("schedule")
+    recipe = replace(recipe, **values)
+    return TrainedFile(stages, family, replace(recipe, steps=max(1, recipe.steps)), warnings)

@@ -1,0 +1,305 @@
+"""One training run of the pack, as explicit steps, in plain torch.
+
+::
+
+    settings = TrainSettings(stages="8,4,2,1", steps_per_stage=250, ...)    # 1. checked settings
+    files = RunFiles.create(folder, "my_model_hypersd")                       # 2. where it is written
+    run = TrainingRun(settings, files, family="SD1.5", alphas_cumprod=ab,    # 3. the run; reads the
+                      key_prefix=kohya_prefix(names), resume=True)            #    state to resume first
+    trainer = run.train(module, eps_fn, LatentData(groups), device=dev)       # 4. adapters, loss terms,
+                                                                              #    stages, the loop
+    run.lora                                                                  # 5. the LoRA, kohya keys
+
+Whatever supplies a module to put the adapters in and ``eps_fn(x_t, t, cfg, cond) -> eps``
+(see :mod:`hypersd_core.tscd`) can drive it: the ComfyUI node through ComfyUI's guider,
+a script with the bare UNet (``scripts/train_outside_comfyui.py``), a distributed launcher.
+
+:meth:`TrainingRun.train` in turn:
+
+1. puts the student LoRA and its EMA twin into ``module`` (:class:`~.lora_train.LoraAdapters`);
+2. builds the method's stages and loss terms (:data:`METHODS`: ``tscd``, progressive
+   segment counts, each stage continuing from the previous weights);
+3. continues from the saved training state when there is one (same settings only);
+4. runs the loop (:class:`~.train.Trainer`) with the LoRA and its state saved every
+   ``checkpoint_every`` steps and at the end, each stage's own LoRA at its end, and the
+   stops: Cancel (``interrupts``: the last finished step is saved, then it re-raises),
+   a NaN (stops, keeps the last good checkpoint), out of memory (saves the last step,
+   raises :class:`~.train.TrainingOutOfMemory` with what to change, cheapest first);
+5. keeps the trained LoRA in ``run.lora`` and takes the adapters out of ``module`` again.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import files as fileio
+from . import metadata as vocab
+from . import tscd
+from .data import LatentData
+from .lora_train import LoraAdapters, activation_checkpointing, kohya_prefix, select_targets
+from .train import (LR_SCHEDULES, Callback, Checkpointer, NonFiniteLossError, Stage, StageSaver, Trainer,
+                    TrainingOutOfMemory, is_out_of_memory)
+
+log = logging.getLogger(__name__)
+
+STATE_SUFFIX = ".hypersd-state.pt"
+LOSSES = ("huber", "mse")
+LORA_SCOPES = ("transformer", "all")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, gradients or weights became NaN or infinite; the message says what is kept."""
+
+
+# ---------------------------------------------------------------------- 1. settings
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a run is made of but the model and the data; checked when made."""
+
+    stages: tuple[int, ...] | str = (8, 4, 2, 1)
+    steps_per_stage: int = 250
+    learning_rate: float = 1e-4
+    rank: int = 16
+    teacher_cfg: float = 7.0
+    seed: int = 0
+    batch_size: int = 4
+    loss: str = "huber"
+    lora_scope: str = "transformer"
+    ema_decay: float = 0.95
+    lr_schedule: str = "constant"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    save_stages: bool = True
+    method: str = "tscd"
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(vocab.parse_stages(self.stages)))
+        checks = [
+            (int(self.steps_per_stage) >= 1, "steps_per_stage must be at least 1"),
+            (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+             and math.isfinite(self.learning_rate), "learning_rate must be a positive number"),
+            (int(self.rank) >= 1, f"LoRA rank must be at least 1, got {self.rank}"),
+            (int(self.batch_size) >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (math.isfinite(self.teacher_cfg) and self.teacher_cfg >= 1.0,
+             f"teacher_cfg must be 1 or more (1 = no guidance), got {self.teacher_cfg}"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (int(self.checkpoint_every) >= 0, "checkpoint_every must be 0 (only at the end) or more"),
+            (self.loss in LOSSES, f"unknown loss {self.loss!r}: use 'huber' or 'mse'"),
+            (self.lora_scope in LORA_SCOPES, f"unknown LoRA scope {self.lora_scope!r}: use 'transformer' or 'all'"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"unknown learning-rate schedule {self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}"),
+            (self.method in METHODS, f"unknown training method {self.method!r}: use one of {', '.join(METHODS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def signature(self, prompts: int = 1) -> dict:
+        """What a saved state must share to be resumed (states of earlier versions still match)."""
+        sig = {"method": self.method, "stages": vocab.format_stages(self.stages),
+               "steps_per_stage": int(self.steps_per_stage), "learning_rate": float(self.learning_rate),
+               "rank": int(self.rank), "teacher_cfg": float(self.teacher_cfg), "seed": int(self.seed),
+               "batch_size": int(self.batch_size), "loss": self.loss, "lora_scope": self.lora_scope,
+               "ema_decay": float(self.ema_decay)}
+        if prompts > 1:
+            sig["prompts"] = int(prompts)
+        if self.lr_schedule != "constant":  # absent for constant: states saved before the option existed resume
+            sig["lr_schedule"] = self.lr_schedule
+        return sig
+
+    def file_settings(self) -> dict:
+        """The settings a LoRA file records (``hypersd.<setting>``)."""
+        return {"steps_per_stage": int(self.steps_per_stage), "rank": int(self.rank), "alpha": float(self.rank),
+                "teacher_cfg": float(self.teacher_cfg), "learning_rate": float(self.learning_rate),
+                "seed": int(self.seed), "lora_scope": self.lora_scope, "lr_schedule": self.lr_schedule}
+
+
+# ---------------------------------------------------------------------- 2. files
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of a run named ``name`` in ``folder``."""
+
+    folder: Path
+    name: str
+
+    @classmethod
+    def create(cls, folder, output_name: str) -> "RunFiles":
+        return cls(Path(folder), fileio.safe_output_name(output_name))
+
+    @property
+    def lora(self) -> Path:
+        return self.folder / f"{self.name}.safetensors"
+
+    @property
+    def state(self) -> Path:
+        return self.folder / f"{self.name}{STATE_SUFFIX}"
+
+    def stage_lora(self, index: int, segments: int) -> Path:
+        """``<name>_stage<n>_k<k>``: the LoRA of stage ``n`` (1-based), trained down to ``k`` segments."""
+        return self.folder / f"{self.name}_stage{index + 1}_k{segments}.safetensors"
+
+    def resume_state(self, resume: bool) -> dict | None:
+        """The saved state to continue from; refuses a LoRA that has none rather than replace it."""
+        if resume and self.state.exists():
+            try:
+                with torch.inference_mode(False):  # the optimizer updates these tensors in place
+                    return torch.load(self.state, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"cannot resume: the training state {self.state} is unreadable ({e}); "
+                                 f"turn 'resume' off to start again or pick another output_name") from e
+        if resume and self.lora.exists():
+            raise ValueError(f"{self.lora} exists but has no training state beside it, so it cannot be resumed; "
+                             f"turn 'resume' off to replace it or pick another output_name")
+        return None
+
+
+# ---------------------------------------------------------------------- 2b. methods
+
+
+def tscd_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alphas_cumprod: torch.Tensor) -> list[Stage]:
+    """TSCD: one stage per segment count, each with the consistency term at the teacher's cfg."""
+    term = tscd.TSCDLoss(eps_fn, adapters, alphas_cumprod, teacher_cfg=settings.teacher_cfg, loss=settings.loss)
+    return tscd.progressive_stages(settings.stages, settings.steps_per_stage, lambda k: [(1.0, term)])
+
+
+# method name -> stages(settings, eps_fn, adapters, alphas_cumprod); later methods join here.
+METHODS: dict[str, Callable[..., list[Stage]]] = {"tscd": tscd_stages}
+
+
+# ---------------------------------------------------------------------- 3-5. the run
+
+
+@dataclass
+class TrainingRun:
+    """One run: settings and files, the model's family, schedule and key names, and the outcome."""
+
+    settings: TrainSettings
+    files: RunFiles
+    family: str
+    alphas_cumprod: torch.Tensor
+    key_prefix: Callable[[str], str] = field(default_factory=kohya_prefix)
+    resume: bool = True
+    prompts: int = 1
+    resume_state: dict | None = None
+    lora: dict | None = None  # the trained LoRA (kohya keys), once train() has finished
+
+    def __post_init__(self):
+        self.resume_state = self.files.resume_state(self.resume)
+
+    def train(self, module: torch.nn.Module, eps_fn: tscd.EpsFn, data: LatentData, *, device=None,
+              callbacks: Sequence[Callback] = (), interrupts: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+              free_memory: Callable[[], None] | None = None) -> Trainer:
+        """Steps 1-5 of the module docstring; returns the finished trainer."""
+        s = self.settings
+        with torch.inference_mode(False), torch.enable_grad():
+            adapters = LoraAdapters(module, select_targets(module, s.lora_scope), rank=s.rank, seed=s.seed)
+            try:
+                stages = METHODS[s.method](s, eps_fn, adapters, self.alphas_cumprod.to(device or "cpu"))
+                trainer = Trainer(adapters, stages, data, lr=s.learning_rate, batch_size=s.batch_size, seed=s.seed,
+                                  device=device, ema_decay=s.ema_decay, signature=s.signature(self.prompts),
+                                  lr_schedule=s.lr_schedule)
+                checkpointer = Checkpointer(s.checkpoint_every, self.save, saved_step=self._resume(trainer))
+                trainer.callbacks = [checkpointer, *([StageSaver(self.save_stage)] if s.save_stages else []),
+                                     *callbacks]
+                with activation_checkpointing(module, s.gradient_checkpointing):
+                    self._run(trainer, checkpointer, interrupts, free_memory, data)
+                self.lora = adapters.kohya_state_dict(self.key_prefix)
+                return trainer
+            finally:
+                adapters.detach()
+
+    def _resume(self, trainer: Trainer) -> int | None:
+        """Load the saved state into ``trainer``; the step it was saved at, or None."""
+        if self.resume_state is None:
+            return None
+        try:
+            trainer.load_state_dict(self.resume_state)
+        except ValueError as e:
+            raise ValueError(f"cannot resume {self.files.lora}: {e}; use the same settings, turn 'resume' off "
+                             f"or pick another output_name") from None
+        log.info("HyperSD TSCD: resuming %s at step %d/%d", self.files.name, trainer.step, trainer.total_steps)
+        return trainer.step
+
+    def _run(self, trainer: Trainer, checkpointer: Checkpointer, interrupts, free_memory, data: LatentData) -> None:
+        try:
+            trainer.run()
+        except interrupts:
+            checkpointer.save_unsaved(trainer)
+            log.info("HyperSD TSCD: stopped at step %d; checkpoint %s", trainer.step, self.files.lora)
+            raise
+        except NonFiniteLossError as e:
+            kept = (f"the last good checkpoint (step {checkpointer.saved_step}) is kept at {self.files.lora}"
+                    if checkpointer.saved_step is not None else "no checkpoint had been saved yet")
+            raise TrainingDiverged(f"HyperSD TSCD: {e}; {kept}") from None
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            trainer.optimizer.zero_grad(set_to_none=True)  # gradients are the largest thing freed here
+            if free_memory is not None:
+                free_memory()
+            kept = self._keep_after_out_of_memory(trainer, checkpointer)
+            raise TrainingOutOfMemory(out_of_memory_advice(trainer.step, trainer.total_steps, kept, self.settings,
+                                                           shape=data.groups[0][0].shape)) from e
+
+    def _keep_after_out_of_memory(self, trainer: Trainer, checkpointer: Checkpointer) -> str:
+        kept = "no checkpoint had been saved yet"
+        if checkpointer.saved_step is not None:
+            kept = f"the checkpoint of step {checkpointer.saved_step} is kept at {self.files.lora}"
+        try:  # the weights of the last finished step are intact: keep them too
+            if checkpointer.save_unsaved(trainer):
+                kept = f"the weights of step {trainer.step} are saved at {self.files.lora}"
+        except Exception as save_error:  # out of memory again, or a full disk: keep the old file
+            log.warning("HyperSD TSCD: could not save after running out of memory: %s", save_error)
+        return kept
+
+    # ------------------------------------------------------------------ files
+    def metadata(self, trainer: Trainer, upto: int | None = None) -> dict[str, str]:
+        """The LoRA's metadata; ``upto``: a stage file, holding stages ``0..upto`` (complete)."""
+        ks = self.settings.stages
+        done = ks if upto is None else ks[:upto + 1]
+        return vocab.trained_metadata(
+            method=self.settings.method, family=self.family, stages=done, settings=self.settings.file_settings(),
+            step=trainer.step, total_steps=trainer.total_steps if upto is None else trainer.step,
+            complete=upto is not None or trainer.step >= trainer.total_steps, rank=self.settings.rank,
+            run_stages=ks if upto is not None else None, last_loss=trainer.last_loss)
+
+    def save(self, trainer: Trainer) -> None:
+        """The LoRA and the training state that resumes it, each written atomically."""
+        fileio.save_torch(self.files.state, trainer.state_dict())
+        fileio.save_safetensors(self.files.lora, trainer.adapters.kohya_state_dict(self.key_prefix),
+                                self.metadata(trainer))
+        log.info("HyperSD TSCD: saved %s at step %d/%d", self.files.lora, trainer.step, trainer.total_steps)
+
+    def save_stage(self, trainer: Trainer, index: int) -> None:
+        k = self.settings.stages[index]
+        path = self.files.stage_lora(index, k)
+        fileio.save_safetensors(path, trainer.adapters.kohya_state_dict(self.key_prefix), self.metadata(trainer, index))
+        log.info("HyperSD TSCD: stage %d (k=%d) done, its %d-step LoRA saved as %s", index + 1, k, k, path)
+
+
+def out_of_memory_advice(step: int, total: int, kept: str, settings: TrainSettings, shape) -> str:
+    """What to change after running out of memory, cheapest first."""
+    tips = []
+    if not settings.gradient_checkpointing:
+        tips.append("turn on gradient_checkpointing and queue again: with resume on, training continues from "
+                    "the saved step (about 0.7x the memory for about 1.2x the time)")
+    if settings.batch_size > 1:
+        tips.append(f"lower batch_size (now {settings.batch_size}; try {max(1, settings.batch_size // 2)}) with a "
+                    f"new output_name or resume off: a different batch size starts a new run")
+    if settings.lora_scope == "all":
+        tips.append("set lora_scope to 'transformer' (fewer LoRA layers)")
+    if settings.rank > 16:
+        tips.append(f"lower rank (now {settings.rank})")
+    tips.append(f"train on smaller images (latents now {'x'.join(str(int(v)) for v in shape[-2:])})")
+    tips.append("close other workflows' models or restart ComfyUI so the model has the device to itself")
+    return (f"HyperSD TSCD ran out of memory at step {step + 1}/{total}; {kept}. To fit: "
+            + "; ".join(f"({i + 1}) {t}" for i, t in enumerate(tips)) + ".")

@@ -1,0 +1,125 @@
+"""The pack's server side: ``GET /hypersd/inspect`` and the advice given when a prompt is queued.
+
+* ``/hypersd/inspect?lora=NAME`` (or ``unet=``/``checkpoint=``): what a file in a model
+  folder is and how to sample it, as JSON (the same inspection the loader uses). Names
+  with path components are refused (400), unknown names answer 404, unusable files 422.
+* an on-prompt hook: 'Load Checkpoint' given a diffusers UNet or a LoRA gets a warning
+  in the log and an ``hypersd.advice`` message to the page (a toast), before anything runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+
+from ..hypersd_core import lora_file
+from ..hypersd_core.lora_file import LoraFileError, LoraInfo
+from ._errors import HyperSDError
+from .lora import inspect_lora_name
+
+log = logging.getLogger("HyperSD")
+
+_SAFE_NAME = re.compile(r"^[^\x00]+$")
+_FOLDERS = {"lora": "loras", "unet": "diffusion_models", "checkpoint": "checkpoints"}
+
+
+def inspect_request(query: dict) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for GET /hypersd/inspect?lora=NAME (or unet=, checkpoint=)."""
+    import folder_paths
+
+    given = [(k, query[k]) for k in _FOLDERS if query.get(k)]
+    if len(given) != 1:
+        return 400, {"error": "give exactly one of ?lora=NAME, ?unet=NAME or ?checkpoint=NAME"}
+    kind, name = given[0]
+    folder = _FOLDERS[kind]
+    norm = name.replace("\\", "/")
+    if (not _SAFE_NAME.match(name) or os.path.isabs(name) or norm.startswith("/") or re.match(r"^[A-Za-z]:", name)
+            or any(part in ("..", ".") for part in norm.split("/"))):
+        return 400, {"error": f"refused: '{name}' is not a plain file name from the {folder} list"}
+    if name not in folder_paths.get_filename_list(folder):
+        return 404, {"error": f"'{name}' is not in the {folder} list", "folder": folder}
+    try:
+        _, info = inspect_lora_name(name, folder)
+    except HyperSDError as e:
+        return 422, {"error": str(e), "name": name, "folder": folder}
+    body = info.to_json()
+    body["summary"] = info.summary()
+    body["folder"] = folder
+    body["use_node"] = _advice(info)
+    return 200, body
+
+
+def _advice(info: LoraInfo) -> str:
+    if info.kind == "lora":
+        return "HyperSDLoraLoader"
+    if info.kind == "unet":
+        return "HyperSDUNetLoader"
+    if info.kind == "checkpoint":
+        return "CheckpointLoaderSimple"
+    return ""
+
+
+def _on_prompt(json_data):
+    """Warn, before anything runs, when 'Load Checkpoint' is given a UNet-only file (e.g. the
+    diffusers one-step UNet): core then fails later with a KeyError or 'clip input is invalid'."""
+    try:
+        import folder_paths
+
+        prompt = json_data.get("prompt") or {}
+        for node_id, node in prompt.items():
+            if not isinstance(node, dict) or node.get("class_type") not in ("CheckpointLoaderSimple", "CheckpointLoader"):
+                continue
+            name = (node.get("inputs") or {}).get("ckpt_name")
+            if not isinstance(name, str):
+                continue
+            path = folder_paths.get_full_path("checkpoints", name)
+            if not path or not path.lower().endswith(lora_file.SAFETENSORS_EXTENSIONS):
+                continue
+            try:
+                info = lora_file.inspect_cached(path, name)
+            except (LoraFileError, OSError):
+                continue
+            if info.kind == "unet" and info.key_format == "diffusers":
+                msg = (f"Hyper-SD: '{name}' is a diffusers-format UNet (no text encoder, no VAE), which 'Load Checkpoint' "
+                       "cannot load. Move it to models/diffusion_models and load it with 'Hyper-SD UNet Loader (one-step)' "
+                       "(or 'Load Diffusion Model'); take CLIP and VAE from your SDXL base checkpoint.")
+                log.warning(msg)
+                _notify({"node": node_id, "message": msg, "use_node": "HyperSDUNetLoader"})
+            elif info.kind == "lora":
+                msg = f"Hyper-SD: '{name}' is a LoRA, not a checkpoint. Move it to models/loras and use 'Hyper-SD LoRA Loader'."
+                log.warning(msg)
+                _notify({"node": node_id, "message": msg, "use_node": "HyperSDLoraLoader"})
+    except Exception:  # never stand in the way of a prompt
+        log.debug("Hyper-SD: prompt check failed", exc_info=True)
+    return json_data
+
+
+def _notify(data: dict) -> None:
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_sync("hypersd.advice", data)
+    except Exception as e:  # the page is optional; the log has the advice
+        log.debug("Hyper-SD: advice message failed: %s", e)
+
+
+def register() -> None:
+    try:
+        from aiohttp import web
+        from server import PromptServer
+
+        inst = PromptServer.instance
+    except Exception:  # no server in this process (tests, scripts)
+        return
+    if inst is None:
+        return
+
+    @inst.routes.get("/hypersd/inspect")
+    async def hypersd_inspect(request):
+        status, body = await asyncio.to_thread(inspect_request, dict(request.rel_url.query))
+        return web.json_response(body, status=status)
+
+    inst.add_on_prompt_handler(_on_prompt)
+
+
