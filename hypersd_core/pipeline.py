@@ -40,16 +40,15 @@ import torch
 from . import files as fileio
 from . import metadata as vocab
 from . import tscd
+from .tscd import LOSSES
 from .data import LatentData
-from .lora_train import LoraAdapters, activation_checkpointing, kohya_prefix, select_targets
+from .lora_train import LORA_SCOPES, LoraAdapters, activation_checkpointing, kohya_prefix, select_targets
 from .train import (LR_SCHEDULES, Callback, Checkpointer, NonFiniteLossError, Stage, StageSaver, Trainer,
                     TrainingOutOfMemory, is_out_of_memory)
 
 log = logging.getLogger(__name__)
 
 STATE_SUFFIX = ".hypersd-state.pt"
-LOSSES = ("huber", "mse")
-LORA_SCOPES = ("transformer", "all")
 
 
 class TrainingDiverged(RuntimeError):

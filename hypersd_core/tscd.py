@@ -20,9 +20,10 @@ One TSCD step (Algorithm 1 of the paper, as reconstructed):
   target jumps the teacher's ``x_{t_{n-1}} -> t_end``; the loss is the distance (pseudo-
   Huber or MSE) between the two.
 
-Training is a list of :class:`Stage` (progressive: k = 8, 4, 2, 1, each continuing from the
-previous weights). A stage holds weighted loss terms, so later methods (reward feedback,
-score distillation) plug in as further terms or stages with no change to the loop.
+A TSCD run is a list of :class:`~.train.Stage` (progressive: k = 8, 4, 2, 1, each continuing
+from the previous weights, :func:`progressive_stages`), run by :class:`~.train.Trainer`
+inside a :class:`~.pipeline.TrainingRun`. A stage holds weighted loss terms, so later
+methods (reward feedback, score distillation) plug in as further terms or stages.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from .schedules import segment_edge  # t_b, shared with the segments sampling gr
 from .train import Batch, Stage
 
 SOLVER_STEPS = 50
+LOSSES = ("huber", "mse")
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, float, Any], torch.Tensor]
 
@@ -114,7 +116,7 @@ class TSCDLoss:
     def __init__(self, eps_fn: EpsFn, adapters: ModeSwitch, alphas_cumprod: torch.Tensor, *,
                  teacher_cfg: float = 7.0, solver_steps: int = SOLVER_STEPS, loss: str = "huber",
                  huber_c: float = 1e-3):
-        if loss not in ("huber", "mse"):
+        if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}: use 'huber' or 'mse'")
         self.eps_fn = eps_fn
         self.adapters = adapters

@@ -160,8 +160,10 @@ class HyperSDTrainTSCD(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latents, positive, negative, **options) -> io.NodeOutput:
-        # is_input_list: every input arrives as a list; the settings are single values.
-        settings = {k: v[0] if isinstance(v, list) else v for k, v in options.items()}
+        # is_input_list: every input arrives as a list; the settings are single values, and an
+        # optional input a workflow leaves out keeps TrainSettings' default.
+        firsts = {k: v[0] if isinstance(v, list) and v else v for k, v in options.items()}
+        settings = {k: v for k, v in firsts.items() if v is not None and v != []}
         positives = [p for p in (positive if isinstance(positive, list) else [positive]) if p is not None]
         per_latent = len(positives) > 1
         pos = positives if per_latent else (positives[0] if positives else None)

@@ -122,12 +122,27 @@ def test_trained_by_this_pack(lf, layouts, pack, tmp_path):
     assert (info.variant, info.variant_source, info.family, info.stages) == ("hypersd_trained", "metadata", "SD1.5", [4, 2])
     assert (info.steps, info.cfg, info.sampler, info.schedule) == (2, 1.0, "ddim", "trailing")
     assert info.metadata["hypersd.trained_by"] == "ComfyUI-HyperSD"
-    meta2 = dict(meta, **{"hypersd.stages": "1", "hypersd.recommended_sampler": "",
-                          "hypersd.recommended_schedule": "", "hypersd.recommended_steps": "",
-                          "hypersd.recommended_eta": ""})
-    L.write_lora(str(p), _tiny(layouts["SD1.5"][0]), rank=4, alpha=4.0, metadata=meta2)
-    info = lf.inspect_file(str(p))
-    assert (info.sampler, info.schedule, info.eta) == ("tcd", "tcd", 0.3)
+
+
+def test_one_segment_lora_gets_the_measured_recipe_whether_written_or_not(lf, layouts, tmp_path):
+    """The one definition of a one-segment final stage (metadata.recipe_for, decided on the toy with
+    bench_tscd --quality): what the trainer writes, what the inspector reads from that, and what it
+    derives for a file without recommended keys all agree: one TCD step at eta 1, cfg 1."""
+    from ComfyUI_HyperSD.hypersd_core import metadata
+
+    written = metadata.trained_metadata(method="tscd", family="SD1.5", stages=[4, 2, 1], settings={"rank": 4},
+                                        step=9, total_steps=9, complete=True, rank=4)
+    assert {k: v for k, v in written.items() if k.startswith(metadata.RECOMMENDED)} == {
+        "hypersd.recommended_steps": "1", "hypersd.recommended_cfg": "1.0", "hypersd.recommended_sampler": "tcd",
+        "hypersd.recommended_eta": "1.0", "hypersd.recommended_schedule": "tcd"}
+    bare = {k: v for k, v in written.items() if not k.startswith(metadata.RECOMMENDED)}
+    p = tmp_path / "one_segment.safetensors"
+    for meta in (written, bare):
+        L.write_lora(str(p), _tiny(layouts["SD1.5"][0]), rank=4, alpha=4.0, metadata=meta)
+        info = lf.inspect_file(str(p))
+        assert (info.variant, info.stages) == ("hypersd_trained", [4, 2, 1]) and not info.warnings
+        assert (info.steps, info.sampler, info.schedule, info.eta, info.cfg) == (1, "tcd", "tcd", 1.0, 1.0)
+        assert lf.with_steps(info, 4).eta == 0.3  # run at more steps, TCD's eta follows, as for the official file
 
 
 def test_whole_models_are_not_loras(lf, pack, tmp_path):
