@@ -117,10 +117,6 @@ def write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_bytes(path: PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
 def copy_file(src: PathLike, dest: PathLike) -> Path:
     """Copy ``src`` to ``dest`` atomically (a reader never sees a partial file)."""
     return atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))

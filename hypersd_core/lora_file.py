@@ -43,7 +43,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from . import metadata as vocab
-from .metadata import FAMILIES, Recipe
+from .metadata import Recipe
 
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
@@ -402,10 +402,8 @@ def _decide_variant(info: LoraInfo, meta: dict) -> None:
         trained = vocab.read_trained(meta, info.family)
         info.stages = trained.stages
         info.warnings.extend(trained.warnings)
-        if trained.family and info.family == "unknown" and trained.family in FAMILIES:
+        if trained.family_from_metadata:
             info.family, info.family_reason = trained.family, "metadata"
-        elif trained.family and trained.family != info.family:
-            info.warnings.append(f"metadata says {trained.family} but the keys are {info.family}")
         info.use_recipe(trained.recipe)
         return
     steps = None

@@ -34,6 +34,12 @@ LORA_SCOPES = ("transformer", "all")
 _TRANSFORMER_PARTS = ("attn1.", "attn2.", ".ff.", "proj_in", "proj_out")
 
 
+def check_scope(scope: str) -> None:
+    """Refuse a LoRA scope other than :data:`LORA_SCOPES`, saying which there are."""
+    if scope not in LORA_SCOPES:
+        raise ValueError(f"unknown LoRA scope {scope!r}: use 'transformer' or 'all'")
+
+
 def select_targets(module: nn.Module, scope: str = "transformer") -> list[str]:
     """Names of the ``nn.Linear``/``nn.Conv2d`` layers of ``module`` to adapt.
 
@@ -41,8 +47,7 @@ def select_targets(module: nn.Module, scope: str = "transformer") -> list[str]:
     proj_in/proj_out), as the released Hyper-SD LoRAs. ``scope="all"``: every linear and
     convolution layer (resnet convolutions, time embedding, input and output convolutions).
     """
-    if scope not in LORA_SCOPES:
-        raise ValueError(f"unknown LoRA scope {scope!r}: use 'transformer' or 'all'")
+    check_scope(scope)
     names = []
     for name, m in module.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or not name:

@@ -252,7 +252,8 @@ class TrainedFile:
     """What this pack's metadata says of a file (:func:`read_trained`)."""
 
     stages: list[int]
-    family: str | None
+    family: str  # the keys' family, or the metadata's where the keys do not tell
+    family_from_metadata: bool
     recipe: Recipe
     warnings: list[str]
 
@@ -268,9 +269,10 @@ def is_trained_by_pack(meta: Mapping[str, str]) -> bool:
 def read_trained(meta: Mapping[str, str], key_family: str) -> TrainedFile:
     """Read a trained file's metadata: its stages, family and recipe, and what is wrong with it.
 
-    ``key_family``: the family the file's keys show (it decides the defaults when the
-    metadata names none). A recommended value the metadata leaves out comes from the last
-    stage (:func:`recipe_for`); a value that cannot be read is ignored with a warning.
+    ``key_family``: the family the file's keys show. It wins over the metadata's, which is
+    used only when the keys cannot tell (and is one of :data:`FAMILIES`); a disagreement is a
+    warning. A recommended value the metadata leaves out comes from the last stage
+    (:func:`recipe_for`); a value that cannot be read is ignored with a warning.
     """
     warnings: list[str] = []
     stages: list[int] = []
@@ -282,9 +284,13 @@ def read_trained(meta: Mapping[str, str], key_family: str) -> TrainedFile:
     if meta.get(COMPLETE, "").lower() == "false":
         warnings.append(f"training was not finished (step {meta.get(STEP, '?')} of {meta.get(TOTAL_STEPS, '?')}): "
                         f"this is an intermediate save")
-    family = meta.get(FAMILY) or None
-    recipe = recipe_for("hypersd_trained", family if key_family == "unknown" and family else key_family,
-                        last_segments=stages[-1] if stages else None)
+    meta_family = meta.get(FAMILY) or None
+    family, from_meta = key_family, False
+    if meta_family and key_family == "unknown" and meta_family in FAMILIES:
+        family, from_meta = meta_family, True
+    elif meta_family and meta_family != key_family:
+        warnings.append(f"metadata says {meta_family} but the keys are {key_family}")
+    recipe = recipe_for("hypersd_trained", family, last_segments=stages[-1] if stages else None)
     values = {}
     for name, conv in _RECIPE_FIELDS:
         raw = meta.get(RECOMMENDED + name)
@@ -301,4 +307,4 @@ def read_trained(meta: Mapping[str, str], key_family: str) -> TrainedFile:
         warnings.append(f"unknown recommended schedule {values['schedule']!r}; using {recipe.schedule}")
         values.pop("schedule")
     recipe = replace(recipe, **values)
-    return TrainedFile(stages, family, replace(recipe, steps=max(1, recipe.steps)), warnings)
+    return TrainedFile(stages, family, from_meta, replace(recipe, steps=max(1, recipe.steps)), warnings)

@@ -40,11 +40,10 @@ import torch
 from . import files as fileio
 from . import metadata as vocab
 from . import tscd
-from .tscd import LOSSES
 from .data import LatentData
-from .lora_train import LORA_SCOPES, LoraAdapters, activation_checkpointing, kohya_prefix, select_targets
-from .train import (LR_SCHEDULES, Callback, Checkpointer, NonFiniteLossError, Stage, StageSaver, Trainer,
-                    TrainingOutOfMemory, is_out_of_memory)
+from .lora_train import LoraAdapters, activation_checkpointing, check_scope, kohya_prefix, select_targets
+from .train import (Callback, Checkpointer, NonFiniteLossError, Stage, StageSaver, Trainer,
+                    TrainingOutOfMemory, check_lr_schedule, is_out_of_memory)
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +89,14 @@ class TrainSettings:
              f"teacher_cfg must be 1 or more (1 = no guidance), got {self.teacher_cfg}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (int(self.checkpoint_every) >= 0, "checkpoint_every must be 0 (only at the end) or more"),
-            (self.loss in LOSSES, f"unknown loss {self.loss!r}: use 'huber' or 'mse'"),
-            (self.lora_scope in LORA_SCOPES, f"unknown LoRA scope {self.lora_scope!r}: use 'transformer' or 'all'"),
-            (self.lr_schedule in LR_SCHEDULES,
-             f"unknown learning-rate schedule {self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}"),
             (self.method in METHODS, f"unknown training method {self.method!r}: use one of {', '.join(METHODS)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        tscd.check_loss(self.loss)
+        check_scope(self.lora_scope)
+        check_lr_schedule(self.lr_schedule)
 
     def signature(self, prompts: int = 1) -> dict:
         """What a saved state must share to be resumed (states of earlier versions still match)."""

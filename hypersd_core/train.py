@@ -71,6 +71,12 @@ class Callback:
     def on_end(self, trainer: "Trainer") -> None: ...
 
 
+def check_lr_schedule(schedule: str) -> None:
+    """Refuse a learning-rate schedule other than :data:`LR_SCHEDULES`, saying which there are."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+
+
 def learning_rate_at(base: float, schedule: str, step_in_stage: int, stage_steps: int, floor: float = 0.1,
                      warmup: int | None = None) -> float:
     """The learning rate of a stage's ``step_in_stage``-th step (0-based).
@@ -81,10 +87,9 @@ def learning_rate_at(base: float, schedule: str, step_in_stage: int, stage_steps
     ``floor * base`` at the stage's last step, so every stage (and the LoRA saved at its end)
     finishes at a low rate.
     """
+    check_lr_schedule(schedule)
     if schedule == "constant":
         return base
-    if schedule != "cosine":
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
     S = max(int(stage_steps), 1)
     warm = max(1, S // 20) if warmup is None else max(1, int(warmup))
     j = min(max(int(step_in_stage), 0), S - 1)
@@ -111,7 +116,7 @@ class Trainer:
             raise ValueError("stages must be non-empty with non-negative step counts")
         self.data = data
         self.lr = float(lr)
-        learning_rate_at(self.lr, lr_schedule, 0, 1)  # validates the name
+        check_lr_schedule(lr_schedule)
         self.lr_schedule = lr_schedule
         self.batch_size = int(batch_size)
         self.seed = int(seed)

@@ -106,6 +106,12 @@ class ModeSwitch(Protocol):
     def set_mode(self, mode: str) -> None: ...
 
 
+def check_loss(loss: str) -> None:
+    """Refuse a distance other than :data:`LOSSES`, saying which there are."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: use 'huber' or 'mse'")
+
+
 class TSCDLoss:
     """The TSCD objective for the stage's ``segments`` (k).
 
@@ -116,8 +122,7 @@ class TSCDLoss:
     def __init__(self, eps_fn: EpsFn, adapters: ModeSwitch, alphas_cumprod: torch.Tensor, *,
                  teacher_cfg: float = 7.0, solver_steps: int = SOLVER_STEPS, loss: str = "huber",
                  huber_c: float = 1e-3):
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}: use 'huber' or 'mse'")
+        check_loss(loss)
         self.eps_fn = eps_fn
         self.adapters = adapters
         self.alphas_cumprod = alphas_cumprod.detach().double().float()

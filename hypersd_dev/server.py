@@ -202,11 +202,12 @@ class ComfyServer(Client):
         return self.proc is not None and self.proc.poll() is None
 
     def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        """As :meth:`Client.wait`; a dead server or a timeout also shows the end of the server's log."""
         try:
             return super().wait(prompt_id, timeout)
+        except ExecutionFailed:
+            raise
         except (RuntimeError, TimeoutError) as e:
-            if isinstance(e, ExecutionFailed):
-                raise
             raise type(e)(f"{e}:\n{self.log()[-3000:]}") from None
 
     def log(self) -> str:

@@ -50,9 +50,10 @@ class GuiderDenoiser:
 class TrainingSampler(comfy.samplers.Sampler):
     """A Sampler whose ``sample`` runs a training run inside the guider's set-up."""
 
-    def __init__(self, run: TrainingRun, module, data: LatentData, n_prompts: int, callbacks: list, device):
+    def __init__(self, run: TrainingRun, module, data: LatentData, n_prompts: int, callbacks: list, device,
+                 sigmas_table: torch.Tensor):
         self.run, self.module, self.data, self.n_prompts = run, module, data, n_prompts
-        self.callbacks, self.device = callbacks, device
+        self.callbacks, self.device, self.sigmas_table = callbacks, device, sigmas_table
         self.trainer = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -62,8 +63,7 @@ class TrainingSampler(comfy.samplers.Sampler):
         if self.n_prompts > 1:  # the guider processed every prompt; each batch picks its own
             positives = [guider.conds["positive"]] + [guider.conds[EXTRA_PROMPT.format(i)]
                                                       for i in range(1, self.n_prompts)]
-        sigmas_table = guider.model_patcher.get_model_object("model_sampling").sigmas.detach().float().cpu()
-        eps_fn = GuiderDenoiser(guider, extra_args, sigmas_table, positives)
+        eps_fn = GuiderDenoiser(guider, extra_args, self.sigmas_table, positives)
         self.trainer = self.run.train(self.module, eps_fn, self.data, device=self.device, callbacks=self.callbacks,
                                       interrupts=(comfy.model_management.InterruptProcessingException,),
                                       free_memory=comfy.model_management.soft_empty_cache)
@@ -77,10 +77,11 @@ def train_in_comfy(patcher, run: TrainingRun, data: LatentData, prompts: list, n
     conds.update({EXTRA_PROMPT.format(i): p for i, p in enumerate(prompts) if i > 0})
     guider.inner_set_conds(conds)
     guider.set_cfg(1.0)
-    sampler = TrainingSampler(run, patcher.model.diffusion_model, data, len(prompts), callbacks, patcher.load_device)
+    sigmas = patcher.get_model_object("model_sampling").sigmas.detach().float().cpu()
+    sampler = TrainingSampler(run, patcher.model.diffusion_model, data, len(prompts), callbacks, patcher.load_device,
+                              sigmas)
     biggest = max(g.shape[0] for g, _ in data.groups)
     shape = (min(run.settings.batch_size, biggest),) + tuple(data.groups[0][0].shape[1:])
-    sigmas = patcher.get_model_object("model_sampling").sigmas.detach().float().cpu()
     with torch.inference_mode(False), torch.enable_grad():
         comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
         guider.sample(torch.zeros(shape), torch.zeros(shape), sampler, torch.stack([sigmas[-1], sigmas[0]]),

@@ -22,8 +22,10 @@ from comfy_api.latest import io
 
 from ..hypersd_core import data as core_data
 from ..hypersd_core import lora_train
-from ..hypersd_core.pipeline import LORA_SCOPES, LOSSES, RunFiles, TrainingRun, TrainSettings
+from ..hypersd_core.lora_train import LORA_SCOPES
+from ..hypersd_core.pipeline import RunFiles, TrainingRun, TrainSettings
 from ..hypersd_core.train import LR_SCHEDULES
+from ..hypersd_core.tscd import LOSSES
 from . import _comfy_model, _comfy_training
 from ._training_progress import ComfyProgress
 
@@ -160,10 +162,10 @@ class HyperSDTrainTSCD(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latents, positive, negative, **options) -> io.NodeOutput:
-        # is_input_list: every input arrives as a list; the settings are single values, and an
+        # is_input_list: every input arrives as a list; the settings are its single value, and an
         # optional input a workflow leaves out keeps TrainSettings' default.
-        firsts = {k: v[0] if isinstance(v, list) and v else v for k, v in options.items()}
-        settings = {k: v for k, v in firsts.items() if v is not None and v != []}
+        values = {k: (v[0] if v else None) if isinstance(v, list) else v for k, v in options.items()}
+        settings = {k: v for k, v in values.items() if v is not None}
         positives = [p for p in (positive if isinstance(positive, list) else [positive]) if p is not None]
         per_latent = len(positives) > 1
         pos = positives if per_latent else (positives[0] if positives else None)
