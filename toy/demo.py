@@ -28,7 +28,23 @@ from ComfyUI_HyperSD.hypersd_core import files
 from . import data, install, quality
 
 TEACHER_STEPS = 25
-TEACHER_CFG = 3.0
+TEACHER_CFG = 2.0  # the toy teacher's own guidance (lowest FID at 25 steps, toy/weights/training.json)
+# The bare teacher's best few-step sampler at each step count (lowest FID of DDIM trailing, TCD
+# and euler in ``python -m bench.bench_tscd --quality --repeats 3``): the control row beside
+# every distilled LoRA, so a LoRA is shown against what lowering the steps alone gives.
+CONTROL_SAMPLER = {1: "tcd", 2: "ddim", 4: "ddim", 8: "tcd"}
+_KSAMPLER_RECIPE = {"ddim": ("ddim", "hypersd_trailing"), "tcd": ("tcd", "hypersd_tcd"), "euler": ("euler", "normal")}
+
+
+def control_row(steps: int, cfg: float, samplers: list, schedulers: list) -> dict:
+    """The toy teacher without LoRA at ``steps`` with its best few-step sampler (euler on the
+    ``normal`` schedule where the server lacks this pack's schedulers)."""
+    sampler, scheduler = _KSAMPLER_RECIPE[CONTROL_SAMPLER.get(steps, "ddim")]
+    if sampler not in samplers or scheduler not in schedulers:
+        sampler, scheduler = "euler", "normal"
+    label = f"{sampler} trailing" if scheduler == "hypersd_trailing" else sampler
+    return {"name": f"teacher, no LoRA, {label} {steps} steps cfg {cfg:g} (control)", "sampler": sampler,
+            "scheduler": scheduler, "steps": steps, "cfg": cfg}
 
 
 def variants(object_info: dict, inspect=None) -> list[dict]:
@@ -37,26 +53,19 @@ def variants(object_info: dict, inspect=None) -> list[dict]:
     ``inspect(lora_name)``: the pack's ``/hypersd/inspect`` answer for a LoRA (or None). A
     toy LoRA trained by the pack runs with the recipe its metadata recommends: a k-step
     LoRA at k steps with DDIM trailing, the unified (last stage k = 1) one with TCD at 1, 2
-    and 4 steps; the teacher also runs at the guidance the LoRAs were distilled from.
+    and 4 steps. Every step count a LoRA runs at is preceded by its control: the bare teacher
+    at the same steps with its best few-step sampler, at the guidance the LoRAs were
+    distilled from; the teacher also runs at that guidance at 25 steps.
     """
     ks = object_info["KSampler"]["input"]["required"]
     samplers, schedulers = ks["sampler_name"][0], ks["scheduler"][0]
-    rows = [
-        {"name": f"teacher euler {TEACHER_STEPS} steps cfg {TEACHER_CFG:g}", "sampler": "euler", "scheduler": "normal",
-         "steps": TEACHER_STEPS, "cfg": TEACHER_CFG},
-        {"name": "teacher euler 4 steps", "sampler": "euler", "scheduler": "normal", "steps": 4, "cfg": TEACHER_CFG},
-        {"name": "teacher lcm 4 steps", "sampler": "lcm", "scheduler": "sgm_uniform", "steps": 4, "cfg": TEACHER_CFG},
-    ]
-    if "tcd" in samplers and "hypersd_tcd" in schedulers:
-        rows.append({"name": "teacher tcd 4 steps (eta 0.3)", "sampler": "tcd", "scheduler": "hypersd_tcd", "steps": 4,
-                     "cfg": TEACHER_CFG})
-    if "hypersd_trailing" in schedulers:
-        rows.append({"name": "teacher ddim trailing 4 steps", "sampler": "ddim", "scheduler": "hypersd_trailing",
-                     "steps": 4, "cfg": TEACHER_CFG})
+    rows = [{"name": f"teacher euler {TEACHER_STEPS} steps cfg {TEACHER_CFG:g}", "sampler": "euler",
+             "scheduler": "normal", "steps": TEACHER_STEPS, "cfg": TEACHER_CFG}]
     loras = object_info.get("LoraLoaderModelOnly", {}).get("input", {}).get("required", {}).get("lora_name", [[]])[0]
     tcd = ("tcd", "hypersd_tcd") if "tcd" in samplers and "hypersd_tcd" in schedulers else ("lcm", "sgm_uniform")
     trailing = "hypersd_trailing" if "hypersd_trailing" in schedulers else "sgm_uniform"
-    lora_rows, teacher_cfgs = [], set()
+    by_steps: dict[int, list[dict]] = {}
+    teacher_cfgs = set()
     for lora in sorted(l for l in loras if os.path.basename(l).startswith("hypersd_toy")):
         info = inspect(lora) if inspect else None
         meta = (info or {}).get("metadata") or {}
@@ -65,16 +74,20 @@ def variants(object_info: dict, inspect=None) -> list[dict]:
         label = os.path.splitext(os.path.basename(lora))[0]
         if info and info.get("variant") == "hypersd_trained" and info.get("sampler") != "tcd":
             k = int(info["steps"])  # a k-step LoRA (a stage that ended with k segments)
-            lora_rows.append({"name": f"{label} ddim trailing {k} steps cfg 1", "sampler": "ddim",
-                              "scheduler": trailing, "steps": k, "cfg": 1.0, "lora": lora})
+            by_steps.setdefault(k, []).append({"name": f"{label} ddim trailing {k} steps cfg 1", "sampler": "ddim",
+                                               "scheduler": trailing, "steps": k, "cfg": 1.0, "lora": lora})
             continue
         for steps in (1, 2, 4):
-            lora_rows.append({"name": f"{label} tcd {steps} steps cfg 1", "sampler": tcd[0], "scheduler": tcd[1],
-                              "steps": steps, "cfg": 1.0, "lora": lora})
+            by_steps.setdefault(steps, []).append({"name": f"{label} tcd {steps} steps cfg 1", "sampler": tcd[0],
+                                                   "scheduler": tcd[1], "steps": steps, "cfg": 1.0, "lora": lora})
+    control_cfg = min(teacher_cfgs) if teacher_cfgs else TEACHER_CFG
     for cfg in sorted(teacher_cfgs - {TEACHER_CFG}):
         rows.append({"name": f"teacher euler {TEACHER_STEPS} steps cfg {cfg:g} (the LoRAs' teacher)",
                      "sampler": "euler", "scheduler": "normal", "steps": TEACHER_STEPS, "cfg": cfg})
-    return rows + lora_rows
+    for steps in sorted(by_steps, reverse=True):
+        rows.append(control_row(steps, control_cfg, samplers, schedulers))
+        rows += by_steps[steps]
+    return rows
 
 
 def digits_graph(ckpt: str, v: dict, per_digit: int, seed: int, prefix: str) -> tuple[dict, dict[int, str]]:

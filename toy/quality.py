@@ -2,7 +2,7 @@
 
 ``measure(images, labels)`` classifies generated digits (accuracy against the prompted
 digit) and computes a Fréchet distance between the classifier's 64-dimensional features
-of the generated images and of the 360 held-out real digits (``data.split()["test_x"]``).
+of the generated images and of the 500 held-out real digits (``data.split()["test_x"]``).
 The classifier weights are committed (``weights/digits_classifier.safetensors``, trained
 by ``train_teacher.py``). FID values depend on the number of generated images (small
 samples read higher): compare numbers measured with the same count.
@@ -20,21 +20,21 @@ WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_classifier.safet
 
 
 class DigitsClassifier(nn.Module):
-    """32x32 grayscale page (1 = white) -> 10 logits; ``features`` gives the 64-d FID features."""
+    """48x48 grayscale page (1 = white) -> 10 logits; ``features`` gives the 64-d FID features."""
 
     def __init__(self):
         super().__init__()
-        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.c3 = nn.Conv2d(32, 32, 3, padding=1)
-        self.f1 = nn.Linear(32 * 4 * 4, 64)
+        self.c1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.c3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.c4 = nn.Conv2d(64, 64, 3, padding=1)
+        self.f1 = nn.Linear(64 * 3 * 3, 64)
         self.fc = nn.Linear(64, 10)
 
     def features(self, pages: torch.Tensor) -> torch.Tensor:
         x = (1.0 - pages).unsqueeze(1)  # ink = 1
-        x = F.max_pool2d(F.relu(self.c1(x)), 2)
-        x = F.max_pool2d(F.relu(self.c2(x)), 2)
-        x = F.max_pool2d(F.relu(self.c3(x)), 2)
+        for conv in (self.c1, self.c2, self.c3, self.c4):  # 48 -> 24 -> 12 -> 6 -> 3
+            x = F.max_pool2d(F.relu(conv(x)), 2)
         return F.relu(self.f1(x.flatten(1)))
 
     def forward(self, pages: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def classifier() -> DigitsClassifier:
 
 def to_pages(images) -> torch.Tensor:
     """ComfyUI IMAGE ``[N, H, W, C]`` (or ``[N, H, W]``), torch or numpy, uint8 or [0, 1] float,
-    or a list of PIL images -> ``[N, 32, 32]`` float grayscale pages."""
+    or a list of PIL images -> ``[N, SIZE, SIZE]`` float grayscale pages (``data.SIZE``)."""
     if isinstance(images, (list, tuple)):
         images = np.stack([np.asarray(im) for im in images])
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
@@ -68,8 +68,10 @@ def to_pages(images) -> torch.Tensor:
         x = x[..., :3].mean(-1)
     if x.dim() != 3:
         raise ValueError(f"expected images [N, H, W(, C)], got shape {tuple(x.shape)}")
-    if x.shape[-2:] != (32, 32):
-        x = F.interpolate(x.unsqueeze(1), size=(32, 32), mode="area" if x.shape[-1] > 32 else "bilinear").squeeze(1)
+    from .data import SIZE
+
+    if x.shape[-2:] != (SIZE, SIZE):
+        x = F.interpolate(x.unsqueeze(1), size=(SIZE, SIZE), mode="area" if x.shape[-1] > SIZE else "bilinear").squeeze(1)
     return x.clamp(0, 1)
 
 
