@@ -196,16 +196,6 @@ def train_baseline(student: Path, out: Path) -> None:
 FEW_STEP_SAMPLERS = ("ddim", "tcd", "euler")  # the bare teacher's few-step candidates
 
 
-def _digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 class RowCache:
     """Measured rows by what determines them (checkpoint and LoRA digests, sampler, steps, cfg,
     seeds, images per digit), in ``bench/out/quality_rows.json`` (``--cache``): a rerun with the same files
@@ -252,7 +242,12 @@ def quality(args) -> int:
     labels = torch.arange(10).repeat_interleave(n)
     seeds = [args.seed + 1000 * r for r in range(args.repeats)]
     cache = RowCache(Path(args.cache), args.fresh)
-    ckpt_digest = _digest(ckpt)
+    digests = {}  # file -> its sha256 prefix, the part of a row's key that names the weights
+
+    def digest(path) -> str:
+        if path not in digests:
+            digests[path] = install.file_hash(Path(path))[:16]
+        return digests[path]
 
     def run(m, cfg, sampler, sigmas):
         """Accuracy and FID of each seed set (digit d of set s uses seed s + d), and their mean."""
@@ -296,14 +291,14 @@ def quality(args) -> int:
 
     def add(group, name, steps, cfg, how, lora=None, trained=""):
         text, sampler, sigmas = sampler_for(how, steps)
-        key = json.dumps([ckpt_digest, _digest(lora) if lora else None, text, steps, cfg, seeds, n])
+        key = json.dumps([digest(ckpt), digest(lora) if lora else None, text, steps, cfg, seeds, n])
         r = cache.get(key)
         if r is None:
             r = run(with_lora(lora) if lora else model, cfg, sampler, sigmas)
             cache.put(key, r)
             src = ""
         else:
-            src = " (from bench/out/quality_rows.json)"
+            src = f" (from {cache.path.name})"
         rows.append((group, name, steps, cfg, text, trained, r))
         print(f"{name} {steps} steps ({text}): {r}{src}", flush=True)
         return r
@@ -369,6 +364,11 @@ def quality(args) -> int:
             f"FID on the judge's features against the {len(data.split()['test_x'])} held-out digits, first seed "
             f"{args.seed}, {args.threads} thread(s); 'bare teacher' = the teacher without LoRA at cfg {teacher_cfg:g}, "
             f"'best' marks its lowest-FID sampler at each step count\n" + hypersd_dev.table(head, body))
+    sp = data.split()
+    step = max(1, len(sp["train_x"]) // (10 * n))
+    real = toy_quality.measure(sp["train_x"][::step][:10 * n], sp["train_y"][::step][:10 * n])
+    text += (f"\n\n{real['n']} real training digits (the reference the judge gives real pictures): accuracy "
+             f"{real['accuracy']:.3f}, FID {real['fid']:.1f}")
     text += "\n\n" + "\n".join(f"{'met    ' if ok else 'NOT met'}  {what}" for what, ok in checks)
     print(text)
     files.write_text(REPO / "bench" / "out" / "tscd_quality.md", text + "\n")

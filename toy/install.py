@@ -39,7 +39,8 @@ CLIP_SEED = 0  # the seed train_teacher.py trained the UNet against
 CLIP_SHA256 = "6cacb61d9d89873645100ac4697a847899b20c01a218f06f1047cd9cbfc7bfc8"
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -58,8 +59,8 @@ def fingerprint(sd: dict) -> str:
 
 
 def stamp(weights: Path = WEIGHTS) -> str:
-    parts = [FORMAT_VERSION, f"clip={CLIP_SEED}:{CLIP_SHA256}", _file_hash(weights / "toy_unet.safetensors"),
-             _file_hash(weights / "toy_vae.safetensors")]
+    parts = [FORMAT_VERSION, f"clip={CLIP_SEED}:{CLIP_SHA256}", file_hash(weights / "toy_unet.safetensors"),
+             file_hash(weights / "toy_vae.safetensors")]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -114,7 +115,7 @@ def install(models_dir: Path, force: bool = False, weights: Path = WEIGHTS) -> d
     for src in sorted(weights.glob("hypersd_toy*lora*.safetensors")):
         dest = models_dir / "loras" / src.name
         loras.append(dest)
-        if force or not dest.is_file() or dest.stat().st_size != src.stat().st_size or _file_hash(dest) != _file_hash(src):
+        if force or not dest.is_file() or dest.stat().st_size != src.stat().st_size or file_hash(dest) != file_hash(src):
             log.info("writing %s", dest)
             files.copy_file(src, dest)
             written.append(str(dest))
