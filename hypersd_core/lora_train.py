@@ -5,7 +5,10 @@ One set of base weights serves three roles:
 * **student**: base + the trained adapter (``hypersd``);
 * **target**: base + a frozen second adapter (``hypersd_ema``) holding an exponential
   moving average of the student, updated with :meth:`LoraAdapters.ema_update`;
-* **teacher**: base with the adapters switched off.
+* **teacher**: base with the adapters switched off;
+* **fake** (optional, ``fake=True``): base + a third adapter (``hypersd_fake``), the fake
+  score of score distillation (:mod:`hypersd_core.dmd`), trained by its own optimizer. It
+  starts as a no-op (peft's ``B = 0``), so at first it answers exactly as the teacher does.
 
 Nothing is copied but the LoRA matrices. :meth:`LoraAdapters.detach` removes the peft
 layers again and leaves the module tree exactly as it was, so a host that shares the
@@ -27,6 +30,7 @@ from torch import nn
 
 STUDENT = "hypersd"
 EMA = "hypersd_ema"
+FAKE = "hypersd_fake"
 LORA_SCOPES = ("transformer", "all")
 
 # Module names inside the transformer blocks of SD-style UNets (attention, feed-forward,
@@ -105,7 +109,7 @@ class LoraAdapters:
     """
 
     def __init__(self, module: nn.Module, targets: Iterable[str], rank: int, alpha: float | None = None,
-                 seed: int = 0, dtype: torch.dtype = torch.float32):
+                 seed: int = 0, dtype: torch.dtype = torch.float32, fake: bool = False):
         from peft import LoraConfig, inject_adapter_in_model
 
         self.module = module
@@ -126,9 +130,12 @@ class LoraAdapters:
             torch.manual_seed(seed)
             inject_adapter_in_model(cfg, module, adapter_name=STUDENT)
             inject_adapter_in_model(cfg, module, adapter_name=EMA)
+            if fake:
+                inject_adapter_in_model(cfg, module, adapter_name=FAKE)
+        self.has_fake = bool(fake)
         self.layers = _lora_layers(module)
         for _, layer in self.layers:
-            for name in (STUDENT, EMA):
+            for name in (STUDENT, EMA, FAKE) if fake else (STUDENT, EMA):
                 layer.lora_A[name].to(dtype)
                 layer.lora_B[name].to(dtype)
         for p in module.parameters():
@@ -140,7 +147,8 @@ class LoraAdapters:
 
     # ------------------------------------------------------------------ modes
     def set_mode(self, mode: str) -> None:
-        """``student`` (trainable adapter on), ``target`` (EMA adapter on), ``teacher`` (adapters off)."""
+        """``student`` (trainable adapter on), ``target`` (EMA adapter on), ``teacher`` (adapters off),
+        ``fake`` (the fake-score adapter on and trainable; the student frozen)."""
         if mode == self._mode:
             return
         for _, layer in self.layers:
@@ -152,8 +160,13 @@ class LoraAdapters:
             elif mode == "target":
                 layer.enable_adapters(True)
                 layer.set_adapter(EMA, inference_mode=True)
+            elif mode == "fake" and self.has_fake:
+                layer.enable_adapters(True)
+                layer.set_adapter(FAKE)
+            elif mode == "fake":
+                raise ValueError("these adapters have no fake score: create them with fake=True")
             else:
-                raise ValueError(f"unknown adapter mode {mode!r}")
+                raise ValueError(f"unknown adapter mode {mode!r}: use student, target, teacher or fake")
         if mode != "student":
             for p in self.student_parameters():
                 p.requires_grad_(False)
@@ -179,6 +192,11 @@ class LoraAdapters:
 
     def ema_parameters(self) -> list[nn.Parameter]:
         return [p for _, _, p in self._named(EMA)]
+
+    def fake_parameters(self) -> list[nn.Parameter]:
+        if not self.has_fake:
+            raise ValueError("these adapters have no fake score: create them with fake=True")
+        return [p for _, _, p in self._named(FAKE)]
 
     @torch.no_grad()
     def copy_student_to_ema(self) -> None:

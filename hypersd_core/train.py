@@ -1,7 +1,8 @@
 """The training loop every method of the pack runs on, in plain torch.
 
 A run is a list of :class:`Stage`; a stage holds weighted loss terms (TSCD's consistency
-term today; score distillation and feedback terms join the same way). :class:`Trainer`
+term; score distillation's term, :mod:`.dmd`, keeps its own fake score and optimizer in the
+run's state; feedback terms join the same way). :class:`Trainer`
 takes AdamW steps on the student adapter, keeps its EMA twin, checks that everything
 stays finite, and calls :class:`Callback` hooks (progress, Cancel, checkpoints).
 
@@ -219,7 +220,16 @@ class Trainer:
             "ema": self.adapters.weights(EMA),
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "history": [float(x) for x in self.history],
+            "terms": {key: term.state_dict() for key, term in self._stateful_terms()},
         }
+
+    def _stateful_terms(self):
+        """``("<stage>.<term>", term)`` for each loss term with its own state (score distillation's
+        fake score and its optimizer)."""
+        for i, stage in enumerate(self.stages):
+            for j, (_, term) in enumerate(stage.terms):
+                if hasattr(term, "state_dict"):
+                    yield f"{i}.{j}", term
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("format") != STATE_FORMAT:
@@ -231,6 +241,11 @@ class Trainer:
         self.adapters.load_weights(sd["student"], STUDENT)
         self.adapters.load_weights(sd["ema"], EMA)
         self.optimizer.load_state_dict(sd["optimizer"])
+        saved_terms = sd.get("terms", {})
+        for key, term in self._stateful_terms():
+            if key not in saved_terms:
+                raise ValueError(f"the saved training state has no state for loss term {key} of this run")
+            term.load_state_dict(saved_terms[key])
         self.step = int(sd["step"])
         self.history = list(sd.get("history", []))
         self.last_loss = self.history[-1] if self.history else None

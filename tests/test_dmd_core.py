@@ -1,0 +1,190 @@
+"""Score distillation core (hypersd_core.dmd) in plain torch: the fake-score adapter, the
+distribution-matching gradient by hand, the regression bank, a run, exact resume."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ComfyUI_HyperSD.hypersd_core import dmd, lora_train, train, tscd
+from ComfyUI_HyperSD.hypersd_core.data import LatentData
+from test_tscd_core import TinyEps
+
+
+def _setup(seed=0, steps=4, teacher_cfg=2.0, fake_updates=2, regression_weight=0.25, callbacks=(), lr=1e-3):
+    torch.manual_seed(1234)
+    net = TinyEps()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    ab = torch.cumprod(1 - betas, 0)
+    uncond = torch.zeros(1, 8)
+
+    def eps_fn(x, t, cfg, cond):
+        e = net(x, t, cond.expand(x.shape[0], -1))
+        if cfg == 1.0:
+            return e
+        eu = net(x, t, uncond.expand(x.shape[0], -1))
+        return eu + cfg * (e - eu)
+
+    adapters = lora_train.LoraAdapters(net, lora_train.select_targets(net, "all"), rank=2, seed=seed, fake=True)
+    gen = torch.Generator().manual_seed(5)
+    data = LatentData([(torch.randn(6, 4, 8, 8, generator=gen), torch.randn(1, 8, generator=gen))])
+    bank = dmd.RegressionBank.build(eps_fn, adapters, ab, data, batches=2, batch_size=3, teacher_cfg=teacher_cfg,
+                                    ode_steps=4, seed=seed) if regression_weight > 0 else None
+    term = dmd.DMDLoss(eps_fn, adapters, ab, teacher_cfg=teacher_cfg, fake_updates=fake_updates,
+                       fake_lr=1e-3, regression_weight=regression_weight, bank=bank)
+    stage = train.Stage(segments=1, steps=steps, terms=[(1.0, term)], name="dmd", reset_ema=False)
+    trainer = train.Trainer(adapters, [stage], data, lr=lr, batch_size=3, seed=seed, callbacks=list(callbacks),
+                            signature={"t": 1})
+    return net, adapters, term, trainer, eps_fn, ab, data
+
+
+def test_fake_adapter_starts_as_the_teacher_and_trains_alone():
+    net, adapters, term, _, eps_fn, _, _ = _setup()
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([500, 700])
+    c = torch.randn(1, 8)
+    with torch.no_grad(), adapters.mode("teacher"):
+        teacher = eps_fn(x, t, 1.0, c)
+    with torch.no_grad(), adapters.mode("fake"):
+        fake = eps_fn(x, t, 1.0, c)
+    torch.testing.assert_close(fake, teacher, rtol=0, atol=0)  # B = 0: a no-op at the start
+    adapters.set_mode("fake")
+    assert all(p.requires_grad for p in adapters.fake_parameters())
+    assert not any(p.requires_grad for p in adapters.student_parameters())
+    adapters.set_mode("student")
+    assert all(p.requires_grad for p in adapters.student_parameters())
+    assert not any(p.requires_grad for p in adapters.fake_parameters())
+    plain = lora_train.LoraAdapters(TinyEps(), ["conv_in"], rank=2)
+    with pytest.raises(ValueError, match="fake=True"):
+        plain.set_mode("fake")
+    with pytest.raises(ValueError, match="fake=True"):
+        plain.fake_parameters()
+
+
+def test_distribution_matching_gradient_by_hand():
+    """dL/dx = (x0_fake - x0_real) / mean|x - x0_real| / numel, from the same t and noise."""
+    net, adapters, term, _, eps_fn, ab, _ = _setup()
+    with torch.no_grad():  # a fake score that differs from the teacher
+        for p in adapters.fake_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    c = torch.randn(1, 8)
+    x = torch.randn(3, 4, 8, 8, requires_grad=True)
+    loss, logs = term.distribution_matching(x, c, torch.Generator().manual_seed(11))
+    loss.backward()
+    g = torch.Generator().manual_seed(11)
+    t = torch.randint(dmd.T_MIN, dmd.T_MAX + 1, (3,), generator=g)
+    n = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        a = ab[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x + (1 - a).sqrt() * n
+        adapters.set_mode("teacher")
+        x0_real = (x_t - (1 - a).sqrt() * eps_fn(x_t, t, 2.0, c)) / a.sqrt()
+        adapters.set_mode("fake")
+        x0_fake = (x_t - (1 - a).sqrt() * eps_fn(x_t, t, 1.0, c)) / a.sqrt()
+        expected = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    adapters.set_mode("student")
+    assert float(expected.abs().max()) > 1e-3  # the fake differs from the teacher, so the test can fail
+    torch.testing.assert_close(x.grad * x.numel(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_no_gradient_when_fake_equals_real():
+    """At the start the fake score is the teacher: with the teacher at cfg 1 the two x0 agree."""
+    _, _, term, _, _, _, _ = _setup(teacher_cfg=1.0)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    loss, _ = term.distribution_matching(x, torch.randn(1, 8), torch.Generator().manual_seed(3))
+    assert float(loss.detach()) == 0.0
+
+
+def test_regression_bank_is_the_teachers_ode():
+    """One ODE step from t = 999 is the teacher's x0 prediction at cfg, by hand."""
+    net, adapters, _, _, eps_fn, ab, data = _setup()
+    bank = dmd.RegressionBank.build(eps_fn, adapters, ab, data, batches=1, batch_size=2, teacher_cfg=2.0,
+                                    ode_steps=1, seed=7)
+    e = bank.entry(0)
+    with torch.no_grad(), adapters.mode("teacher"):
+        eps = eps_fn(e.noise, torch.full((2,), 999), 2.0, e.cond)
+    a = ab[999]
+    torch.testing.assert_close(e.target, (e.noise - (1 - a).sqrt() * eps) / a.sqrt(), rtol=1e-5, atol=1e-5)
+    assert dmd.trailing_grid(4) == [999, 749, 499, 249]
+    again = dmd.RegressionBank.build(eps_fn, adapters, ab, data, batches=1, batch_size=2, teacher_cfg=2.0,
+                                     ode_steps=1, seed=7)
+    torch.testing.assert_close(again.entry(0).noise, e.noise, rtol=0, atol=0)  # seeded
+
+
+def test_a_dmd_stage_trains_generator_and_fake_score():
+    _, adapters, term, trainer, _, _, _ = _setup(steps=3, fake_updates=2)
+    s0 = [p.detach().clone() for p in adapters.student_parameters()]
+    f0 = [p.detach().clone() for p in adapters.fake_parameters()]
+    logs = []
+
+    class Keep(train.Callback):
+        def on_step_end(self, trainer, loss, l):
+            logs.append(l)
+
+    trainer.callbacks.append(Keep())
+    trainer.run()
+    assert trainer.step == 3
+    assert any(not torch.equal(a, b) for a, b in zip(s0, adapters.student_parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(f0, adapters.fake_parameters()))
+    assert term.fake_optimizer.state_dict()["state"][0]["step"].item() == 3 * 2  # fake updates per step
+    assert all({"fake_loss", "dmd_loss", "regression_loss"} <= set(l) for l in logs)
+
+
+def test_regression_pulls_the_generator_to_the_teacher():
+    """The generator's one-step output moves towards the teacher's ODE outputs of the bank."""
+    _, adapters, term, trainer, _, _, _ = _setup(steps=30, regression_weight=50.0, fake_updates=1, lr=3e-3)
+
+    def reg_error():
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.mse_loss(term.generate(e.noise, e.cond), e.target))
+                       for e in term.bank.entries)
+
+    before = reg_error()
+    trainer.run()
+    after = reg_error()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_continues_exactly_with_fake_score_and_its_optimizer():
+    _, a_full, t_full_term, t_full, _, _, _ = _setup(steps=4)
+    t_full.run()
+
+    class StopAt(train.Callback):
+        def on_step_start(self, trainer):
+            if trainer.step == 2:
+                raise KeyboardInterrupt
+
+    _, _, _, t_part, _, _, _ = _setup(steps=4, callbacks=[StopAt()])
+    with pytest.raises(KeyboardInterrupt):
+        t_part.run()
+    state = t_part.state_dict()
+    assert set(state["terms"]) == {"0.0"}
+    _, a_res, _, t_res, _, _, _ = _setup(steps=4)
+    t_res.load_state_dict(state)
+    t_res.run()
+    for p, q in zip(a_full.student_parameters() + a_full.fake_parameters(),
+                    a_res.student_parameters() + a_res.fake_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert t_res.history == pytest.approx(t_full.history, rel=0, abs=0)
+    del state["terms"]
+    _, _, _, t_bad, _, _, _ = _setup(steps=4)
+    with pytest.raises(ValueError, match="no state for loss term"):
+        t_bad.load_state_dict(state)
+
+
+def test_nan_in_the_fake_score_stops_with_a_clear_error():
+    _, adapters, _, trainer, _, _, _ = _setup(steps=3)
+    with torch.no_grad():
+        adapters.fake_parameters()[0].fill_(float("nan"))
+    with pytest.raises(train.NonFiniteLossError, match="fake score"):
+        trainer.run()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"generator_t": 1000}, "999 for a unified"), ({"generator_t": 0}, "999 for a unified"),
+    ({"fake_updates": 0}, "DMD2: 10"), ({"regression_weight": -1.0}, "0 or more"),
+    ({"regression_weight": 0.5}, "regression bank"),
+])
+def test_settings_are_checked_with_advice(kw, msg):
+    _, adapters, _, _, eps_fn, ab, _ = _setup(regression_weight=0)
+    with pytest.raises(ValueError, match=msg):
+        dmd.DMDLoss(eps_fn, adapters, ab, teacher_cfg=2.0, **kw)
