@@ -52,6 +52,8 @@ GENERATOR_T_UNIFIED = 999  # the unified LoRA: one step from t = 999
 GENERATOR_T_ONE_STEP = 800  # a dedicated one-step model (the official one-step UNet's timestep)
 T_MIN, T_MAX = 20, 980  # DMD2's range of the distribution-matching timestep
 DEFAULT_FAKE_UPDATES = 5
+DEFAULT_REGRESSION_WEIGHT = 0.25  # DMD's regression weight (it used LPIPS; the toy decides ours)
+BANK_BATCHES, BANK_ODE_STEPS = 4, 25  # the regression bank: batches of the run's batch size, teacher ODE steps
 
 
 def check_settings(generator_t: int, fake_updates: int, regression_weight: float, T: int = 1000) -> None:
@@ -135,7 +137,7 @@ class DMDLoss:
 
     def __init__(self, eps_fn: EpsFn, adapters, alphas_cumprod: torch.Tensor, *, teacher_cfg: float,
                  generator_t: int = GENERATOR_T_UNIFIED, fake_updates: int = DEFAULT_FAKE_UPDATES,
-                 fake_lr: float = 1e-4, fake_grad_clip: float = 10.0, regression_weight: float = 0.25,
+                 fake_lr: float = 1e-4, fake_grad_clip: float = 10.0, regression_weight: float = DEFAULT_REGRESSION_WEIGHT,
                  bank: RegressionBank | None = None, t_min: int = T_MIN, t_max: int = T_MAX):
         T = int(alphas_cumprod.shape[0])
         check_settings(generator_t, fake_updates, regression_weight, T)

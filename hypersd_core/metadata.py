@@ -67,7 +67,7 @@ RECOMMENDED = PREFIX + "recommended_"  # + steps, cfg, sampler, eta, schedule, s
 
 # The run's settings, each written as hypersd.<name>.
 SETTINGS = ("steps_per_stage", "rank", "alpha", "teacher_cfg", "learning_rate", "seed", "lora_scope",
-            "lr_schedule")
+            "lr_schedule", "score_steps", "generator_t", "fake_updates", "regression_weight")
 
 FAMILIES = ("SD1.5", "SDXL", "SD3", "FLUX", "unknown")  # what a file's keys can tell apart
 MODEL_FAMILIES = FAMILIES[:-1] + ("SD2", "SDXL-refiner", "FLUX.2")  # what a loaded model can be
@@ -228,15 +228,17 @@ def recipe_for(variant: str, family: str, steps: int | None = None, last_segment
 
 def trained_metadata(*, method: str, family: str, stages: Sequence[int], settings: Mapping[str, object],
                      step: int, total_steps: int, complete: bool, rank: int, run_stages: Sequence[int] | None = None,
-                     last_loss: float | None = None) -> dict[str, str]:
-    """The metadata of a LoRA trained by this pack, with the recipe of its last stage."""
+                     last_loss: float | None = None, recipe_segments: int | None = None) -> dict[str, str]:
+    """The metadata of a LoRA trained by this pack, with the recipe of its last stage (of a stage
+    with ``recipe_segments`` segments where given: 1 after score distillation, a one-step generator)."""
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise ValueError(f"not a setting of the file vocabulary: {sorted(unknown)}")
     md = {TRAINED_BY: PACK_NAME, METHOD: method, FAMILY: family, STAGES: format_stages(stages),
           STEP: str(int(step)), TOTAL_STEPS: str(int(total_steps)), COMPLETE: "true" if complete else "false"}
     md.update({PREFIX + k: str(v) for k, v in settings.items()})
-    md.update(recipe_for("hypersd_trained", family, last_segments=int(stages[-1])).to_metadata())
+    last = int(recipe_segments if recipe_segments is not None else stages[-1])
+    md.update(recipe_for("hypersd_trained", family, last_segments=last).to_metadata())
     md.update({"ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
                "ss_network_alpha": str(float(settings.get("alpha", rank)))})
     if run_stages is not None:

@@ -39,7 +39,7 @@ import torch
 
 from . import files as fileio
 from . import metadata as vocab
-from . import tscd
+from . import dmd, tscd
 from .data import LatentData
 from .lora_train import LoraAdapters, activation_checkpointing, check_scope, kohya_prefix, select_targets
 from .train import (Callback, Checkpointer, NonFiniteLossError, Stage, StageSaver, Trainer,
@@ -76,6 +76,11 @@ class TrainSettings:
     checkpoint_every: int = 100
     save_stages: bool = True
     method: str = "tscd"
+    # score distillation after the TSCD stages (0 = none): the unified LoRA's last stage
+    score_steps: int = 0
+    generator_t: int = dmd.GENERATOR_T_UNIFIED
+    fake_updates: int = dmd.DEFAULT_FAKE_UPDATES
+    regression_weight: float = dmd.DEFAULT_REGRESSION_WEIGHT
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(vocab.parse_stages(self.stages)))
@@ -90,11 +95,14 @@ class TrainSettings:
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (int(self.checkpoint_every) >= 0, "checkpoint_every must be 0 (only at the end) or more"),
             (self.method in METHODS, f"unknown training method {self.method!r}: use one of {', '.join(METHODS)}"),
+            (int(self.score_steps) >= 0, f"score_steps must be 0 (no score distillation) or more, got {self.score_steps}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         tscd.check_loss(self.loss)
+        if self.score_steps:
+            dmd.check_settings(self.generator_t, self.fake_updates, self.regression_weight)
         check_scope(self.lora_scope)
         check_lr_schedule(self.lr_schedule)
 
@@ -109,13 +117,21 @@ class TrainSettings:
             sig["prompts"] = int(prompts)
         if self.lr_schedule != "constant":  # absent for constant: states saved before the option existed resume
             sig["lr_schedule"] = self.lr_schedule
+        sig.update(self._score_settings())  # absent without score distillation, as in earlier states
         return sig
+
+    def _score_settings(self) -> dict:
+        if not self.score_steps:
+            return {}
+        return {"score_steps": int(self.score_steps), "generator_t": int(self.generator_t),
+                "fake_updates": int(self.fake_updates), "regression_weight": float(self.regression_weight)}
 
     def file_settings(self) -> dict:
         """The settings a LoRA file records (``hypersd.<setting>``)."""
         return {"steps_per_stage": int(self.steps_per_stage), "rank": int(self.rank), "alpha": float(self.rank),
                 "teacher_cfg": float(self.teacher_cfg), "learning_rate": float(self.learning_rate),
-                "seed": int(self.seed), "lora_scope": self.lora_scope, "lr_schedule": self.lr_schedule}
+                "seed": int(self.seed), "lora_scope": self.lora_scope, "lr_schedule": self.lr_schedule,
+                **self._score_settings()}
 
 
 # ---------------------------------------------------------------------- 2. files
@@ -162,10 +178,28 @@ class RunFiles:
 # ---------------------------------------------------------------------- 2b. methods
 
 
-def tscd_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alphas_cumprod: torch.Tensor) -> list[Stage]:
-    """TSCD: one stage per segment count, each with the consistency term at the teacher's cfg."""
+def tscd_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alphas_cumprod: torch.Tensor,
+                data: LatentData | None = None) -> list[Stage]:
+    """TSCD: one stage per segment count, each with the consistency term at the teacher's cfg; then,
+    when ``score_steps`` > 0, one score-distillation stage (:mod:`.dmd`) on the same student, with
+    the regression bank made here from ``data`` (its prompts) and the teacher."""
     term = tscd.TSCDLoss(eps_fn, adapters, alphas_cumprod, teacher_cfg=settings.teacher_cfg, loss=settings.loss)
-    return tscd.progressive_stages(settings.stages, settings.steps_per_stage, lambda k: [(1.0, term)])
+    stages = tscd.progressive_stages(settings.stages, settings.steps_per_stage, lambda k: [(1.0, term)])
+    if settings.score_steps:
+        if data is None:
+            raise ValueError("score distillation needs the training data (its prompts) for the regression bank")
+        bank = None
+        if settings.regression_weight > 0:
+            bank = dmd.RegressionBank.build(eps_fn, adapters, alphas_cumprod, data, batches=dmd.BANK_BATCHES,
+                                            batch_size=settings.batch_size, teacher_cfg=settings.teacher_cfg,
+                                            ode_steps=dmd.BANK_ODE_STEPS, seed=settings.seed,
+                                            device=alphas_cumprod.device)
+        score = dmd.DMDLoss(eps_fn, adapters, alphas_cumprod, teacher_cfg=settings.teacher_cfg,
+                            generator_t=settings.generator_t, fake_updates=settings.fake_updates,
+                            fake_lr=settings.learning_rate, regression_weight=settings.regression_weight, bank=bank)
+        stages.append(Stage(segments=1, steps=int(settings.score_steps), terms=[(1.0, score)], name="score",
+                            reset_ema=False))
+    return stages
 
 
 # method name -> stages(settings, eps_fn, adapters, alphas_cumprod); later methods join here.
@@ -198,9 +232,10 @@ class TrainingRun:
         """Steps 1-5 of the module docstring; returns the finished trainer."""
         s = self.settings
         with torch.inference_mode(False), torch.enable_grad():
-            adapters = LoraAdapters(module, select_targets(module, s.lora_scope), rank=s.rank, seed=s.seed)
+            adapters = LoraAdapters(module, select_targets(module, s.lora_scope), rank=s.rank, seed=s.seed,
+                                    fake=s.score_steps > 0)
             try:
-                stages = METHODS[s.method](s, eps_fn, adapters, self.alphas_cumprod.to(device or "cpu"))
+                stages = METHODS[s.method](s, eps_fn, adapters, self.alphas_cumprod.to(device or "cpu"), data)
                 trainer = Trainer(adapters, stages, data, lr=s.learning_rate, batch_size=s.batch_size, seed=s.seed,
                                   device=device, ema_decay=s.ema_decay, signature=s.signature(self.prompts),
                                   lr_schedule=s.lr_schedule)
@@ -267,7 +302,8 @@ class TrainingRun:
             method=self.settings.method, family=self.family, stages=done, settings=self.settings.file_settings(),
             step=trainer.step, total_steps=trainer.total_steps if upto is None else trainer.step,
             complete=upto is not None or trainer.step >= trainer.total_steps, rank=self.settings.rank,
-            run_stages=ks if upto is not None else None, last_loss=trainer.last_loss)
+            run_stages=ks if upto is not None else None, last_loss=trainer.last_loss,
+            recipe_segments=1 if upto is None and self.settings.score_steps else None)
 
     def save(self, trainer: Trainer) -> None:
         """The LoRA and the training state that resumes it, each written atomically."""

@@ -134,6 +134,23 @@ def _setting_inputs() -> list:
                                  "<output_name>_stage<n>_k<k> (the k-step LoRA: sample it with k steps, "
                                  "DDIM trailing, cfg 1), as the official release has one file per step "
                                  "count. The last stage's LoRA is <output_name>."),
+        io.Int.Input("score_steps", default=0, min=0, max=1_000_000, optional=True,
+                     tooltip="Score distillation after the TSCD stages (0: none): the student learns to draw "
+                             "in one step by distribution matching against the teacher, with a fake score "
+                             "trained alongside as a third LoRA adapter on the same model (no second copy). "
+                             "The result is one unified LoRA: sample it with TCD at 1 to 8 steps; the TSCD "
+                             "result before it is saved as the last stage file."),
+        io.Int.Input("generator_t", default=999, min=1, max=999, optional=True,
+                     tooltip="Timestep the one-step generator is called at from pure noise during score "
+                             "distillation: 999 for a unified LoRA, 800 for a dedicated one-step LoRA (as "
+                             "the official one-step UNet)."),
+        io.Int.Input("fake_updates", default=5, min=1, max=50, optional=True,
+                     tooltip="Fake-score updates per generator step in score distillation (DMD2 uses 10 "
+                             "for SD1.5, 5 for SDXL); more keeps the fake score closer to the generator."),
+        io.Float.Input("regression_weight", default=0.25, min=0.0, max=100.0, step=0.01, optional=True,
+                       tooltip="Weight of the regression to the teacher's 25-step outputs from a fixed bank "
+                               "of noises and prompts (made once per run), which keeps score distillation "
+                               "from collapsing to a few pictures; 0 turns it off."),
     ]
 
 

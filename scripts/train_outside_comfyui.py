@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cfg", type=float, default=1.5, help="teacher guidance baked into the LoRA")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--score-steps", type=int, default=0,
+                    help="score-distillation steps after the TSCD stages (0: none), giving a unified LoRA")
+    ap.add_argument("--fake-updates", type=int, default=5, help="fake-score updates per score-distillation step")
     ap.add_argument("--per-digit", type=int, default=4)
     ap.add_argument("--name", default="hypersd_toy_outside_comfyui")
     ap.add_argument("--out", type=Path, help="folder of the LoRA (default: a new temporary folder)")
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
 
     settings = TrainSettings(stages=args.stages, steps_per_stage=args.steps_per_stage, learning_rate=args.lr,
                              rank=args.rank, teacher_cfg=args.cfg, seed=args.seed, batch_size=args.batch,
-                             lora_scope="all", checkpoint_every=0, lr_schedule="cosine")
+                             lora_scope="all", checkpoint_every=0, lr_schedule="cosine",
+                             score_steps=args.score_steps, fake_updates=args.fake_updates)
     out = args.out or Path(tempfile.mkdtemp(prefix="hypersd-outside-"))
     run = TrainingRun(settings, RunFiles.create(out, args.name), resume=False,
                       family=metadata.model_family(model.model.model_config),

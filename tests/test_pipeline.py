@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from ComfyUI_HyperSD.hypersd_core import files
 from ComfyUI_HyperSD.hypersd_core.pipeline import RunFiles, TrainSettings
@@ -55,6 +57,8 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     (dict(teacher_cfg=0.5), "teacher_cfg"), (dict(ema_decay=1.0), "ema_decay"), (dict(loss="l1"), "huber"),
     (dict(lora_scope="unet"), "transformer"), (dict(lr_schedule="linear"), "constant, cosine"),
     (dict(checkpoint_every=-1), "checkpoint_every"), (dict(method="dmd"), "tscd"),
+    (dict(score_steps=-1), "score_steps"), (dict(score_steps=5, generator_t=1000), "999 for a unified"),
+    (dict(score_steps=5, fake_updates=0), "DMD2"), (dict(score_steps=5, regression_weight=-0.1), "0 or more"),
 ])
 def test_settings_are_checked_before_anything_runs(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -69,6 +73,9 @@ def test_settings_signature_is_the_one_earlier_states_were_saved_with():
                              "lora_scope": "transformer", "ema_decay": 0.95}
     assert TrainSettings(lr_schedule="cosine").signature(prompts=3)["lr_schedule"] == "cosine"
     assert TrainSettings().signature(prompts=3)["prompts"] == 3
+    scored = TrainSettings(score_steps=100).signature()
+    assert {k: scored[k] for k in ("score_steps", "generator_t", "fake_updates", "regression_weight")} == {
+        "score_steps": 100, "generator_t": 999, "fake_updates": 5, "regression_weight": 0.25}
 
 
 def test_run_files_are_named_in_one_place(tmp_path):
@@ -110,3 +117,38 @@ def test_the_core_trains_the_toy_teacher_outside_comfyui(pack, tmp_path):
     assert len(comfy.lora.load_lora(sd, key_map, log_missing=False)) == len(layers)
     info = lora_file.inspect_file(str(path))
     assert (info.variant, info.family, info.rank) == ("hypersd_trained", "SD1.5", 4) and not info.warnings
+
+
+def test_tscd_then_score_distillation_gives_one_unified_lora(pack, tmp_path):
+    """scripts/train_outside_comfyui.py --score-steps: the TSCD stages, then a score-distillation stage on
+    the same student (fake score as a third adapter on the toy UNet): one LoRA file whose metadata records
+    the score settings and recommends the unified recipe (TCD, 1 step, eta 1), beside the TSCD stage files;
+    it has the same layers as a TSCD-only LoRA (the fake adapter is never saved into it)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ComfyUI_HyperSD.hypersd_core import lora_file
+
+    out = subprocess.run([sys.executable, "-m", "scripts.train_outside_comfyui", "--out", str(tmp_path),
+                          "--stages", "2", "--steps-per-stage", "1", "--score-steps", "2", "--fake-updates", "2",
+                          "--batch", "2"], capture_output=True, text=True, cwd=str(REPO),
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and len(summary["losses"]) == 3
+    assert all(math.isfinite(x) for x in summary["losses"])
+    assert summary["stage_loras"] == [str(tmp_path / "hypersd_toy_outside_comfyui_stage1_k2.safetensors")]
+    path = tmp_path / "hypersd_toy_outside_comfyui.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["hypersd.stages"], meta["hypersd.step"], meta["hypersd.complete"]) == ("2", "3", "true")
+    assert (meta["hypersd.score_steps"], meta["hypersd.generator_t"], meta["hypersd.fake_updates"]) == ("2", "999", "2")
+    assert (meta["hypersd.recommended_sampler"], meta["hypersd.recommended_steps"],
+            meta["hypersd.recommended_eta"]) == ("tcd", "1", "1.0")
+    with safe_open(str(tmp_path / "hypersd_toy_outside_comfyui_stage1_k2.safetensors"), "pt") as f:
+        assert f.metadata()["hypersd.recommended_sampler"] == "ddim"  # the TSCD stage keeps its own recipe
+    unified, stage = load_file(str(path)), load_file(str(tmp_path / "hypersd_toy_outside_comfyui_stage1_k2.safetensors"))
+    assert set(unified) == set(stage)
+    assert any(not torch.equal(unified[k], stage[k]) for k in unified)  # the score stage changed the student
+    info = lora_file.inspect_file(str(path))
+    assert (info.variant, info.family) == ("hypersd_trained", "SD1.5") and not info.warnings

@@ -351,3 +351,40 @@ def test_read_only_folder_fails_clearly(training, comfy, tmp_path):
         assert list(folder.iterdir()) == []
     finally:
         undo()
+
+
+def test_tscd_then_score_distillation_in_the_node_cancels_and_resumes_exactly(training, loras, caplog):
+    """score_steps > 0: the TSCD stages, then score distillation on the same student, in one node run.
+    A Cancel inside the score stage saves the step; the resumed run restores the fake score and its
+    optimizer with the student and ends bit-for-bit where an uninterrupted run ends. The unified LoRA
+    loads in core's loader with every key used and recommends TCD at one step."""
+    import comfy.model_management as mm
+
+    kw = dict(stages="2", steps_per_stage=1, score_steps=3, fake_updates=2, regression_weight=0.5)
+
+    class CancelAt(train.Callback):
+        def on_step_end(self, trainer, loss, logs):
+            if trainer.step == 2:
+                assert logs["stage"] == "score" and {"fake_loss", "dmd_loss", "regression_loss"} <= set(logs)
+                mm.interrupt_current_processing(True)
+
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _train(training, name="sd", callbacks=[CancelAt()], **kw)
+    finally:
+        mm.interrupt_current_processing(False)
+    saved = torch.load(loras / "sd.hypersd-state.pt", weights_only=True)
+    assert saved["step"] == 2 and set(saved["terms"]) == {"1.0"}
+    assert int(saved["terms"]["1.0"]["fake_optimizer"]["state"][0]["step"]) == 2  # one score step, 2 fake updates
+    _, _, resumed = _train(training, name="sd", **kw)
+    _, _, straight = _train(training, name="sd_straight", **kw)
+    assert resumed.step == straight.step == 4 and resumed.history == straight.history
+    a, meta = _read(loras / "sd.safetensors")
+    b, _ = _read(loras / "sd_straight.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert (meta["hypersd.score_steps"], meta["hypersd.recommended_sampler"], meta["hypersd.recommended_steps"]) == (
+        "3", "tcd", "1")
+    _assert_loads_cleanly(_model(), a, caplog)
+    stage, stage_meta = _read(loras / "sd_stage1_k2.safetensors")  # the TSCD result before score distillation
+    assert stage_meta["hypersd.recommended_sampler"] == "ddim" and set(stage) == set(a)
