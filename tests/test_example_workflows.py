@@ -74,3 +74,30 @@ def test_training_example_runs_on_the_server(server, object_info, example_parts)
     assert image.stat().st_size > 100
     loras = server.base / "models" / "loras"
     assert (loras / "example_tscd.safetensors").exists() and (loras / "example_tscd_stage1_k2.safetensors").exists()
+
+
+def test_unified_training_example_runs_on_the_server(server, object_info, example_parts):
+    """TSCD then score distillation, as shipped, shortened (1 stage of 1 step, 1 score step): the unified
+    LoRA recommends TCD at one step, the TSCD result is kept as the stage file, the picture is made."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    folder = server.base / "input" / example_graphs.TRAIN_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (64, 64), colour).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a {colour} square")
+    api = split_checkpoint(workflows.ui_to_api(workflows.load(EXAMPLES / "hypersd_sd15_train_unified.json"),
+                                               object_info), example_parts)
+    train = api["5"]["inputs"]
+    assert (train["stages"], train["score_steps"], train["output_name"]) == ("8,4,2,1", 500, "my_model_hypersd_unified")
+    train.update(stages="2,1", steps_per_stage=1, score_steps=1, fake_updates=1, batch_size=2,
+                 output_name="example_unified", resume=False)
+    entry = server.run(api, timeout=600)
+    (image,) = server.output_files(entry, "9", "images")
+    assert image.stat().st_size > 100
+    loras = server.base / "models" / "loras"
+    with safe_open(str(loras / "example_unified.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["hypersd.score_steps"], meta["hypersd.recommended_sampler"], meta["hypersd.step"]) == ("1", "tcd", "3")
+    assert (loras / "example_unified_stage2_k1.safetensors").exists()
