@@ -11,7 +11,9 @@ every 2 ms) or ``torch.cuda.max_memory_allocated`` (CUDA) during the longer run,
 level before training. Both trainers run in float32 with the same rank, with gradient
 checkpointing off and on. Targets (issue 6): TSCD at most 4x the step time (it makes four
 denoiser passes a step: teacher cond+uncond, EMA target, student) and at most 1.2x the
-peak memory.
+peak memory. A third row per setting is score distillation (``score_steps``; issue 12): one
+TSCD step, then the timed score-distillation steps, over one TSCD step (target: at most
+1.3x its peak memory, since the fake score is a third adapter, not a copy of the model).
 
 ``--quality``: the distilled toy LoRAs beside their teacher, on the toy's own quality measure
 (``toy.quality.measure``: digit accuracy and FID on the digits classifier's features against
@@ -119,7 +121,13 @@ def _child(cfg: dict) -> dict:
     cuda = cfg["device"] == "cuda"
 
     def run(steps: int, name: str):
-        if cfg["method"] == "tscd":
+        if cfg["method"] == "score":  # one TSCD step, then `steps` score-distillation steps
+            with torch.inference_mode():
+                training.train_tscd(mp, [{"samples": lat}], pos, neg, stages="4", steps_per_stage=1,
+                                    score_steps=steps, learning_rate=1e-4, rank=cfg["rank"], teacher_cfg=5.0, seed=0,
+                                    output_name=name, checkpoint_every=0, batch_size=B, resume=False,
+                                    lora_scope="all", gradient_checkpointing=cfg["gc"])
+        elif cfg["method"] == "tscd":
             with torch.inference_mode():
                 training.train_tscd(mp, [{"samples": lat}], pos, neg, stages="4", steps_per_stage=steps,
                                     learning_rate=1e-4, rank=cfg["rank"], teacher_cfg=5.0, seed=0, output_name=name,
@@ -437,7 +445,7 @@ def main(argv=None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for gc in (False, True):
-        for method in ("core", "tscd"):
+        for method in ("core", "tscd", "score"):
             cfg = {"method": method, "gc": gc, "channels": args.channels, "latent": args.latent, "batch": args.batch,
                    "steps": args.steps, "rank": args.rank, "threads": args.threads, "device": device}
             # Large blocks straight from mmap and returned at once, so the resident set follows
@@ -455,12 +463,18 @@ def main(argv=None) -> int:
           f"rank {args.rank}, float32, {args.steps} timed steps, {args.threads} thread(s)")
     print(f"{'trainer':<22}{'grad ckpt':>10}{'step (s)':>12}{'peak (MiB)':>12}{'time ratio':>12}{'mem ratio':>11}")
     ref = {gc: r for m, gc, r in rows if m == "core"}
+    names = {"core": "core TrainLoraNode", "tscd": "HyperSDTrainTSCD", "score": "  score distillation"}
     for method, gc, r in rows:
-        name = "core TrainLoraNode" if method == "core" else "HyperSDTrainTSCD"
         tr = r["step_s"] / ref[gc]["step_s"]
         mr = r["peak_bytes"] / max(ref[gc]["peak_bytes"], 1)
-        print(f"{name:<22}{'on' if gc else 'off':>10}{r['step_s']:>12.3f}{r['peak_bytes'] / 2**20:>12.1f}"
+        print(f"{names[method]:<22}{'on' if gc else 'off':>10}{r['step_s']:>12.3f}{r['peak_bytes'] / 2**20:>12.1f}"
               f"{tr:>11.2f}x{mr:>10.2f}x")
+    tscd = {gc: r for m, gc, r in rows if m == "tscd"}
+    print("score distillation over one TSCD step (target: peak memory at most 1.3x; the fake score is an adapter):")
+    for method, gc, r in rows:
+        if method == "score":
+            print(f"  grad ckpt {'on' if gc else 'off'}: time {r['step_s'] / tscd[gc]['step_s']:.2f}x, "
+                  f"peak memory {r['peak_bytes'] / max(tscd[gc]['peak_bytes'], 1):.2f}x")
     return 0
 
 

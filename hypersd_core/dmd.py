@@ -28,9 +28,12 @@ One step of :class:`DMDLoss` (a loss term of :class:`~.train.Stage`):
 
 1. draw ``z`` (the step's generator) and sample ``x = G(z)`` without gradient;
 2. ``fake_updates`` fake-score steps on ``x`` (fresh ``t`` and noise each);
-3. ``x = G(z)`` again with gradient (the fake steps never fall between a forward and its
-   backward, so the student's gradient is never lost to a frozen adapter);
-4. the distribution-matching loss on ``x``, plus the regression loss on a bank entry.
+3. the regression loss on a bank entry, backpropagated at once (``Batch.backward_now``), so
+   its activations are freed before the next forward: a step holds one generator graph, and
+   its peak memory stays near a TSCD step's;
+4. ``x = G(z)`` again with gradient (the fake steps never fall between a forward and its
+   backward, so the student's gradient is never lost to a frozen adapter), and the
+   distribution-matching loss on ``x``; the trainer backpropagates it.
 
 Everything that decides the next step (fake adapter, its optimizer, the bank) is in
 :meth:`DMDLoss.state_dict`, which :class:`~.train.Trainer` saves with the student, so
@@ -218,19 +221,26 @@ class DMDLoss:
             if not math.isfinite(fake_losses[-1]):
                 self.adapters.set_mode("student")
                 raise NonFiniteLossError(batch.step, stage, "fake score's loss or gradient")
-        # 3. the generator, with gradient
-        x = self.generate(z, cond)
-        # 4. distribution matching, then regression to the teacher's ODE outputs
-        loss, logs = self.distribution_matching(x, cond, generator)
-        logs["fake_loss"] = sum(fake_losses) / len(fake_losses)
-        logs["dmd_loss"] = float(loss.detach())
+        # 3. regression to the teacher's ODE outputs, backpropagated at once: its activations are
+        #    freed before the generator's own forward, so a step holds one generator graph at a time
+        reg = None
         if self.regression_weight > 0:
             e = self.bank.entry(batch.step)
             dev = batch.x0.device
             x_reg = self.generate(e.noise.to(dev, batch.x0.dtype), e.cond)
             reg = torch.nn.functional.mse_loss(x_reg.float(), e.target.to(dev).float())
-            logs["regression_loss"] = float(reg.detach())
-            loss = loss + self.regression_weight * reg
+            if not torch.isfinite(reg.detach()):
+                raise NonFiniteLossError(batch.step, stage, "regression loss")
+            reg = batch.backward_now(self.regression_weight * reg)
+            del x_reg
+        # 4. the generator, with gradient, and the distribution-matching loss
+        x = self.generate(z, cond)
+        loss, logs = self.distribution_matching(x, cond, generator)
+        logs["fake_loss"] = sum(fake_losses) / len(fake_losses)
+        logs["dmd_loss"] = float(loss.detach())
+        if reg is not None:
+            logs["regression_loss"] = float(reg) / self.regression_weight
+            loss = loss + reg
         self.adapters.set_mode("student")
         return loss, logs
 

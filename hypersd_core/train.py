@@ -30,10 +30,20 @@ class Batch:
     x0: torch.Tensor  # clean latents, (B, C, H, W), in the denoiser's latent space
     cond: Any = None  # passed through to the eps function
     step: int = 0
+    backward_scale: float = 1.0  # the weight of the term being called (set by the trainer)
+
+    def backward_now(self, part: torch.Tensor) -> torch.Tensor:
+        """Backpropagate ``part`` of a term's loss at once (times the term's weight), so that its
+        activations are freed before the term builds the rest; returns ``part`` detached, for the
+        term to add to the value it returns. Gradients accumulate with the trainer's backward."""
+        (part * self.backward_scale).backward()
+        return part.detach()
 
 
 class LossTerm(Protocol):
-    """A loss of one stage: ``term(batch, stage, generator) -> (loss, logs)``."""
+    """A loss of one stage: ``term(batch, stage, generator) -> (loss, logs)``. A term may
+    backpropagate part of its loss itself (``batch.backward_now``) and return that part detached:
+    the trainer zeroes the gradients before calling the terms."""
 
     def __call__(self, batch: Batch, stage: "Stage", generator: torch.Generator) -> tuple[torch.Tensor, dict]: ...
 
@@ -179,7 +189,9 @@ class Trainer:
         batch = Batch(x0=x0, cond=cond, step=step)
         total = None
         logs: dict = {"stage": stage.name, "segments": stage.segments}
+        self.optimizer.zero_grad(set_to_none=True)  # before the terms: they may backpropagate parts early
         for weight, term in stage.terms:
+            batch.backward_scale = float(weight)
             value, extra = term(batch, stage, gen)
             logs.update(extra)
             total = value * weight if total is None else total + value * weight
@@ -188,8 +200,8 @@ class Trainer:
         self.adapters.set_mode("student")
         if not torch.isfinite(total.detach()).all():
             raise NonFiniteLossError(step, stage, "loss")
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        if total.requires_grad:
+            total.backward()
         lr = learning_rate_at(self.lr, self.lr_schedule, step - stage_start, stage.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -188,3 +188,62 @@ def test_settings_are_checked_with_advice(kw, msg):
     _, adapters, _, _, eps_fn, ab, _ = _setup(regression_weight=0)
     with pytest.raises(ValueError, match=msg):
         dmd.DMDLoss(eps_fn, adapters, ab, teacher_cfg=2.0, **kw)
+
+
+def test_generator_gradient_survives_the_adapter_switches():
+    """Between the generator's forward (student adapter) and the backward, the term runs the
+    teacher (adapters off) and the fake adapter. The student's gradient must still be the full
+    chain rule through the generator: recomputed here from dL/dx on a fresh forward."""
+    _, adapters, term, _, _, _, data = _setup(regression_weight=0, fake_updates=1)
+    with torch.no_grad():  # a student that is not a no-op, so every LoRA factor gets a gradient
+        for p in adapters.student_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
+    seen = {}
+    generate = term.generate
+
+    def spy_generate(z, cond):
+        x = generate(z, cond)
+        if x.requires_grad:  # the generator step (not the no-grad sample for the fake score)
+            seen["z"], seen["cond"] = z.clone(), cond
+            x.register_hook(lambda g: seen.__setitem__("dx", g.clone()))
+        return x
+
+    term.generate = spy_generate
+    x0, cond = data.sample(3, torch.Generator().manual_seed(1), torch.device("cpu"))
+    adapters.set_mode("student")
+    params = adapters.student_parameters()
+    for p in params:
+        p.grad = None
+    loss, _ = term(train.Batch(x0=x0, cond=cond, step=0), None, torch.Generator().manual_seed(2))
+    loss.backward()
+    assert float(seen["dx"].abs().max()) > 0  # the distribution-matching gradient reached x
+    got = [p.grad for p in params]
+    assert all(g is not None for g in got), "the student lost its gradient across the mode switches"
+    x = generate(seen["z"], seen["cond"])
+    want = torch.autograd.grad(x, params, grad_outputs=seen["dx"])
+    assert sum(float(w.abs().sum()) for w in want) > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+
+
+def test_regression_is_backpropagated_early_with_the_terms_weight():
+    """The regression part's gradient is in the student's .grad when the term returns (its
+    activations already freed), scaled by the stage's weight of the term; the value returned
+    still includes it, and the trainer's backward of the rest adds to it."""
+    _, adapters, term, _, _, _, data = _setup(regression_weight=0.5, fake_updates=1)
+    x0, cond = data.sample(3, torch.Generator().manual_seed(1), torch.device("cpu"))
+    adapters.set_mode("student")
+    params = adapters.student_parameters()
+    batch = train.Batch(x0=x0, cond=cond, step=1)
+    batch.backward_scale = 0.25
+    loss, logs = term(batch, None, torch.Generator().manual_seed(2))
+    early = [p.grad.clone() for p in params]
+    e = term.bank.entry(1)
+    reg = torch.nn.functional.mse_loss(term.generate(e.noise, e.cond), e.target)
+    want = torch.autograd.grad(0.25 * 0.5 * reg, params)
+    for g, w in zip(early, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
+    assert logs["regression_loss"] == pytest.approx(float(reg.detach()), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(logs["dmd_loss"] + 0.5 * float(reg.detach()), rel=1e-5)
+    loss.backward()  # the distribution-matching part adds on top
+    assert any(not torch.allclose(p.grad, g) for p, g in zip(params, early))
