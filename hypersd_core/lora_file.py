@@ -281,6 +281,7 @@ class LoraInfo:
     schedule: str = "trailing"
     strength: float = 1.0
     guidance: float | None = None
+    eta_by_steps: list = field(default_factory=list)  # [[steps, eta], ...]: the file's own TCD eta per step count
     stages: list = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -290,11 +291,13 @@ class LoraInfo:
 
     @property
     def recipe(self) -> Recipe:
-        return Recipe(self.steps, self.cfg, self.sampler, self.schedule, self.eta, self.strength, self.guidance)
+        return Recipe(self.steps, self.cfg, self.sampler, self.schedule, self.eta, self.strength, self.guidance,
+                      tuple((int(n), float(e)) for n, e in self.eta_by_steps))
 
     def use_recipe(self, recipe: Recipe) -> None:
         self.steps, self.cfg, self.sampler, self.schedule = recipe.steps, recipe.cfg, recipe.sampler, recipe.schedule
         self.eta, self.strength, self.guidance = recipe.eta, recipe.strength, recipe.guidance
+        self.eta_by_steps = [[n, e] for n, e in recipe.eta_by_steps]
 
     def describe_variant(self) -> str:
         return {
@@ -455,7 +458,8 @@ def inspect_cached(path: str, display_name: str | None = None) -> LoraInfo:
 
 
 def with_steps(info: LoraInfo, steps: int) -> LoraInfo:
-    """A copy of ``info`` set to run ``steps`` steps (a TCD recipe's eta follows: 1.0 at one step, else 0.3)."""
+    """A copy of ``info`` set to run ``steps`` steps (a TCD recipe's eta follows: the file's own
+    ``eta_by_steps`` where it has one, else 1.0 at one step and 0.3 above)."""
     out = copy.deepcopy(info)
     out.use_recipe(info.recipe.with_steps(steps))
     return out

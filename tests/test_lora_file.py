@@ -145,6 +145,33 @@ def test_one_segment_lora_gets_the_measured_recipe_whether_written_or_not(lf, la
         assert lf.with_steps(info, 4).eta == 0.3  # run at more steps, TCD's eta follows, as for the official file
 
 
+def test_score_distilled_file_carries_its_eta_per_step_count(lf, layouts, tmp_path):
+    """A TSCD + score-distillation file recommends one TCD step at eta 1 and carries the measured
+    eta per step count (metadata.SCORE_ETA_BY_STEPS), which the inspector hands out when the
+    file runs at more steps; an unreadable table is a warning and the usual rule applies."""
+    from ComfyUI_HyperSD.hypersd_core import metadata
+
+    written = metadata.trained_metadata(method="tscd", family="SD1.5", stages=[4, 2, 1],
+                                        settings={"rank": 4, "score_steps": 100}, step=9, total_steps=9,
+                                        complete=True, rank=4, recipe_segments=1)
+    assert written["hypersd.recommended_eta_by_steps"] == "1:1.0,2:1.0,4:1.0,8:0.3"
+    p = tmp_path / "unified.safetensors"
+    L.write_lora(str(p), _tiny(layouts["SD1.5"][0]), rank=4, alpha=4.0, metadata=written)
+    info = lf.inspect_file(str(p))
+    assert (info.steps, info.sampler, info.schedule, info.eta) == (1, "tcd", "tcd", 1.0) and not info.warnings
+    assert [lf.with_steps(info, n).eta for n in (1, 2, 3, 4, 6, 8, 12)] == [1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.3]
+    tscd_only = metadata.trained_metadata(method="tscd", family="SD1.5", stages=[4, 2, 1], settings={"rank": 4},
+                                          step=9, total_steps=9, complete=True, rank=4)
+    assert "hypersd.recommended_eta_by_steps" not in tscd_only  # TSCD alone keeps the unified rule
+    L.write_lora(str(p), _tiny(layouts["SD1.5"][0]), rank=4, alpha=4.0,
+                 metadata={**written, "hypersd.recommended_eta_by_steps": "2:1.5"})
+    info = lf.inspect_file(str(p))
+    assert any("eta_by_steps" in w for w in info.warnings)
+    assert lf.with_steps(info, 2).eta == 0.3
+    with pytest.raises(ValueError):
+        metadata.parse_eta_by_steps("0:1.0")
+
+
 def test_whole_models_are_not_loras(lf, pack, tmp_path):
     """The diffusers one-step UNet and a ComfyUI checkpoint are told apart from LoRAs."""
     from safetensors.torch import save_file
