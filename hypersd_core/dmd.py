@@ -56,6 +56,10 @@ GENERATOR_T_ONE_STEP = 800  # a dedicated one-step model (the official one-step 
 T_MIN, T_MAX = 20, 980  # DMD2's range of the distribution-matching timestep
 DEFAULT_FAKE_UPDATES = 5
 DEFAULT_REGRESSION_WEIGHT = 0.25  # DMD's regression weight (it used LPIPS; the toy decides ours)
+# The TSCD term kept beside distribution matching in the score stage (its weight; 0 = none): only
+# the generator at t_g is trained by distribution matching, and without the consistency term the
+# LoRA's 2-8 step quality drifts away as the one-step quality rises (measured on the toy).
+DEFAULT_SCORE_TSCD_WEIGHT = 1.0
 BANK_BATCHES, BANK_ODE_STEPS = 4, 25  # the regression bank: batches of the run's batch size, teacher ODE steps
 
 

@@ -81,6 +81,7 @@ class TrainSettings:
     generator_t: int = dmd.GENERATOR_T_UNIFIED
     fake_updates: int = dmd.DEFAULT_FAKE_UPDATES
     regression_weight: float = dmd.DEFAULT_REGRESSION_WEIGHT
+    score_tscd_weight: float = dmd.DEFAULT_SCORE_TSCD_WEIGHT
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(vocab.parse_stages(self.stages)))
@@ -103,6 +104,9 @@ class TrainSettings:
         tscd.check_loss(self.loss)
         if self.score_steps:
             dmd.check_settings(self.generator_t, self.fake_updates, self.regression_weight)
+            if not (math.isfinite(self.score_tscd_weight) and self.score_tscd_weight >= 0):
+                raise ValueError(f"score_tscd_weight must be 0 (distribution matching alone) or more, "
+                                 f"got {self.score_tscd_weight}")
         check_scope(self.lora_scope)
         check_lr_schedule(self.lr_schedule)
 
@@ -123,8 +127,11 @@ class TrainSettings:
     def _score_settings(self) -> dict:
         if not self.score_steps:
             return {}
-        return {"score_steps": int(self.score_steps), "generator_t": int(self.generator_t),
-                "fake_updates": int(self.fake_updates), "regression_weight": float(self.regression_weight)}
+        out = {"score_steps": int(self.score_steps), "generator_t": int(self.generator_t),
+               "fake_updates": int(self.fake_updates), "regression_weight": float(self.regression_weight)}
+        if self.score_tscd_weight:  # absent at 0, as in the states saved before the setting existed
+            out["score_tscd_weight"] = float(self.score_tscd_weight)
+        return out
 
     def file_settings(self) -> dict:
         """The settings a LoRA file records (``hypersd.<setting>``)."""
@@ -182,7 +189,8 @@ def tscd_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alphas_
                 data: LatentData | None = None) -> list[Stage]:
     """TSCD: one stage per segment count, each with the consistency term at the teacher's cfg; then,
     when ``score_steps`` > 0, one score-distillation stage (:mod:`.dmd`) on the same student, with
-    the regression bank made here from ``data`` (its prompts) and the teacher."""
+    the regression bank made here from ``data`` (its prompts) and the teacher, and the one-segment
+    TSCD term beside it at ``score_tscd_weight`` (so the 2-8 step quality is kept)."""
     term = tscd.TSCDLoss(eps_fn, adapters, alphas_cumprod, teacher_cfg=settings.teacher_cfg, loss=settings.loss)
     stages = tscd.progressive_stages(settings.stages, settings.steps_per_stage, lambda k: [(1.0, term)])
     if settings.score_steps:
@@ -197,7 +205,10 @@ def tscd_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alphas_
         score = dmd.DMDLoss(eps_fn, adapters, alphas_cumprod, teacher_cfg=settings.teacher_cfg,
                             generator_t=settings.generator_t, fake_updates=settings.fake_updates,
                             fake_lr=settings.learning_rate, regression_weight=settings.regression_weight, bank=bank)
-        stages.append(Stage(segments=1, steps=int(settings.score_steps), terms=[(1.0, score)], name="score",
+        terms = [(1.0, score)]
+        if settings.score_tscd_weight:
+            terms.append((float(settings.score_tscd_weight), term))
+        stages.append(Stage(segments=1, steps=int(settings.score_steps), terms=terms, name="score",
                             reset_ema=False))
     return stages
 

@@ -211,7 +211,7 @@ def sd15_train_tscd() -> dict:
             "output_name": "my_model_hypersd", "checkpoint_every": 100, "batch_size": 4, "resume": True,
             "loss": "huber", "lora_scope": "transformer", "ema_decay": 0.95, "gradient_checkpointing": False,
             "lr_schedule": "constant", "save_stages": True, "score_steps": 0, "generator_t": 999, "fake_updates": 5,
-            "regression_weight": 0.25}},
+            "regression_weight": 0.25, "score_tscd_weight": 1.0}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat sitting on a windowsill, soft light",
                                                           "clip": ["1", 1]}},
         "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
@@ -249,10 +249,11 @@ TRAINING = {
               "`score_steps` 500: after the stages 8,4,2,1 the same LoRA learns to draw in one step by "
               "distribution matching against your checkpoint (a fake score trained alongside as a second adapter "
               "on the same model, `fake_updates` per step; `regression_weight` keeps it near the teacher's 25-step "
-              "pictures). `my_model_hypersd_unified` recommends TCD, cfg 1 (eta 1 at one step, lower for more "
-              "steps); the TSCD result before score distillation is kept as `my_model_hypersd_unified_stage4_k1`. "
-              "The KSampler tries it at one step. Score distillation steps cost about four TSCD steps each. The "
-              "defaults of the score settings are not yet measured on the toy (issue 12).")),
+              "pictures; `score_tscd_weight` keeps the TSCD term beside it, so 2 to 8 steps stay good). "
+              "`my_model_hypersd_unified` recommends TCD, cfg 1 (eta 1 up to 4 steps, 0.3 at 8: the Hyper-SD LoRA "
+              "Loader hands out the eta for the steps you choose); the TSCD result before score distillation is "
+              "kept as `my_model_hypersd_unified_stage4_k1`. The KSampler tries it at one step. A score-distillation "
+              "step costs several TSCD steps (its fake-score updates and the TSCD term; see the README's cost row).")),
 }
 
 

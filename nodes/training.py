@@ -151,6 +151,11 @@ def _setting_inputs() -> list:
                        tooltip="Weight of the regression to the teacher's 25-step outputs from a fixed bank "
                                "of noises and prompts (made once per run), which keeps score distillation "
                                "from collapsing to a few pictures; 0 turns it off."),
+        io.Float.Input("score_tscd_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
+                       tooltip="Weight of the TSCD consistency term kept beside distribution matching during "
+                               "score distillation, so the unified LoRA stays good at 2 to 8 steps while it "
+                               "learns one step; 0: distribution matching alone (the 2-8 step pictures "
+                               "degrade the longer it runs)."),
     ]
 
 

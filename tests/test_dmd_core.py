@@ -247,3 +247,31 @@ def test_regression_is_backpropagated_early_with_the_terms_weight():
     assert float(loss.detach()) == pytest.approx(logs["dmd_loss"] + 0.5 * float(reg.detach()), rel=1e-5)
     loss.backward()  # the distribution-matching part adds on top
     assert any(not torch.allclose(p.grad, g) for p, g in zip(params, early))
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_score_stage_keeps_the_tscd_term_at_its_weight(weight):
+    """pipeline.tscd_stages with score_steps: the score stage holds the distribution-matching term and,
+    at score_tscd_weight > 0, the one-segment TSCD term at that weight; a step of it runs both (their
+    logs) and trains the student."""
+    from ComfyUI_HyperSD.hypersd_core.pipeline import TrainSettings, tscd_stages
+
+    net, adapters, _, _, eps_fn, ab, data = _setup()
+    settings = TrainSettings(stages="2", steps_per_stage=1, score_steps=2, fake_updates=1, regression_weight=0.25,
+                             score_tscd_weight=weight, teacher_cfg=2.0, batch_size=3)
+    stages = tscd_stages(settings, eps_fn, adapters, ab, data)
+    assert [(s.name, s.segments, s.steps) for s in stages][-1] == ("score", 1, 2)
+    kinds = [(w, type(t).__name__) for w, t in stages[-1].terms]
+    assert kinds == [(1.0, "DMDLoss")] + ([(0.5, "TSCDLoss")] if weight else [])
+    logs = []
+
+    class Keep(train.Callback):
+        def on_step_end(self, trainer, loss, step_logs):
+            logs.append(dict(step_logs))
+
+    before = [p.detach().clone() for p in adapters.student_parameters()]
+    train.Trainer(adapters, stages[-1:], data, lr=1e-3, batch_size=3, seed=0, callbacks=[Keep()],
+                  signature={"t": 1}).run()
+    assert all("dmd_grad_norm" in x for x in logs)
+    assert all(("t_n_mean" in x) == bool(weight) for x in logs)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, adapters.student_parameters()))

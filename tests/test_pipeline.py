@@ -59,6 +59,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     (dict(checkpoint_every=-1), "checkpoint_every"), (dict(method="dmd"), "tscd"),
     (dict(score_steps=-1), "score_steps"), (dict(score_steps=5, generator_t=1000), "999 for a unified"),
     (dict(score_steps=5, fake_updates=0), "DMD2"), (dict(score_steps=5, regression_weight=-0.1), "0 or more"),
+    (dict(score_steps=5, score_tscd_weight=float("inf")), "score_tscd_weight"),
 ])
 def test_settings_are_checked_before_anything_runs(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -76,6 +77,9 @@ def test_settings_signature_is_the_one_earlier_states_were_saved_with():
     scored = TrainSettings(score_steps=100).signature()
     assert {k: scored[k] for k in ("score_steps", "generator_t", "fake_updates", "regression_weight")} == {
         "score_steps": 100, "generator_t": 999, "fake_updates": 5, "regression_weight": 0.25}
+    assert scored["score_tscd_weight"] == 1.0
+    # at 0 the key is absent, so a score-distillation state saved before the setting existed resumes
+    assert "score_tscd_weight" not in TrainSettings(score_steps=100, score_tscd_weight=0).signature()
 
 
 def test_run_files_are_named_in_one_place(tmp_path):

@@ -86,7 +86,7 @@ def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
             "checkpoint_every": args.checkpoint_every, "batch_size": args.batch, "resume": False,
             "loss": args.loss, "lora_scope": args.lora_scope, "ema_decay": args.ema, "save_stages": True,
             "lr_schedule": args.lr_schedule, "score_steps": args.score_steps, "fake_updates": args.fake_updates,
-            "regression_weight": args.regression_weight}},
+            "regression_weight": args.regression_weight, "score_tscd_weight": args.score_tscd_weight}},
     }
 
 
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--score-steps", type=int, default=0, help="score distillation after the TSCD stages (0: none)")
     ap.add_argument("--fake-updates", type=int, default=5, help="fake-score updates per score-distillation step")
     ap.add_argument("--regression-weight", type=float, default=0.25, help="score distillation's regression weight")
+    ap.add_argument("--score-tscd-weight", type=float, default=1.0,
+                    help="weight of the TSCD term kept in the score-distillation stage (0: distribution matching alone)")
     ap.add_argument("--per-digit", type=int, default=50, help="training images per digit (one CLIP encode each)")
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--name", default=Path(LORA_FILE).stem, help="output_name given to the node")
