@@ -63,8 +63,10 @@ DEFAULT_SCORE_TSCD_WEIGHT = 1.0
 BANK_BATCHES, BANK_ODE_STEPS = 4, 25  # the regression bank: batches of the run's batch size, teacher ODE steps
 
 
-def check_settings(generator_t: int, fake_updates: int, regression_weight: float, T: int = 1000) -> None:
-    """Refuse settings outside what the method allows, saying what to use."""
+def check_settings(generator_t: int, fake_updates: int, regression_weight: float, T: int = 1000,
+                   tscd_weight: float = 0.0) -> None:
+    """Refuse settings outside what the method allows, saying what to use (``tscd_weight``: the
+    score stage's TSCD term, :data:`DEFAULT_SCORE_TSCD_WEIGHT`)."""
     if not 1 <= int(generator_t) <= T - 1:
         raise ValueError(f"generator timestep must be in [1, {T - 1}] (999 for a unified LoRA, 800 for a "
                          f"one-step LoRA), got {generator_t}")
@@ -73,6 +75,8 @@ def check_settings(generator_t: int, fake_updates: int, regression_weight: float
                          f"SDXL), got {fake_updates}")
     if not (math.isfinite(regression_weight) and regression_weight >= 0):
         raise ValueError(f"regression weight must be 0 or more (0 turns the regression off), got {regression_weight}")
+    if not (math.isfinite(tscd_weight) and tscd_weight >= 0):
+        raise ValueError(f"score_tscd_weight must be 0 (distribution matching alone) or more, got {tscd_weight}")
 
 
 @dataclass

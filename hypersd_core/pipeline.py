@@ -103,10 +103,8 @@ class TrainSettings:
                 raise ValueError(message)
         tscd.check_loss(self.loss)
         if self.score_steps:
-            dmd.check_settings(self.generator_t, self.fake_updates, self.regression_weight)
-            if not (math.isfinite(self.score_tscd_weight) and self.score_tscd_weight >= 0):
-                raise ValueError(f"score_tscd_weight must be 0 (distribution matching alone) or more, "
-                                 f"got {self.score_tscd_weight}")
+            dmd.check_settings(self.generator_t, self.fake_updates, self.regression_weight,
+                               tscd_weight=self.score_tscd_weight)
         check_scope(self.lora_scope)
         check_lr_schedule(self.lr_schedule)
 
