@@ -17,7 +17,7 @@ TSCD step, then the timed score-distillation steps, over one TSCD step (target: 
 
 ``--quality``: the distilled toy LoRAs beside their teacher, on the toy's own quality measure
 (``toy.quality.measure``: digit accuracy and FID on the digits classifier's features against
-the 360 held-out digits), in-process on the CPU::
+the 500 held-out digits), in-process on the CPU::
 
     python -m bench.bench_tscd --quality [--per-digit 50] [--repeats 2] [--train-baseline]
 
@@ -39,7 +39,10 @@ the same training steps as each TSCD stage. Rows:
   and the k-step ones also under TCD (``--eta``) for comparison (the claim is the recipe's row),
   beside the one-segment LoRA with the same training steps (when it exists) sampled both with
   TCD (``--eta``, eta 1 at one step) and with DDIM trailing;
-* ``unified``: the final LoRA of each run with TCD at 1, 2, 4 and 8 steps.
+* ``unified``: the final LoRA of each run with TCD at 1, 2, 4 and 8 steps, and each file of
+  ``--unified`` (a unified LoRA from score distillation: ``toy.train_student --score-steps``)
+  the same way with the eta per step count its metadata recommends, checked against the
+  bare teacher's best at each step count.
 
 Every row draws the same ``--per-digit`` images of each digit from the same seeds
 (``--repeats`` seed sets, FID averaged). Targets (issue 11): the bare teacher at 4 steps at
@@ -233,7 +236,7 @@ def quality(args) -> int:
     import comfy.utils
     import torch
 
-    from ComfyUI_HyperSD.hypersd_core import schedules
+    from ComfyUI_HyperSD.hypersd_core import metadata, schedules
     from ComfyUI_HyperSD.nodes import sampling
     from toy import data, install, quality as toy_quality
 
@@ -288,12 +291,13 @@ def quality(args) -> int:
             loaded[path] = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)[0]
         return loaded[path]
 
-    def sampler_for(how: str, steps: int):
-        """``tcd``: this pack's TCD on the TCD grid (eta 1 at one step, ``--eta`` above);
+    def sampler_for(how: str, steps: int, eta_table=()):
+        """``tcd``: this pack's TCD on the TCD grid (the file's own eta per step count where
+        ``eta_table`` gives one, else eta 1 at one step and ``--eta`` above);
         ``ddim``: core's ddim on the trailing grid (the N-step LoRAs' recipe);
         ``euler``: core's euler on the ``normal`` schedule (ComfyUI's default)."""
         if how == "tcd":
-            eta = 1.0 if steps == 1 else args.eta
+            eta = metadata.tcd_eta(steps, eta_table) if eta_table else 1.0 if steps == 1 else args.eta
             return f"tcd eta {eta:g}", sampling.tcd_sampler(eta), schedules.hypersd_sigmas(ms, steps, "tcd")
         if how == "euler":
             return ("euler normal", comfy.samplers.sampler_object("euler"),
@@ -302,8 +306,8 @@ def quality(args) -> int:
 
     rows = []  # (group, name, steps, cfg, sampler text, training steps, result)
 
-    def add(group, name, steps, cfg, how, lora=None, trained=""):
-        text, sampler, sigmas = sampler_for(how, steps)
+    def add(group, name, steps, cfg, how, lora=None, trained="", eta_table=()):
+        text, sampler, sigmas = sampler_for(how, steps, eta_table)
         key = json.dumps([digest(ckpt), digest(lora) if lora else None, text, steps, cfg, seeds, n])
         r = cache.get(key)
         if r is None and shard is not None and len(rows) % shard[1] != shard[0]:
@@ -368,6 +372,24 @@ def quality(args) -> int:
     for name, trained, path in finals:
         for steps in (1, 2, 4, 8):
             add("unified", name + " (final)", steps, 1.0, "tcd", lora=path, trained=trained)
+    # 3. Other unified LoRAs (--unified: e.g. the final TSCD LoRA continued by score distillation,
+    #    toy.train_student --score-steps), TCD at 1 to 8 steps with the eta per step count their
+    #    metadata gives, against the bare teacher at each step count and the TSCD final.
+    for path in args.unified:
+        meta = _lora_meta(path)
+        table = ()
+        if meta.get("hypersd.recommended_eta_by_steps"):
+            table = metadata.parse_eta_by_steps(meta["hypersd.recommended_eta_by_steps"])
+        score = int(meta.get("hypersd.score_steps", 0) or 0)
+        name = (f"TSCD {meta.get('hypersd.stages', '?').replace(',', '-')}" + (f" + {score} score steps" if score else "")
+                + f" ({path.stem})")
+        for steps in (1, 2, 4, 8):
+            r = add("unified", name, steps, 1.0, "tcd", lora=path, trained=meta.get("hypersd.step", ""),
+                    eta_table=table)
+            if steps in best:
+                wins = [a < b for a, b in zip(r["fids"], best[steps]["fids"])]
+                checks.append((f"{path.stem} at {steps} steps FID {r['fid']:.1f} < bare teacher {best[steps]['fid']:.1f} "
+                               f"({r['fid'] / best[steps]['fid']:.2f}x) in {sum(wins)} of {len(wins)} seed sets", all(wins)))
 
     if shard is not None:
         print(f"shard {shard[0]}/{shard[1]} done: its rows are in {cache.path}; run without --shard for the table")
@@ -418,6 +440,9 @@ def main(argv=None) -> int:
     ap.add_argument("--student", default=str(TOY_LORA), help="--quality: the TSCD LoRA")
     ap.add_argument("--baseline", default=str(BASELINE_LORA), help="--quality: the one-segment LoRA")
     ap.add_argument("--train-baseline", action="store_true", help="--quality: train the baseline when missing")
+    ap.add_argument("--unified", type=lambda v: [Path(x) for x in v.split(",") if x.strip()], default=[],
+                    help="--quality: more unified LoRAs (comma-separated files, e.g. a score-distilled one) at 1-8 steps, "
+                         "TCD with the eta per step count of their metadata")
     ap.add_argument("--models-dir", default=str(comfy_dir() / "models"), help="--quality: where the toy is installed")
     ap.add_argument("--teacher-cfg", type=float, default=TEACHER_CFG,
                     help="--quality: the teacher's guidance when the student's metadata does not give it")

@@ -19,12 +19,12 @@ from hypersd_dev.server import Client
 COMFY = comfy_dir()
 
 # Measured on the committed weights through the server: 25-step euler at the demo's cfg (2),
-# 10 images per digit (seeds 1000-1009): accuracy 0.91, FID 122.1 against the 500 held-out
-# real digits on the judge's features (100 real training digits score 48.0 at this sample
-# size; bench_tscd --quality gives the 500-image numbers). The bounds leave room for other
-# CPUs' float differences.
-TEACHER_MIN_ACCURACY = 0.81
-TEACHER_FID_BOUND = 160.0
+# 10 images per digit (seeds 1000-1009): accuracy 0.88, FID 104.5 against the 500 held-out
+# real digits on the judge's features (bench_tscd --quality gives the 500-image numbers: the
+# 50-step teacher scores 60.4 there; FID reads higher on smaller samples). The bounds leave room
+# for other CPUs' float differences.
+TEACHER_MIN_ACCURACY = 0.78
+TEACHER_FID_BOUND = 136.0
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +99,17 @@ def test_teacher_draws_the_prompted_digit_through_the_server(server, toy, toy_ck
 # 1000-1009), through the server. Measured on the committed files (accuracy, FID); a run must
 # keep the accuracy within 0.1 and the FID within 1.3x, room for other CPUs' float differences.
 LORA_MEASURED = {
-    "hypersd_toy_tscd_lora.safetensors": (0.69, 172.4),  # unified, TCD 4 steps
-    "hypersd_toy_tscd_lora_stage1_k8.safetensors": (0.84, 160.3),
-    "hypersd_toy_tscd_lora_stage2_k4.safetensors": (0.85, 171.2),
-    "hypersd_toy_tscd_lora_stage3_k2.safetensors": (0.78, 232.2),
+    "hypersd_toy_tscd_lora.safetensors": (0.66, 129.7),  # unified, TCD 4 steps
+    "hypersd_toy_tscd_lora_stage1_k8.safetensors": (0.83, 135.4),
+    "hypersd_toy_tscd_lora_stage2_k4.safetensors": (0.77, 166.6),
+    "hypersd_toy_tscd_lora_stage3_k2.safetensors": (0.74, 228.1),
 }
-# The k-step LoRAs that beat the bare teacher at their own step count (bench_tscd --quality, 500
-# images x 3 seed sets), with the measured FID ratio LoRA / control at 10 images per digit here:
-# k2 232.2 against 329.4 (0.70). The k8 and k4 LoRAs do not (160.3 against 125.7 and 171.2
-# against 144.0 here; the README's benchmark table has the 500-image numbers), so they are not
-# claimed.
-CONTROL_MEASURED = {"hypersd_toy_tscd_lora_stage3_k2.safetensors": 0.70}
+# The k-step LoRAs that beat the bare teacher at their own step count with their own recipe
+# (bench_tscd --quality, 500 images x 3 seed sets), with the measured FID ratio LoRA / control at
+# 10 images per digit here: k2 228.1 against 537.9 (0.42; the control is TCD at 2 steps). The k8
+# and k4 LoRAs do not with their recipe (DDIM trailing; the README's benchmark table has the
+# 500-image numbers: k4 1.11x, k8 1.87x), so they are not claimed.
+CONTROL_MEASURED = {"hypersd_toy_tscd_lora_stage3_k2.safetensors": 0.42}
 CONTROL_MARGIN = 0.85  # the ratio a run must stay under
 
 
@@ -154,13 +154,13 @@ def test_quality_measure_ranks_real_and_damaged_digits(toy):
     data, quality = toy["data"], toy["quality"]
     sp = data.split()
     held = quality.measure(sp["test_x"], sp["test_y"])
-    assert held["accuracy"] >= 0.97, held
+    assert held["accuracy"] >= 0.95, held  # 0.966 measured on the committed judge (toy/weights/training.json)
     x, y = sp["train_x"][::7][:200], sp["train_y"][::7][:200]
     real = quality.measure(x, y)
     blurred = quality.measure(F.avg_pool2d(x.unsqueeze(1), 5, 1, 2).squeeze(1), y)
     noisy = quality.measure((x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1), y)
     one_class = quality.measure(x[y == 1], y[y == 1])
-    assert real["accuracy"] >= 0.97
+    assert real["accuracy"] >= 0.95, real  # 0.975 measured
     assert real["fid"] < blurred["fid"] and real["fid"] < noisy["fid"] and real["fid"] < one_class["fid"], (
         real, blurred, noisy, one_class)
     # ComfyUI IMAGE layout ([N, H, W, 3] in [0, 1]) and uint8 arrays give the same answer

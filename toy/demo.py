@@ -28,11 +28,11 @@ from ComfyUI_HyperSD.hypersd_core import files
 from . import data, install, quality
 
 TEACHER_STEPS = 25
-TEACHER_CFG = 2.0  # the toy teacher's own guidance (lowest FID at 25 steps, toy/weights/training.json)
+TEACHER_CFG = 2.0  # the toy teacher's guidance, the one its LoRAs were distilled from
 # The bare teacher's best few-step sampler at each step count (lowest FID of DDIM trailing, TCD
 # and euler in ``python -m bench.bench_tscd --quality --repeats 3``): the control row beside
 # every distilled LoRA, so a LoRA is shown against what lowering the steps alone gives.
-CONTROL_SAMPLER = {1: "tcd", 2: "ddim", 4: "ddim", 8: "tcd"}
+CONTROL_SAMPLER = {1: "tcd", 2: "tcd", 4: "tcd", 8: "tcd"}
 _KSAMPLER_RECIPE = {"ddim": ("ddim", "hypersd_trailing"), "tcd": ("tcd", "hypersd_tcd"), "euler": ("euler", "normal")}
 
 

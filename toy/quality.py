@@ -20,7 +20,7 @@ WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_classifier.safet
 
 
 class DigitsClassifier(nn.Module):
-    """48x48 grayscale page (1 = white) -> 10 logits; ``features`` gives the 64-d FID features."""
+    """``data.SIZE`` grayscale page (1 = white) -> 10 logits; ``features`` gives the 64-d FID features."""
 
     def __init__(self):
         super().__init__()
@@ -28,12 +28,14 @@ class DigitsClassifier(nn.Module):
         self.c2 = nn.Conv2d(32, 64, 3, padding=1)
         self.c3 = nn.Conv2d(64, 64, 3, padding=1)
         self.c4 = nn.Conv2d(64, 64, 3, padding=1)
-        self.f1 = nn.Linear(64 * 3 * 3, 64)
+        from .data import SIZE
+
+        self.f1 = nn.Linear(64 * (SIZE // 16) ** 2, 64)  # four 2x poolings: 64 -> 4x4
         self.fc = nn.Linear(64, 10)
 
     def features(self, pages: torch.Tensor) -> torch.Tensor:
         x = (1.0 - pages).unsqueeze(1)  # ink = 1
-        for conv in (self.c1, self.c2, self.c3, self.c4):  # 48 -> 24 -> 12 -> 6 -> 3
+        for conv in (self.c1, self.c2, self.c3, self.c4):  # 64 -> 32 -> 16 -> 8 -> 4
             x = F.max_pool2d(F.relu(conv(x)), 2)
         return F.relu(self.f1(x.flatten(1)))
 
