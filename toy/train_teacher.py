@@ -14,8 +14,9 @@ On the 2-core machine, one core each: classifier 34 minutes, VAE 12 + 7 (decoder
 ``weights/training.json``. One thread is the default: on a shared 2-core machine two threads
 ran several times slower (threads spinning against other processes). Everything is seeded
 (``torch.manual_seed``, and the digits' sizes and positions in ``data``), single-process,
-with a fixed number of threads, so a second run on the same machine and library versions
-gives the same weights. The phases:
+with a fixed number of threads. A rerun of the VAE phase gave a VAE of the same quality but
+not the same bytes as the committed one (``training.json``, ``vae.rerun_check``), so a full
+rerun gives a toy family of the same kind, not necessarily the same files. The phases:
 
 1. classifier (``digits_classifier.safetensors``, fp32, about 0.1 M parameters): the judge
    of ``quality.py``, trained on other sizes and positions of the training digits than the
