@@ -224,3 +224,23 @@ def test_run_serves_a_users_models_folder(tmp_path):
     out = subprocess.run([sys.executable, "-m", "scripts.user_models", str(empty), str(yaml)],
                          capture_output=True, text=True, cwd=str(REPO))
     assert out.returncode == 1 and "no model" in out.stderr
+
+
+def test_pages_follow_their_layout(toy):
+    """The toy's pages (data.SIZE) and the VAE's training pages (data.VAE_LAYOUT) come from the same
+    digits and seeds: each layout has its own size, and every digit lies inside its page."""
+    import torch
+
+    data = toy["data"]
+    ink, _ = data._raw_digits()
+    pages = data.place(ink[:40], seed=5)
+    vae_pages = data.place(ink[:40], seed=5, layout=data.VAE_LAYOUT)
+    assert pages.shape == (40, data.SIZE, data.SIZE) and data.SIZE == 8 * data.LATENT
+    assert vae_pages.shape == (40, data.VAE_LAYOUT[0], data.VAE_LAYOUT[0])
+    assert torch.equal(pages, data.place(ink[:40], seed=5))  # seeded: the same pages again
+    for p in (pages, vae_pages):
+        assert float(p.min()) < 0.2 and float(p.max()) == 1.0  # ink on a white page
+        # the inked box fits the layout's largest size
+        rows = (p < 0.5).any(2)
+        spans = [int(r.nonzero().max() - r.nonzero().min() + 1) for r in rows if r.any()]
+        assert max(spans) <= (data.MAX_BOX if p is pages else data.VAE_LAYOUT[2])
