@@ -236,7 +236,7 @@ def quality(args) -> int:
     import comfy.utils
     import torch
 
-    from ComfyUI_HyperSD.hypersd_core import metadata, schedules
+    from ComfyUI_HyperSD.hypersd_core import lora_file, metadata, schedules
     from ComfyUI_HyperSD.nodes import sampling
     from toy import data, install, quality as toy_quality
 
@@ -297,7 +297,7 @@ def quality(args) -> int:
         ``ddim``: core's ddim on the trailing grid (the N-step LoRAs' recipe);
         ``euler``: core's euler on the ``normal`` schedule (ComfyUI's default)."""
         if how == "tcd":
-            eta = metadata.tcd_eta(steps, eta_table) if eta_table else 1.0 if steps == 1 else args.eta
+            eta = metadata.tcd_eta(steps, eta_table or ((1, 1.0), (2, args.eta)))
             return f"tcd eta {eta:g}", sampling.tcd_sampler(eta), schedules.hypersd_sigmas(ms, steps, "tcd")
         if how == "euler":
             return ("euler normal", comfy.samplers.sampler_object("euler"),
@@ -377,9 +377,7 @@ def quality(args) -> int:
     #    metadata gives, against the bare teacher at each step count and the TSCD final.
     for path in args.unified:
         meta = _lora_meta(path)
-        table = ()
-        if meta.get("hypersd.recommended_eta_by_steps"):
-            table = metadata.parse_eta_by_steps(meta["hypersd.recommended_eta_by_steps"])
+        table = tuple((int(n), float(eta)) for n, eta in lora_file.inspect_file(str(path)).eta_by_steps)  # as loaders read it
         score = int(meta.get("hypersd.score_steps", 0) or 0)
         name = (f"TSCD {meta.get('hypersd.stages', '?').replace(',', '-')}" + (f" + {score} score steps" if score else "")
                 + f" ({path.stem})")

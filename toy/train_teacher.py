@@ -182,7 +182,7 @@ def normalise_vae(vae, x_pages: torch.Tensor) -> dict:
     which then has zero mean and unit variance."""
     rgb = x_pages.unsqueeze(1).expand(-1, 3, -1, -1)
     with torch.no_grad():
-        z = torch.cat([vae.taesd_encoder(rgb[i:i + 512]) for i in range(0, len(rgb), 512)])
+        z = encode_raw(vae, x_pages)
         mu, sigma = float(z.mean()), float(z.std())
         vae.vae_scale.fill_(SD15_LATENT_SCALE * sigma)
         vae.vae_shift.fill_(-mu / (sigma * SD15_LATENT_SCALE))
@@ -191,12 +191,17 @@ def normalise_vae(vae, x_pages: torch.Tensor) -> dict:
     return {"latent_mean": mu, "latent_std": sigma, "recon_mse": err}
 
 
+def encode_raw(vae, x: torch.Tensor) -> torch.Tensor:
+    """Pages -> the encoder's own latents (before ``vae_scale``/``vae_shift``), 512 pages at a time."""
+    with torch.no_grad():
+        rgb = x.unsqueeze(1).expand(-1, 3, -1, -1)
+        return torch.cat([vae.taesd_encoder(rgb[i:i + 512]) for i in range(0, len(rgb), 512)])
+
+
 def encode_model_space(vae, x: torch.Tensor) -> torch.Tensor:
     """Pages -> latents as the UNet sees them in ComfyUI (zero mean, unit variance)."""
     with torch.no_grad():
-        rgb = x.unsqueeze(1).expand(-1, 3, -1, -1)
-        z = torch.cat([vae.taesd_encoder(rgb[i:i + 512]) for i in range(0, len(rgb), 512)])
-        return (z / vae.vae_scale + vae.vae_shift) * SD15_LATENT_SCALE
+        return (encode_raw(vae, x) / vae.vae_scale + vae.vae_shift) * SD15_LATENT_SCALE
 
 
 def decode_model_space(vae, lat: torch.Tensor) -> torch.Tensor:
