@@ -48,6 +48,8 @@ from .train import (Callback, Checkpointer, NonFiniteLossError, Stage, StageSave
 log = logging.getLogger(__name__)
 
 STATE_SUFFIX = ".hypersd-state.pt"
+# the signature's score-distillation settings (TrainSettings._score_settings)
+SCORE_SETTINGS = ("score_steps", "generator_t", "fake_updates", "regression_weight", "score_tscd_weight")
 
 
 class TrainingDiverged(RuntimeError):
@@ -259,16 +261,35 @@ class TrainingRun:
                 adapters.detach()
 
     def _resume(self, trainer: Trainer) -> int | None:
-        """Load the saved state into ``trainer``; the step it was saved at, or None."""
+        """Load the saved state into ``trainer``; the step it was saved at, or None when nothing was
+        resumed or the file on disk must be rewritten (its score settings changed).
+
+        A state saved before the score stage began (a finished TSCD run, or one stopped in its TSCD
+        stages) continues with any score-distillation settings: that is how score distillation is
+        added to a TSCD run without training its stages again. The TSCD result it starts from is
+        kept as the last stage's file."""
         if self.resume_state is None:
             return None
+        s = self.settings
+        saved_sig = self.resume_state.get("signature", {})
+        tscd_steps = len(s.stages) * int(s.steps_per_stage)
+        free = SCORE_SETTINGS if int(self.resume_state.get("step", 0)) <= tscd_steps else ()
         try:
-            trainer.load_state_dict(self.resume_state)
+            trainer.load_state_dict(self.resume_state, free_settings=free)
         except ValueError as e:
-            raise ValueError(f"cannot resume {self.files.lora}: {e}; use the same settings, turn 'resume' off "
-                             f"or pick another output_name") from None
+            hint = (" (score-distillation settings can change only before the score stage has begun)"
+                    if any(saved_sig.get(k) != trainer.signature.get(k) for k in SCORE_SETTINGS) else "")
+            raise ValueError(f"cannot resume {self.files.lora}: {e}{hint}; use the same settings, turn 'resume' "
+                             f"off or pick another output_name") from None
         log.info("HyperSD TSCD: resuming %s at step %d/%d", self.files.name, trainer.step, trainer.total_steps)
-        return trainer.step
+        if saved_sig == trainer.signature:
+            return trainer.step
+        log.info("HyperSD TSCD: %s continues its TSCD stages with new score-distillation settings", self.files.name)
+        if s.save_stages:  # the TSCD result this continues from, if no stage file holds it yet
+            for i, end in enumerate(trainer.stage_ends()[:len(s.stages)]):
+                if end == trainer.step and end < trainer.total_steps and not self.files.stage_lora(i, s.stages[i]).exists():
+                    self.save_stage(trainer, i)
+        return None
 
     def _run(self, trainer: Trainer, checkpointer: Checkpointer, interrupts, free_memory, data: LatentData) -> None:
         try:

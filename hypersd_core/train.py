@@ -13,7 +13,7 @@ exactly as an uninterrupted one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -243,22 +243,30 @@ class Trainer:
                 if hasattr(term, "state_dict"):
                     yield f"{i}.{j}", term
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, free_settings: Collection[str] = ()) -> None:
+        """Continue from ``sd``. Its signature must equal this run's, but for ``free_settings``:
+        settings of stages the saved state has not begun (the caller checks that), such as the
+        score-distillation settings added to a finished TSCD run. The loss terms of a stage not
+        yet begun start fresh: they change only while their stage runs, so fresh equals saved."""
         if sd.get("format") != STATE_FORMAT:
             raise ValueError("not a Hyper-SD training state")
-        if sd.get("signature", {}) != self.signature:
-            diff = sorted(k for k in set(sd.get("signature", {})) | set(self.signature)
-                          if sd.get("signature", {}).get(k) != self.signature.get(k))
+        saved_sig = sd.get("signature", {})
+        diff = sorted(k for k in set(saved_sig) | set(self.signature)
+                      if saved_sig.get(k) != self.signature.get(k) and k not in free_settings)
+        if diff:
             raise ValueError(f"the saved training state was made with different settings ({', '.join(diff)})")
+        step = int(sd["step"])
         self.adapters.load_weights(sd["student"], STUDENT)
         self.adapters.load_weights(sd["ema"], EMA)
         self.optimizer.load_state_dict(sd["optimizer"])
         saved_terms = sd.get("terms", {})
         for key, term in self._stateful_terms():
+            if step <= self.starts[int(key.split(".")[0])]:
+                continue  # its stage has not begun
             if key not in saved_terms:
                 raise ValueError(f"the saved training state has no state for loss term {key} of this run")
             term.load_state_dict(saved_terms[key])
-        self.step = int(sd["step"])
+        self.step = step
         self.history = list(sd.get("history", []))
         self.last_loss = self.history[-1] if self.history else None
 

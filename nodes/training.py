@@ -113,7 +113,8 @@ def _setting_inputs() -> list:
         io.Int.Input("batch_size", default=4, min=1, max=1024, tooltip="Latents per training step."),
         io.Boolean.Input("resume", default=True,
                          tooltip="Continue from the saved training state of output_name when there is one "
-                                 "(same settings needed); off replaces it."),
+                                 "(same settings needed, but the score-distillation ones may change until "
+                                 "its score stage has begun); off replaces it."),
         io.Combo.Input("loss", options=list(LOSSES), default="huber", optional=True,
                        tooltip="Distance between the student's jump and the EMA target's: pseudo-Huber "
                                "(robust) or MSE (the paper)."),
@@ -139,7 +140,8 @@ def _setting_inputs() -> list:
                              "in one step by distribution matching against the teacher, with a fake score "
                              "trained alongside as a third LoRA adapter on the same model (no second copy). "
                              "The result is one unified LoRA: sample it with TCD at 1 to 8 steps; the TSCD "
-                             "result before it is saved as the last stage file."),
+                             "result before it is saved as the last stage file. To add it to a finished "
+                             "TSCD run, queue that run again with resume on: it continues from there."),
         io.Int.Input("generator_t", default=999, min=1, max=999, optional=True,
                      tooltip="Timestep the one-step generator is called at from pure noise during score "
                              "distillation: 999 for a unified LoRA, 800 for a dedicated one-step LoRA (as "

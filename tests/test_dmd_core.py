@@ -275,3 +275,66 @@ def test_score_stage_keeps_the_tscd_term_at_its_weight(weight):
     assert all("dmd_grad_norm" in x for x in logs)
     assert all(("t_n_mean" in x) == bool(weight) for x in logs)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, adapters.student_parameters()))
+
+
+def _tiny_run(folder, resume, callbacks=(), **score):
+    """A pipeline run (TSCD stages 2,1 x 2 steps, then ``score`` settings) of TinyEps in ``folder``."""
+    from ComfyUI_HyperSD.hypersd_core.pipeline import RunFiles, TrainingRun, TrainSettings
+
+    torch.manual_seed(1234)
+    net = TinyEps()
+    ab = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
+    uncond = torch.zeros(1, 8)
+
+    def eps_fn(x, t, cfg, cond):
+        e = net(x, t, cond.expand(x.shape[0], -1))
+        return e if cfg == 1.0 else (lambda eu: eu + cfg * (e - eu))(net(x, t, uncond.expand(x.shape[0], -1)))
+
+    gen = torch.Generator().manual_seed(5)
+    data = LatentData([(torch.randn(6, 4, 8, 8, generator=gen), torch.randn(1, 8, generator=gen))])
+    settings = TrainSettings(**{**dict(stages="2,1", steps_per_stage=2, learning_rate=1e-3, rank=2, teacher_cfg=2.0,
+                                       batch_size=3, lora_scope="all", checkpoint_every=0), **score})
+    run = TrainingRun(settings, RunFiles.create(folder, "tiny"), family="SD1.5", alphas_cumprod=ab, resume=resume)
+    return run, run.train(net, eps_fn, data, callbacks=callbacks)
+
+
+def test_score_distillation_continues_a_finished_tscd_run(tmp_path):
+    """A finished TSCD run, queued again with score_steps > 0 and resume on, continues from its state:
+    same weights as one uninterrupted TSCD + score run, the TSCD result kept as the last stage's file,
+    the final file rewritten as unified. Inside the score stage the score settings are fixed again."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ComfyUI_HyperSD.hypersd_core import pipeline
+
+    assert set(pipeline.TrainSettings(score_steps=1)._score_settings()) == set(pipeline.SCORE_SETTINGS)
+    score = dict(score_steps=2, fake_updates=2, regression_weight=0.25)
+    cont, straight = tmp_path / "continued", tmp_path / "straight"
+    _, tscd_only = _tiny_run(cont, resume=False)
+    tscd_lora = load_file(str(cont / "tiny.safetensors"))
+    assert not (cont / "tiny_stage2_k1.safetensors").exists()  # the last stage's result is the final file
+    run_c, t_c = _tiny_run(cont, resume=True, **score)
+    assert t_c.step == 6 and t_c.history[:4] == tscd_only.history
+    kept = load_file(str(cont / "tiny_stage2_k1.safetensors"))
+    assert all(torch.equal(kept[k], tscd_lora[k]) for k in tscd_lora) and set(kept) == set(tscd_lora)
+    run_s, t_s = _tiny_run(straight, resume=False, **score)
+    assert t_c.history == pytest.approx(t_s.history, rel=0, abs=0)
+    for k, v in run_s.lora.items():
+        assert torch.equal(run_c.lora[k], v), k
+    assert torch.equal(load_file(str(straight / "tiny_stage2_k1.safetensors"))[next(iter(kept))], next(iter(kept.values())))
+    with safe_open(str(cont / "tiny.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["hypersd.score_steps"], meta["hypersd.recommended_sampler"], meta["hypersd.step"]) == ("2", "tcd", "6")
+
+    class StopAt(train.Callback):
+        def on_step_start(self, trainer):
+            if trainer.step == 5:
+                raise KeyboardInterrupt
+
+    inside = tmp_path / "inside"
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(inside, resume=False, callbacks=[StopAt()], **score)
+    with pytest.raises(ValueError, match="score-distillation settings can change only before"):
+        _tiny_run(inside, resume=True, score_steps=2, fake_updates=3, regression_weight=0.25)
+    with pytest.raises(ValueError, match="learning_rate"):  # a TSCD setting never changes on resume
+        _tiny_run(cont, resume=True, score_steps=2, fake_updates=2, regression_weight=0.25, learning_rate=2e-3)

@@ -83,7 +83,7 @@ def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
             "model": ["ckpt", 0], "latents": ["dataset", 0], "positive": ["dataset", 1], "negative": ["neg", 0],
             "stages": args.stages, "steps_per_stage": args.steps_per_stage, "learning_rate": args.lr,
             "rank": args.rank, "teacher_cfg": args.cfg, "seed": args.seed, "output_name": name,
-            "checkpoint_every": args.checkpoint_every, "batch_size": args.batch, "resume": False,
+            "checkpoint_every": args.checkpoint_every, "batch_size": args.batch, "resume": args.resume,
             "loss": args.loss, "lora_scope": args.lora_scope, "ema_decay": args.ema, "save_stages": True,
             "lr_schedule": args.lr_schedule, "score_steps": args.score_steps, "fake_updates": args.fake_updates,
             "regression_weight": args.regression_weight, "score_tscd_weight": args.score_tscd_weight}},
@@ -129,8 +129,12 @@ def main(argv=None) -> int:
                     help="models folder to install the toy checkpoint into (set-up's host by default)")
     ap.add_argument("--unet", type=Path, help="use this UNet file instead of the committed teacher (pipeline tests)")
     ap.add_argument("--work-dir", type=Path, help="server base folder (default: a temporary one, removed after)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run saved in --work-dir (e.g. a finished TSCD run, with score settings added)")
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     args = ap.parse_args(argv)
+    if args.resume and args.work_dir is None:
+        ap.error("--resume continues the run saved in --work-dir: give --work-dir")
     logging.basicConfig(level=logging.INFO, format="[train_student %(asctime)s] %(message)s", datefmt="%H:%M:%S")
 
     base = args.work_dir or Path(tempfile.mkdtemp(prefix="hypersd-student-"))
