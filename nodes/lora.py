@@ -204,8 +204,9 @@ class HyperSDLoraLoader(io.ComfyNode):
                                tooltip=AUTO_STRENGTH_TOOLTIP),
                 io.Int.Input("steps", default=0, min=0, max=100, optional=True,
                              tooltip="0 = the file's own number of steps (1 for the unified LoRA, 2/4/8/12/16 for "
-                                     "N-step files). Set it to run the unified LoRA at 2-8 steps; eta then drops "
-                                     "to 0.3."),
+                                     "N-step files). Set it to run the unified LoRA at 2-8 steps; eta then "
+                                     "follows the file's recommendation for that many steps (0.3 for the "
+                                     "official files)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the LoRA applied (a patched copy)."),
@@ -213,7 +214,8 @@ class HyperSDLoraLoader(io.ComfyNode):
                 io.Float.Output(display_name="cfg", tooltip="Recommended CFG scale: 1.0 for most Hyper-SD LoRAs, "
                                                             "5.0 for the CFG LoRAs (SD3: 3/5/7)."),
                 io.Float.Output(display_name="eta", tooltip="Recommended TCD eta (gamma) for the unified LoRA: "
-                                                            "1.0 at one step, 0.3 at more; 0 for DDIM files."),
+                                                            "1.0 at one step, 0.3 at more (or the file's own eta per step "
+                                                            "count); 0 for DDIM files."),
                 io.Sampler.Output(display_name="SAMPLER", tooltip="The matching sampler: TCD for the unified LoRA, "
                                                                   "DDIM for N-step and CFG LoRAs, Euler for FLUX/SD3."),
                 io.Sigmas.Output(display_name="SIGMAS", tooltip="The matching schedule for the recommended steps "

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from hypersd_dev.server import Client, execution_seconds
-from ComfyUI_HyperSD.hypersd_core import files
+from ComfyUI_HyperSD.hypersd_core import files, metadata
 
 from . import data, install, quality
 
@@ -33,6 +33,7 @@ TEACHER_CFG = 2.0  # the toy teacher's guidance, the one its LoRAs were distille
 # and euler in ``python -m bench.bench_tscd --quality --repeats 3``): the control row beside
 # every distilled LoRA, so a LoRA is shown against what lowering the steps alone gives.
 CONTROL_SAMPLER = {1: "tcd", 2: "tcd", 4: "tcd", 8: "tcd"}
+UNIFIED_STEPS = (1, 2, 4, 8)  # the step counts the unified LoRA is drawn at
 _KSAMPLER_RECIPE = {"ddim": ("ddim", "hypersd_trailing"), "tcd": ("tcd", "hypersd_tcd"), "euler": ("euler", "normal")}
 
 
@@ -52,8 +53,10 @@ def variants(object_info: dict, inspect=None) -> list[dict]:
 
     ``inspect(lora_name)``: the pack's ``/hypersd/inspect`` answer for a LoRA (or None). A
     toy LoRA trained by the pack runs with the recipe its metadata recommends: a k-step
-    LoRA at k steps with DDIM trailing, the unified (last stage k = 1) one with TCD at 1, 2
-    and 4 steps. Every step count a LoRA runs at is preceded by its control: the bare teacher
+    LoRA at k steps with DDIM trailing, the unified (last stage k = 1) one with TCD at 1, 2,
+    4 and 8 steps, through the Hyper-SD LoRA Loader where the server has it (its sampler and
+    schedule for that step count, the eta the file recommends there; else core's loader and
+    the ``tcd`` KSampler sampler). Every step count a LoRA runs at is preceded by its control: the bare teacher
     at the same steps with its best few-step sampler, at the guidance the LoRAs were
     distilled from; the teacher also runs at that guidance at 25 steps.
     """
@@ -77,9 +80,14 @@ def variants(object_info: dict, inspect=None) -> list[dict]:
             by_steps.setdefault(k, []).append({"name": f"{label} ddim trailing {k} steps cfg 1", "sampler": "ddim",
                                                "scheduler": trailing, "steps": k, "cfg": 1.0, "lora": lora})
             continue
-        for steps in (1, 2, 4):
-            by_steps.setdefault(steps, []).append({"name": f"{label} tcd {steps} steps cfg 1", "sampler": tcd[0],
-                                                   "scheduler": tcd[1], "steps": steps, "cfg": 1.0, "lora": lora})
+        for steps in UNIFIED_STEPS:
+            row = {"name": f"{label} tcd {steps} steps cfg 1", "sampler": tcd[0], "scheduler": tcd[1],
+                   "steps": steps, "cfg": 1.0, "lora": lora}
+            if info and "HyperSDLoraLoader" in object_info:  # as a user runs it: the loader's sampler and eta
+                eta = metadata.tcd_eta(steps, [(int(n), float(e)) for n, e in info.get("eta_by_steps") or ()])
+                row.update(name=f"{label} tcd eta {eta:g} {steps} steps cfg 1 (Hyper-SD LoRA Loader)",
+                           loader="HyperSDLoraLoader")
+            by_steps.setdefault(steps, []).append(row)
     control_cfg = min(teacher_cfgs) if teacher_cfgs else TEACHER_CFG
     for cfg in sorted(teacher_cfgs - {TEACHER_CFG}):
         rows.append({"name": f"teacher euler {TEACHER_STEPS} steps cfg {cfg:g} (the LoRAs' teacher)",
@@ -97,7 +105,11 @@ def digits_graph(ckpt: str, v: dict, per_digit: int, seed: int, prefix: str) -> 
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
     }
     model = ["ckpt", 0]
-    if v.get("lora"):
+    if v.get("loader") == "HyperSDLoraLoader":
+        g["lora"] = {"class_type": "HyperSDLoraLoader", "inputs": {
+            "model": model, "lora_name": v["lora"], "strength": -1.0, "steps": v["steps"]}}
+        model = ["lora", 0]
+    elif v.get("lora"):
         g["lora"] = {"class_type": "LoraLoaderModelOnly",
                      "inputs": {"model": model, "lora_name": v["lora"], "strength_model": 1.0}}
         model = ["lora", 0]
@@ -106,10 +118,16 @@ def digits_graph(ckpt: str, v: dict, per_digit: int, seed: int, prefix: str) -> 
         g[f"pos{d}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": data.PROMPT.format(d), "clip": ["ckpt", 1]}}
         g[f"lat{d}"] = {"class_type": "EmptyLatentImage", "inputs": {"width": data.SIZE, "height": data.SIZE,
                                                                       "batch_size": per_digit}}
-        g[f"ks{d}"] = {"class_type": "KSampler", "inputs": {
-            "model": model, "seed": seed + d, "steps": v["steps"], "cfg": v["cfg"], "sampler_name": v["sampler"],
-            "scheduler": v["scheduler"], "positive": [f"pos{d}", 0], "negative": ["neg", 0],
-            "latent_image": [f"lat{d}", 0], "denoise": 1.0}}
+        if v.get("loader") == "HyperSDLoraLoader":  # SamplerCustom with the loader's SAMPLER and SIGMAS
+            g[f"ks{d}"] = {"class_type": "SamplerCustom", "inputs": {
+                "model": model, "add_noise": True, "noise_seed": seed + d, "cfg": v["cfg"],
+                "positive": [f"pos{d}", 0], "negative": ["neg", 0], "sampler": ["lora", 4], "sigmas": ["lora", 5],
+                "latent_image": [f"lat{d}", 0]}}
+        else:
+            g[f"ks{d}"] = {"class_type": "KSampler", "inputs": {
+                "model": model, "seed": seed + d, "steps": v["steps"], "cfg": v["cfg"], "sampler_name": v["sampler"],
+                "scheduler": v["scheduler"], "positive": [f"pos{d}", 0], "negative": ["neg", 0],
+                "latent_image": [f"lat{d}", 0], "denoise": 1.0}}
         g[f"dec{d}"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"ks{d}", 0], "vae": ["ckpt", 2]}}
         g[f"save{d}"] = {"class_type": "SaveImage", "inputs": {"images": [f"dec{d}", 0],
                                                                "filename_prefix": f"{prefix}_{d}"}}
