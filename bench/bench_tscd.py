@@ -206,6 +206,25 @@ def train_baseline(student: Path, out: Path) -> None:
                    env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
 
 
+def score_label(meta: dict) -> str:
+    """`` + 100 score steps (t 800, 1 fake update, no regression)``: a file's score distillation, its
+    settings named where they differ from the defaults (the ablations); empty without it."""
+    from ComfyUI_HyperSD.hypersd_core import dmd
+
+    score = int(meta.get("hypersd.score_steps", 0) or 0)
+    if not score:
+        return ""
+    t = int(meta.get("hypersd.generator_t", dmd.GENERATOR_T_UNIFIED))
+    fake = int(meta.get("hypersd.fake_updates", dmd.DEFAULT_FAKE_UPDATES))
+    reg = float(meta.get("hypersd.regression_weight", dmd.DEFAULT_REGRESSION_WEIGHT))
+    tscd_w = float(meta.get("hypersd.score_tscd_weight", 0.0))  # absent: distribution matching alone
+    notes = ([f"t {t}"] if t != dmd.GENERATOR_T_UNIFIED else []) + \
+        ([f"{fake} fake update{'s' if fake > 1 else ''}"] if fake != dmd.DEFAULT_FAKE_UPDATES else []) + \
+        (["no regression" if reg == 0 else f"regression {reg:g}"] if reg != dmd.DEFAULT_REGRESSION_WEIGHT else []) + \
+        (["no TSCD term" if tscd_w == 0 else f"TSCD term {tscd_w:g}"] if tscd_w != dmd.DEFAULT_SCORE_TSCD_WEIGHT else [])
+    return f" + {score} score steps" + (f" ({', '.join(notes)})" if notes else "")
+
+
 FEW_STEP_SAMPLERS = ("ddim", "tcd", "euler")  # the bare teacher's few-step candidates
 
 
@@ -326,6 +345,11 @@ def quality(args) -> int:
         return r
 
     tscd_files = stage_files(student) if student.exists() else {}
+    # a run with score distillation: its final file is the unified LoRA (measured as --unified
+    # files are), the TSCD result before it its last stage file
+    scored = [path for path, meta in tscd_files.values() if int(meta.get("hypersd.score_steps", 0) or 0)]
+    tscd_files = {t: v for t, v in tscd_files.items() if v[0] not in scored}
+    unified = scored + [p for p in args.unified if p not in scored]
     base_files = stage_files(baseline) if baseline.exists() and tscd_files else {}
     student_meta = tscd_files[max(tscd_files)][1] if tscd_files else {}
     # the teacher at the guidance the student was distilled from (its metadata), the fair reference
@@ -366,7 +390,8 @@ def quality(args) -> int:
                 checks.append((f"{k}-step TSCD FID {r['fid']:.1f} < one-segment {b:.1f} (best of its samplers, "
                                f"{trained} training steps each)", r["fid"] < b))
     # 2. The final LoRA of each run as a unified LoRA: TCD at 1 to 8 steps.
-    finals = [("TSCD " + student_meta["hypersd.stages"].replace(",", "-"), max(tscd_files), student)] if tscd_files else []
+    finals = ([("TSCD " + student_meta["hypersd.stages"].replace(",", "-"), max(tscd_files), tscd_files[max(tscd_files)][0])]
+              if tscd_files else [])
     if base_files:
         finals.append(("one-segment k=1", max(base_files), base_files[max(base_files)][0]))
     for name, trained, path in finals:
@@ -375,12 +400,10 @@ def quality(args) -> int:
     # 3. Other unified LoRAs (--unified: e.g. the final TSCD LoRA continued by score distillation,
     #    toy.train_student --score-steps), TCD at 1 to 8 steps with the eta per step count their
     #    metadata gives, against the bare teacher at each step count and the TSCD final.
-    for path in args.unified:
+    for path in unified:
         meta = _lora_meta(path)
         table = tuple((int(n), float(eta)) for n, eta in lora_file.inspect_file(str(path)).eta_by_steps)  # as loaders read it
-        score = int(meta.get("hypersd.score_steps", 0) or 0)
-        name = (f"TSCD {meta.get('hypersd.stages', '?').replace(',', '-')}" + (f" + {score} score steps" if score else "")
-                + f" ({path.stem})")
+        name = f"TSCD {meta.get('hypersd.stages', '?').replace(',', '-')}{score_label(meta)} ({path.stem})"
         for steps in (1, 2, 4, 8):
             r = add("unified", name, steps, 1.0, "tcd", lora=path, trained=meta.get("hypersd.step", ""),
                     eta_table=table)

@@ -389,3 +389,23 @@ def test_tscd_then_score_distillation_in_the_node_cancels_and_resumes_exactly(tr
     _assert_loads_cleanly(_model(), a, caplog)
     stage, stage_meta = _read(loras / "sd_stage1_k2.safetensors")  # the TSCD result before score distillation
     assert stage_meta["hypersd.recommended_sampler"] == "ddim" and set(stage) == set(a)
+
+
+def test_a_finished_tscd_run_continues_with_score_distillation(training, loras):
+    """Queued again with score_steps > 0 and resume on, a finished TSCD run is not trained again: it
+    continues from its saved state into the score stage, keeps its TSCD result as the last stage's
+    file and ends where one uninterrupted TSCD + score run ends."""
+    tscd_only = dict(stages="2", steps_per_stage=1)
+    score = dict(score_steps=2, fake_updates=2, regression_weight=0.5)
+    _train(training, name="cont", resume=False, **tscd_only)
+    tscd_lora, _ = _read(loras / "cont.safetensors")
+    assert not (loras / "cont_stage1_k2.safetensors").exists()
+    _, _, continued = _train(training, name="cont", resume=True, **tscd_only, **score)
+    _, _, straight = _train(training, name="cont_straight", resume=False, **tscd_only, **score)
+    assert continued.step == straight.step == 3 and continued.history == straight.history
+    kept, kept_meta = _read(loras / "cont_stage1_k2.safetensors")
+    assert kept_meta["hypersd.recommended_sampler"] == "ddim" and all(torch.equal(kept[k], tscd_lora[k]) for k in kept)
+    a, meta = _read(loras / "cont.safetensors")
+    b, _ = _read(loras / "cont_straight.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (meta["hypersd.score_steps"], meta["hypersd.recommended_sampler"]) == ("2", "tcd")

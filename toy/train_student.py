@@ -86,7 +86,8 @@ def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
             "checkpoint_every": args.checkpoint_every, "batch_size": args.batch, "resume": args.resume,
             "loss": args.loss, "lora_scope": args.lora_scope, "ema_decay": args.ema, "save_stages": True,
             "lr_schedule": args.lr_schedule, "score_steps": args.score_steps, "fake_updates": args.fake_updates,
-            "regression_weight": args.regression_weight, "score_tscd_weight": args.score_tscd_weight}},
+            "regression_weight": args.regression_weight, "score_tscd_weight": args.score_tscd_weight,
+            "generator_t": args.generator_t}},
     }
 
 
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=TEACHER_CFG, help="teacher guidance baked into the LoRA")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--score-steps", type=int, default=0, help="score distillation after the TSCD stages (0: none)")
+    ap.add_argument("--generator-t", type=int, default=999,
+                    help="score distillation's generator timestep (999: unified LoRA; 800: one-step)")
     ap.add_argument("--fake-updates", type=int, default=5, help="fake-score updates per score-distillation step")
     ap.add_argument("--regression-weight", type=float, default=0.25, help="score distillation's regression weight")
     ap.add_argument("--score-tscd-weight", type=float, default=1.0,
