@@ -183,7 +183,9 @@ class Trainer:
         return self
 
     def _one_step(self, step: int, stage: Stage, stage_start: int = 0) -> tuple[float, dict]:
-        """1. draw the batch; 2. sum the stage's weighted terms; 3. check, clip and step; 4. EMA."""
+        """1. draw the batch; 2. the stage's weighted terms, each backpropagated as soon as it is
+        computed (gradients add up; one term's activations are held at a time); 3. check, clip and
+        step; 4. EMA."""
         gen = torch.Generator().manual_seed(step_seed(self.seed, step))
         x0, cond = self.data.sample(self.batch_size, gen, self.device, self.dtype)
         batch = Batch(x0=x0, cond=cond, step=step)
@@ -194,14 +196,15 @@ class Trainer:
             batch.backward_scale = float(weight)
             value, extra = term(batch, stage, gen)
             logs.update(extra)
-            total = value * weight if total is None else total + value * weight
+            part = value * weight
+            self.adapters.set_mode("student")  # the mode a recomputing (checkpointed) backward needs
+            if not torch.isfinite(part.detach()).all():
+                raise NonFiniteLossError(step, stage, "loss")
+            if part.requires_grad:  # each term's graph is freed before the next term builds its own
+                part.backward()
+            total = part.detach() if total is None else total + part.detach()
         if total is None:
             raise ValueError(f"stage {stage.name} has no loss term")
-        self.adapters.set_mode("student")
-        if not torch.isfinite(total.detach()).all():
-            raise NonFiniteLossError(step, stage, "loss")
-        if total.requires_grad:
-            total.backward()
         lr = learning_rate_at(self.lr, self.lr_schedule, step - stage_start, stage.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
