@@ -42,7 +42,11 @@ the same training steps as each TSCD stage. Rows:
 * ``unified``: the final LoRA of each run with TCD at 1, 2, 4 and 8 steps, and each file of
   ``--unified`` (a unified LoRA from score distillation: ``toy.train_student --score-steps``)
   the same way with the eta per step count its metadata recommends, checked against the
-  bare teacher's best at each step count.
+  bare teacher's best at each step count. A run whose final file is score-distilled (its
+  metadata has ``score_steps``) is measured that way, its last stage file as the TSCD final.
+  ``--unified-etas 0.3,0.6,1`` also samples each unified LoRA at those etas at 2, 4 and 8
+  steps and says whether the eta its metadata recommends has the lowest FID there (how the
+  toy's ``recommended_eta_by_steps`` is chosen).
 
 Every row draws the same ``--per-digit`` images of each digit from the same seeds
 (``--repeats`` seed sets, FID averaged). Targets (issue 11): the bare teacher at 4 steps at
@@ -407,6 +411,17 @@ def quality(args) -> int:
         for steps in (1, 2, 4, 8):
             r = add("unified", name, steps, 1.0, "tcd", lora=path, trained=meta.get("hypersd.step", ""),
                     eta_table=table)
+            tried = {metadata.tcd_eta(steps, table): r}
+            for eta in args.unified_etas if steps > 1 else ():  # which eta the file should recommend there
+                if eta not in tried:
+                    tried[eta] = add("unified, other eta", name, steps, 1.0, "tcd", lora=path,
+                                     trained=meta.get("hypersd.step", ""), eta_table=((steps, eta),))
+            if len(tried) > 1:
+                eta_best = min(tried, key=lambda e: tried[e]["fid"])
+                checks.append((f"{path.stem} at {steps} steps: its eta {metadata.tcd_eta(steps, table):g} has the "
+                               f"lowest FID of etas {', '.join(f'{e:g}' for e in sorted(tried))} "
+                               f"(lowest: eta {eta_best:g}, FID {tried[eta_best]['fid']:.1f})",
+                               tried[eta_best] is r))
             if steps in best:
                 wins = [a < b for a, b in zip(r["fids"], best[steps]["fids"])]
                 checks.append((f"{path.stem} at {steps} steps FID {r['fid']:.1f} < bare teacher {best[steps]['fid']:.1f} "
@@ -464,6 +479,9 @@ def main(argv=None) -> int:
     ap.add_argument("--unified", type=lambda v: [Path(x) for x in v.split(",") if x.strip()], default=[],
                     help="--quality: more unified LoRAs (comma-separated files, e.g. a score-distilled one) at 1-8 steps, "
                          "TCD with the eta per step count of their metadata")
+    ap.add_argument("--unified-etas", type=lambda v: [float(x) for x in v.split(",") if x.strip()], default=[],
+                    help="--quality: also sample each unified LoRA at these TCD etas at every step count (to choose "
+                         "the eta its metadata recommends)")
     ap.add_argument("--models-dir", default=str(comfy_dir() / "models"), help="--quality: where the toy is installed")
     ap.add_argument("--teacher-cfg", type=float, default=TEACHER_CFG,
                     help="--quality: the teacher's guidance when the student's metadata does not give it")
