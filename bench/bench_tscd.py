@@ -200,7 +200,7 @@ def train_baseline(student: Path, out: Path) -> None:
     stage count and steps per stage (one segment throughout, a file saved at every stage end)."""
     meta = _lora_meta(student)
     n_stages = len(meta["hypersd.stages"].split(","))
-    cmd = [sys.executable, "-m", "toy.train_student", "--stages", ",".join(["1"] * n_stages),
+    cmd = [sys.executable, "-m", "toy.train_student", "--stages", ",".join(["1"] * n_stages), "--score-steps", "0",
            "--steps-per-stage", meta["hypersd.steps_per_stage"],
            "--rank", meta["hypersd.rank"], "--lr", meta["hypersd.learning_rate"], "--cfg", meta["hypersd.teacher_cfg"],
            "--seed", meta["hypersd.seed"], "--lora-scope", meta["hypersd.lora_scope"],
@@ -208,6 +208,13 @@ def train_baseline(student: Path, out: Path) -> None:
     print("training the one-segment baseline: " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=str(REPO),
                    env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def score_distilled(meta: dict) -> bool:
+    """Whether a file of a run holds score-distillation steps (every file of a run with
+    ``score_steps`` records the setting; only those past its TSCD stages were trained by it)."""
+    tscd_steps = len(meta.get("hypersd.stages", "").split(",")) * int(meta.get("hypersd.steps_per_stage", 0) or 0)
+    return int(meta.get("hypersd.score_steps", 0) or 0) > 0 and int(meta.get("hypersd.step", 0)) > tscd_steps
 
 
 def score_label(meta: dict) -> str:
@@ -351,7 +358,7 @@ def quality(args) -> int:
     tscd_files = stage_files(student) if student.exists() else {}
     # a run with score distillation: its final file is the unified LoRA (measured as --unified
     # files are), the TSCD result before it its last stage file
-    scored = [path for path, meta in tscd_files.values() if int(meta.get("hypersd.score_steps", 0) or 0)]
+    scored = [path for path, meta in tscd_files.values() if score_distilled(meta)]
     tscd_files = {t: v for t, v in tscd_files.items() if v[0] not in scored}
     unified = scored + [p for p in args.unified if p not in scored]
     base_files = stage_files(baseline) if baseline.exists() and tscd_files else {}
