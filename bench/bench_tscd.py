@@ -415,7 +415,7 @@ def quality(args) -> int:
         meta = _lora_meta(path)
         table = tuple((int(n), float(eta)) for n, eta in lora_file.inspect_file(str(path)).eta_by_steps)  # as loaders read it
         name = f"TSCD {meta.get('hypersd.stages', '?').replace(',', '-')}{score_label(meta)} ({path.stem})"
-        for steps in (1, 2, 4, 8):
+        for steps in args.unified_steps:
             r = add("unified", name, steps, 1.0, "tcd", lora=path, trained=meta.get("hypersd.step", ""),
                     eta_table=table)
             tried = {metadata.tcd_eta(steps, table): r}
@@ -486,6 +486,8 @@ def main(argv=None) -> int:
     ap.add_argument("--unified", type=lambda v: [Path(x) for x in v.split(",") if x.strip()], default=[],
                     help="--quality: more unified LoRAs (comma-separated files, e.g. a score-distilled one) at 1-8 steps, "
                          "TCD with the eta per step count of their metadata")
+    ap.add_argument("--unified-steps", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[1, 2, 4, 8],
+                    help="--quality: the step counts each unified LoRA is measured at (e.g. 1 for a one-step ablation)")
     ap.add_argument("--unified-etas", type=lambda v: [float(x) for x in v.split(",") if x.strip()], default=[],
                     help="--quality: also sample each unified LoRA at these TCD etas at every step count (to choose "
                          "the eta its metadata recommends)")

@@ -99,7 +99,8 @@ def test_teacher_draws_the_prompted_digit_through_the_server(server, toy, toy_ck
 # 1000-1009), through the server. Measured on the committed files (accuracy, FID); a run must
 # keep the accuracy within 0.1 and the FID within 1.3x, room for other CPUs' float differences.
 LORA_MEASURED = {
-    "hypersd_toy_tscd_lora.safetensors": (0.66, 129.7),  # unified, TCD 4 steps
+    "hypersd_toy_tscd_lora.safetensors": (0.83, 83.8),  # unified (score-distilled), TCD 8 steps, eta 0.3
+    "hypersd_toy_tscd_lora_stage4_k1.safetensors": (0.84, 80.8),  # TSCD final, TCD 8 steps, eta 0.3
     "hypersd_toy_tscd_lora_stage1_k8.safetensors": (0.83, 135.4),
     "hypersd_toy_tscd_lora_stage2_k4.safetensors": (0.77, 166.6),
     "hypersd_toy_tscd_lora_stage3_k2.safetensors": (0.74, 228.1),
