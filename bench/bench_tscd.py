@@ -329,6 +329,10 @@ def quality(args) -> int:
         if how == "tcd":
             eta = metadata.tcd_eta(steps, eta_table or ((1, 1.0), (2, args.eta)))
             return f"tcd eta {eta:g}", sampling.tcd_sampler(eta), schedules.hypersd_sigmas(ms, steps, "tcd")
+        if how.startswith("one_step"):  # a dedicated one-step generator: one LCM step from its timestep
+            t = int(how.split(":")[1])
+            return (f"lcm one step from t {t}", comfy.samplers.sampler_object("lcm"),
+                    schedules.one_step_sigmas(ms, timestep=t).cpu())
         if how == "euler":
             return ("euler normal", comfy.samplers.sampler_object("euler"),
                     comfy.samplers.calculate_sigmas(ms, "normal", steps).cpu())
@@ -415,8 +419,10 @@ def quality(args) -> int:
         meta = _lora_meta(path)
         table = tuple((int(n), float(eta)) for n, eta in lora_file.inspect_file(str(path)).eta_by_steps)  # as loaders read it
         name = f"TSCD {meta.get('hypersd.stages', '?').replace(',', '-')}{score_label(meta)} ({path.stem})"
+        gen_t = int(meta.get("hypersd.generator_t", 999) or 999)
         for steps in args.unified_steps:
-            r = add("unified", name, steps, 1.0, "tcd", lora=path, trained=meta.get("hypersd.step", ""),
+            how = f"one_step:{gen_t}" if steps == 1 and gen_t != 999 else "tcd"  # sampled from where it was trained
+            r = add("unified", name, steps, 1.0, how, lora=path, trained=meta.get("hypersd.step", ""),
                     eta_table=table)
             tried = {metadata.tcd_eta(steps, table): r}
             for eta in args.unified_etas if steps > 1 else ():  # which eta the file should recommend there

@@ -243,6 +243,7 @@ def _few_step(family: str, steps: int, cfg: float) -> Recipe:
 # FID 455.6 at 1 step, 0.66 / 119.6 at 2, 0.69 / 69.5 at 4 and 0.82 / 49.5 at 8 steps (eta 0.3):
 # this choice is to be revisited with score distillation, issue 12.)
 ONE_SEGMENT_STEPS = 1
+ONE_STEP_TIMESTEP = 800  # the official one-step UNet's timestep, the "one_step" schedule's start
 
 
 def recipe_for(variant: str, family: str, steps: int | None = None, last_segments: int | None = None) -> Recipe:
@@ -285,8 +286,10 @@ def trained_metadata(*, method: str, family: str, stages: Sequence[int], setting
     md.update({PREFIX + k: str(v) for k, v in settings.items()})
     last = int(recipe_segments if recipe_segments is not None else stages[-1])
     scored = int(settings.get("score_steps", 0) or 0) > 0 and recipe_segments == 1
-    md.update(recipe_for("hypersd_trained_score" if scored else "hypersd_trained", family,
-                         last_segments=last).to_metadata())
+    variant = "hypersd_trained_score" if scored else "hypersd_trained"
+    if scored and int(settings.get("generator_t", 999)) == ONE_STEP_TIMESTEP:
+        variant = "onestep_unet"  # a dedicated one-step generator: sampled as it was trained, one step from t 800
+    md.update(recipe_for(variant, family, last_segments=last).to_metadata())
     md.update({"ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
                "ss_network_alpha": str(float(settings.get("alpha", rank)))})
     if run_stages is not None:

@@ -145,7 +145,8 @@ def _setting_inputs() -> list:
         io.Int.Input("generator_t", default=999, min=1, max=999, optional=True,
                      tooltip="Timestep the one-step generator is called at from pure noise during score "
                              "distillation: 999 for a unified LoRA, 800 for a dedicated one-step LoRA (as "
-                             "the official one-step UNet)."),
+                             "the official one-step UNet; its file then recommends one LCM step from "
+                             "timestep 800)."),
         io.Int.Input("fake_updates", default=5, min=1, max=50, optional=True,
                      tooltip="Fake-score updates per generator step in score distillation (DMD2 uses 10 "
                              "for SD1.5, 5 for SDXL); more keeps the fake score closer to the generator."),

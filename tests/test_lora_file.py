@@ -172,6 +172,24 @@ def test_score_distilled_file_carries_its_eta_per_step_count(lf, layouts, tmp_pa
         metadata.parse_eta_by_steps("0:1.0")
 
 
+def test_one_step_generator_file_recommends_one_step_from_800(lf, layouts, tmp_path):
+    """Score distillation with the generator at t 800 (a dedicated one-step LoRA, as the official
+    one-step UNet) recommends what it was trained for: one LCM step from timestep 800, cfg 1."""
+    from ComfyUI_HyperSD.hypersd_core import metadata
+
+    written = metadata.trained_metadata(method="tscd", family="SD1.5", stages=[4, 2, 1],
+                                        settings={"rank": 4, "score_steps": 100, "generator_t": 800}, step=9,
+                                        total_steps=9, complete=True, rank=4, recipe_segments=1)
+    p = tmp_path / "onestep.safetensors"
+    L.write_lora(str(p), _tiny(layouts["SD1.5"][0]), rank=4, alpha=4.0, metadata=written)
+    info = lf.inspect_file(str(p))
+    assert (info.steps, info.sampler, info.schedule, info.cfg) == (1, "lcm", "one_step", 1.0) and not info.warnings
+    unified = metadata.trained_metadata(method="tscd", family="SD1.5", stages=[4, 2, 1],
+                                        settings={"rank": 4, "score_steps": 100, "generator_t": 999}, step=9,
+                                        total_steps=9, complete=True, rank=4, recipe_segments=1)
+    assert (unified["hypersd.recommended_sampler"], unified["hypersd.recommended_schedule"]) == ("tcd", "tcd")
+
+
 def test_whole_models_are_not_loras(lf, pack, tmp_path):
     """The diffusers one-step UNet and a ComfyUI checkpoint are told apart from LoRAs."""
     from safetensors.torch import save_file
