@@ -24,7 +24,7 @@ Keys written by this pack's trainer (safetensors ``__metadata__``, all strings):
 ``hypersd.recommended_eta``       float (TCD's gamma)
 ``hypersd.recommended_schedule``  one of :data:`SCHEDULES`
 ``hypersd.recommended_strength``  optional float
-``hypersd.recommended_eta_by_steps`` optional ``steps:eta`` pairs (``1:1.0,2:1.0,4:1.0,8:0.3``):
+``hypersd.recommended_eta_by_steps`` optional ``steps:eta`` pairs (``1:1.0,2:1.0,4:1.0,8:0.6``):
                                   TCD's eta at other step counts (score-distilled files)
 ================================  ================================================
 
@@ -211,12 +211,13 @@ def parse_eta_by_steps(text: str) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(rows))
 
 
-# TCD's eta per step count of a LoRA made by score distillation (unified): measured on the toy
-# (the final TSCD LoRA continued by 100 score steps; 200 images a row, cfg 1, the judge's FID,
-# 50-step teacher 86.5): 2 steps eta 0.1 / 0.6 / 1.0: 140.9 / 116.0 / 80.8; 4 steps: 166.0 /
-# 73.3 / 61.0; 8 steps eta 0.3 / 0.6 / 1.0: 61.1 / 66.1 / 81.1. Such a generator is best used
-# LCM-like (each step a fresh one-step sample from a noisier start) up to 4 steps.
-SCORE_ETA_BY_STEPS: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.0), (4, 1.0), (8, 0.3))
+# TCD's eta per step count of a LoRA made by score distillation (unified): measured on the 64x64
+# toy (its unified LoRA: TSCD 8,4,2,1 x 250, then 100 score steps; bench_tscd --quality
+# --unified-etas 0.3,0.6,1, 500 images x 3 seed sets, cfg 1, the judge's FID; the 50-step teacher
+# 60.4): 2 steps eta 0.3 / 0.6 / 1.0: 97.2 / 89.2 / 75.5; 4 steps: 71.8 / 52.2 / 38.5; 8 steps:
+# 49.2 / 39.9 / 42.0. Such a generator is best used LCM-like (each step a fresh one-step sample
+# from a noisier start) up to 4 steps, and with a little less noise at 8.
+SCORE_ETA_BY_STEPS: tuple[tuple[int, float], ...] = ((1, 1.0), (2, 1.0), (4, 1.0), (8, 0.6))
 
 
 def family_strength(family: str) -> float:

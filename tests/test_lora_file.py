@@ -154,12 +154,12 @@ def test_score_distilled_file_carries_its_eta_per_step_count(lf, layouts, tmp_pa
     written = metadata.trained_metadata(method="tscd", family="SD1.5", stages=[4, 2, 1],
                                         settings={"rank": 4, "score_steps": 100}, step=9, total_steps=9,
                                         complete=True, rank=4, recipe_segments=1)
-    assert written["hypersd.recommended_eta_by_steps"] == "1:1.0,2:1.0,4:1.0,8:0.3"
+    assert written["hypersd.recommended_eta_by_steps"] == "1:1.0,2:1.0,4:1.0,8:0.6"
     p = tmp_path / "unified.safetensors"
     L.write_lora(str(p), _tiny(layouts["SD1.5"][0]), rank=4, alpha=4.0, metadata=written)
     info = lf.inspect_file(str(p))
     assert (info.steps, info.sampler, info.schedule, info.eta) == (1, "tcd", "tcd", 1.0) and not info.warnings
-    assert [lf.with_steps(info, n).eta for n in (1, 2, 3, 4, 6, 8, 12)] == [1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.3]
+    assert [lf.with_steps(info, n).eta for n in (1, 2, 3, 4, 6, 8, 12)] == [1.0, 1.0, 1.0, 1.0, 1.0, 0.6, 0.6]
     tscd_only = metadata.trained_metadata(method="tscd", family="SD1.5", stages=[4, 2, 1], settings={"rank": 4},
                                           step=9, total_steps=9, complete=True, rank=4)
     assert "hypersd.recommended_eta_by_steps" not in tscd_only  # TSCD alone keeps the unified rule

@@ -385,7 +385,7 @@ def test_tscd_then_score_distillation_in_the_node_cancels_and_resumes_exactly(tr
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert (meta["hypersd.score_steps"], meta["hypersd.recommended_sampler"], meta["hypersd.recommended_steps"]) == (
         "3", "tcd", "1")
-    assert meta["hypersd.recommended_eta_by_steps"] == "1:1.0,2:1.0,4:1.0,8:0.3"  # the unified eta per step count
+    assert meta["hypersd.recommended_eta_by_steps"] == "1:1.0,2:1.0,4:1.0,8:0.6"  # the unified eta per step count
     _assert_loads_cleanly(_model(), a, caplog)
     stage, stage_meta = _read(loras / "sd_stage1_k2.safetensors")  # the TSCD result before score distillation
     assert stage_meta["hypersd.recommended_sampler"] == "ddim" and set(stage) == set(a)
