@@ -98,15 +98,18 @@ def test_demo_runs_each_trained_lora_with_the_recipe_its_metadata_gives(server, 
     rows = {r["name"]: r for r in demo.variants(server.get("/object_info"), client.inspect)}
     k2 = rows[f"{name}_stage1_k2 ddim trailing 2 steps cfg 1"]
     assert (k2["sampler"], k2["scheduler"], k2["steps"], k2["cfg"]) == ("ddim", "hypersd_trailing", 2, 1.0)
-    for steps in (1, 2, 4):
-        r = rows[f"{name} tcd {steps} steps cfg 1"]
-        assert (r["sampler"], r["scheduler"], r["steps"]) == ("tcd", "hypersd_tcd", steps)
+    unified = {}  # the final (k = 1) LoRA at each step count, through the Hyper-SD LoRA Loader with its eta
+    for steps in demo.UNIFIED_STEPS:
+        (r,) = [r for r in rows.values() if r.get("lora") == f"{name}.safetensors" and r["steps"] == steps]
+        assert (r["sampler"], r["scheduler"], r["loader"]) == ("tcd", "hypersd_tcd", "HyperSDLoraLoader"), r
+        assert f"tcd eta {1 if steps == 1 else 0.3:g} {steps} steps" in r["name"], r  # TSCD only: the unified rule
+        unified[steps] = r["name"]
     teacher = rows[f"teacher euler {demo.TEACHER_STEPS} steps cfg 1.5 (the LoRAs' teacher)"]
     assert teacher["cfg"] == 1.5 and "lora" not in teacher
     # every step count a LoRA runs at comes after its control: the bare teacher at the same
     # steps with its best few-step sampler, at the guidance the LoRAs were distilled from
     order = [r["name"] for r in demo.variants(server.get("/object_info"), client.inspect)]
-    for steps in (1, 2, 4):
+    for steps in demo.UNIFIED_STEPS:
         control = [r for r in rows.values() if "(control)" in r["name"] and r["steps"] == steps]
         assert len(control) == 1 and control[0]["cfg"] == 1.5 and "lora" not in control[0], control
-        assert order.index(control[0]["name"]) < order.index(f"{name} tcd {steps} steps cfg 1")
+        assert order.index(control[0]["name"]) < order.index(unified[steps])
