@@ -266,7 +266,7 @@ def quality(args) -> int:
     import comfy.utils
     import torch
 
-    from ComfyUI_HyperSD.hypersd_core import lora_file, metadata, schedules
+    from ComfyUI_HyperSD.hypersd_core import dmd, lora_file, metadata, schedules
     from ComfyUI_HyperSD.nodes import sampling
     from toy import data, install, quality as toy_quality
 
@@ -419,19 +419,21 @@ def quality(args) -> int:
         meta = _lora_meta(path)
         table = tuple((int(n), float(eta)) for n, eta in lora_file.inspect_file(str(path)).eta_by_steps)  # as loaders read it
         name = f"TSCD {meta.get('hypersd.stages', '?').replace(',', '-')}{score_label(meta)} ({path.stem})"
-        gen_t = int(meta.get("hypersd.generator_t", 999) or 999)
+        gen_t = int(meta.get("hypersd.generator_t", dmd.GENERATOR_T_UNIFIED))
         for steps in args.unified_steps:
-            how = f"one_step:{gen_t}" if steps == 1 and gen_t != 999 else "tcd"  # sampled from where it was trained
+            # sampled from where it was trained
+            how = f"one_step:{gen_t}" if steps == 1 and gen_t != dmd.GENERATOR_T_UNIFIED else "tcd"
             r = add("unified", name, steps, 1.0, how, lora=path, trained=meta.get("hypersd.step", ""),
                     eta_table=table)
-            tried = {metadata.tcd_eta(steps, table): r}
+            own_eta = metadata.tcd_eta(steps, table)
+            tried = {own_eta: r}
             for eta in args.unified_etas if steps > 1 else ():  # which eta the file should recommend there
                 if eta not in tried:
                     tried[eta] = add("unified, other eta", name, steps, 1.0, "tcd", lora=path,
                                      trained=meta.get("hypersd.step", ""), eta_table=((steps, eta),))
             if len(tried) > 1:
                 eta_best = min(tried, key=lambda e: tried[e]["fid"])
-                checks.append((f"{path.stem} at {steps} steps: its eta {metadata.tcd_eta(steps, table):g} has the "
+                checks.append((f"{path.stem} at {steps} steps: its eta {own_eta:g} has the "
                                f"lowest FID of etas {', '.join(f'{e:g}' for e in sorted(tried))} "
                                f"(lowest: eta {eta_best:g}, FID {tried[eta_best]['fid']:.1f})",
                                tried[eta_best] is r))

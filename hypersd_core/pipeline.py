@@ -272,8 +272,8 @@ class TrainingRun:
             return None
         s = self.settings
         saved_sig = self.resume_state.get("signature", {})
-        tscd_steps = len(s.stages) * int(s.steps_per_stage)
-        free = SCORE_SETTINGS if int(self.resume_state.get("step", 0)) <= tscd_steps else ()
+        tscd_end = trainer.stage_ends()[len(s.stages) - 1]  # the step after which the TSCD stages are done
+        free = SCORE_SETTINGS if int(self.resume_state.get("step", 0)) <= tscd_end else ()
         try:
             trainer.load_state_dict(self.resume_state, free_settings=free)
         except ValueError as e:
