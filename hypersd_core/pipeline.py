@@ -39,7 +39,8 @@ import torch
 
 from . import files as fileio
 from . import metadata as vocab
-from . import dmd, tscd
+from . import dmd, feedback, tscd
+from .lora_merge import merge_cat
 from .data import LatentData
 from .lora_train import LoraAdapters, activation_checkpointing, check_scope, kohya_prefix, select_targets
 from .train import (Callback, Checkpointer, NonFiniteLossError, Stage, StageSaver, Trainer,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 STATE_SUFFIX = ".hypersd-state.pt"
 # the signature's score-distillation settings (TrainSettings._score_settings)
 SCORE_SETTINGS = ("score_steps", "generator_t", "fake_updates", "regression_weight", "score_tscd_weight")
+FEEDBACK_SUFFIX = "_feedback"  # <name>_feedback.safetensors: a feedback run's LoRA alone (the merged one is <name>)
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,6 +86,12 @@ class TrainSettings:
     fake_updates: int = dmd.DEFAULT_FAKE_UPDATES
     regression_weight: float = dmd.DEFAULT_REGRESSION_WEIGHT
     score_tscd_weight: float = dmd.DEFAULT_SCORE_TSCD_WEIGHT
+    # feedback learning (method "feedback": ``stages`` are the student's step counts, one stage each)
+    feedback_eta: float = 0.0
+    structure_weight: float = 0.0
+    merge_ratio: float = 1.0  # the feedback LoRA's strength in the merged file (not part of the state)
+    feedback_on: str = ""  # what the feedback is trained on: the frozen LoRA's name and digest
+    feedback_rewards: str = ""  # the rewards, margins and weights (name:margin:weight, ...)
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(vocab.parse_stages(self.stages)))
@@ -107,6 +115,13 @@ class TrainSettings:
         if self.score_steps:
             dmd.check_settings(self.generator_t, self.fake_updates, self.regression_weight,
                                tscd_weight=self.score_tscd_weight)
+        if self.method == "feedback":
+            feedback.check_settings(max(self.stages), self.feedback_eta, self.structure_weight)
+            if not (math.isfinite(self.merge_ratio) and 0.0 <= self.merge_ratio <= 2.0):
+                raise ValueError(f"merge_ratio must be in [0, 2] (the feedback LoRA's strength in the merged file), "
+                                 f"got {self.merge_ratio}")
+            if self.score_steps:
+                raise ValueError("score_steps belongs to a TSCD run; a feedback run trains on a finished LoRA")
         check_scope(self.lora_scope)
         check_lr_schedule(self.lr_schedule)
 
@@ -122,7 +137,13 @@ class TrainSettings:
         if self.lr_schedule != "constant":  # absent for constant: states saved before the option existed resume
             sig["lr_schedule"] = self.lr_schedule
         sig.update(self._score_settings())  # absent without score distillation, as in earlier states
+        if self.method == "feedback":
+            sig.update(self._feedback_settings())
         return sig
+
+    def _feedback_settings(self) -> dict:
+        return {"feedback_eta": float(self.feedback_eta), "structure_weight": float(self.structure_weight),
+                "feedback_on": self.feedback_on, "feedback_rewards": self.feedback_rewards}
 
     def _score_settings(self) -> dict:
         if not self.score_steps:
@@ -162,6 +183,11 @@ class RunFiles:
     @property
     def state(self) -> Path:
         return self.folder / f"{self.name}{STATE_SUFFIX}"
+
+    @property
+    def feedback_lora(self) -> Path:
+        """A feedback run's LoRA alone (to merge again at another ratio); ``lora`` is the merged one."""
+        return self.folder / f"{self.name}{FEEDBACK_SUFFIX}.safetensors"
 
     def stage_lora(self, index: int, segments: int) -> Path:
         """``<name>_stage<n>_k<k>``: the LoRA of stage ``n`` (1-based), trained down to ``k`` segments."""
@@ -213,8 +239,38 @@ def tscd_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alphas_
     return stages
 
 
-# method name -> stages(settings, eps_fn, adapters, alphas_cumprod); later methods join here.
-METHODS: dict[str, Callable[..., list[Stage]]] = {"tscd": tscd_stages}
+@dataclass
+class FeedbackParts:
+    """What a feedback run needs beyond the settings: the differentiable decoder, the rewards,
+    each prompt's class, and the frozen LoRA it trains on (its kohya weights and the metadata
+    its merged file carries: the frozen LoRA's recipe, since the feedback does not change it)."""
+
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    rewards: Sequence[feedback.RewardTerm]
+    base_lora: dict
+    base_metadata: dict
+    prompt_labels: Sequence[int] | None = None
+
+
+def feedback_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alphas_cumprod: torch.Tensor,
+                    data: LatentData | None = None, parts: FeedbackParts | None = None) -> list[Stage]:
+    """Feedback learning (:mod:`.feedback`): one stage per entry of ``stages`` (the student's step
+    count in that stage, e.g. ``4`` for a 4-step LoRA), ``steps_per_stage`` steps each, the
+    student adapter being the feedback LoRA on top of the frozen one (part of the base)."""
+    if parts is None:
+        raise ValueError("a feedback run needs its decoder, rewards and frozen LoRA (FeedbackParts)")
+    stages = []
+    for k in settings.stages:
+        term = feedback.FeedbackLoss(eps_fn, adapters, alphas_cumprod, decode=parts.decode, rewards=parts.rewards,
+                                     sample_steps=k, eta=settings.feedback_eta,
+                                     structure_weight=settings.structure_weight, prompt_labels=parts.prompt_labels)
+        stages.append(Stage(segments=k, steps=int(settings.steps_per_stage), terms=[(1.0, term)],
+                            name=f"feedback-{k}step", reset_ema=False))
+    return stages
+
+
+# method name -> stages(settings, eps_fn, adapters, alphas_cumprod, data[, parts]); later methods join here.
+METHODS: dict[str, Callable[..., list[Stage]]] = {"tscd": tscd_stages, "feedback": feedback_stages}
 
 
 # ---------------------------------------------------------------------- 3-5. the run
@@ -233,6 +289,7 @@ class TrainingRun:
     prompts: int = 1
     resume_state: dict | None = None
     lora: dict | None = None  # the trained LoRA (kohya keys), once train() has finished
+    parts: FeedbackParts | None = None  # a feedback run's decoder, rewards and frozen LoRA
 
     def __post_init__(self):
         self.resume_state = self.files.resume_state(self.resume)
@@ -246,16 +303,17 @@ class TrainingRun:
             adapters = LoraAdapters(module, select_targets(module, s.lora_scope), rank=s.rank, seed=s.seed,
                                     fake=s.score_steps > 0)
             try:
-                stages = METHODS[s.method](s, eps_fn, adapters, self.alphas_cumprod.to(device or "cpu"), data)
+                extra = {"parts": self.parts} if s.method == "feedback" else {}
+                stages = METHODS[s.method](s, eps_fn, adapters, self.alphas_cumprod.to(device or "cpu"), data, **extra)
                 trainer = Trainer(adapters, stages, data, lr=s.learning_rate, batch_size=s.batch_size, seed=s.seed,
                                   device=device, ema_decay=s.ema_decay, signature=s.signature(self.prompts),
                                   lr_schedule=s.lr_schedule)
                 checkpointer = Checkpointer(s.checkpoint_every, self.save, saved_step=self._resume(trainer))
-                trainer.callbacks = [checkpointer, *([StageSaver(self.save_stage)] if s.save_stages else []),
+                trainer.callbacks = [checkpointer, *([StageSaver(self.save_stage)] if s.save_stages and s.method == "tscd" else []),
                                      *callbacks]
                 with activation_checkpointing(module, s.gradient_checkpointing):
                     self._run(trainer, checkpointer, interrupts, free_memory, data)
-                self.lora = adapters.kohya_state_dict(self.key_prefix)
+                self.lora = self.lora_weights(trainer)
                 return trainer
             finally:
                 adapters.detach()
@@ -335,11 +393,52 @@ class TrainingRun:
             run_stages=ks if upto is not None else None, last_loss=trainer.last_loss,
             recipe_segments=1 if upto is None and self.settings.score_steps else None)
 
+    def lora_weights(self, trainer: Trainer) -> dict:
+        """The LoRA a loader applies: the student; for a feedback run, the frozen LoRA and the
+        feedback LoRA at ``merge_ratio`` merged exactly (rank concatenation)."""
+        own = trainer.adapters.kohya_state_dict(self.key_prefix)
+        if self.settings.method != "feedback":
+            return own
+        return merge_cat(self.parts.base_lora, own, 1.0, self.settings.merge_ratio)
+
+    def feedback_metadata(self, trainer: Trainer, merged: bool) -> dict[str, str]:
+        """A feedback file's metadata: the frozen LoRA's (its recipe holds), plus what was trained."""
+        s = self.settings
+        md = {k: v for k, v in self.parts.base_metadata.items() if not k.startswith("ss_")}
+        md.update({vocab.TRAINED_BY: vocab.PACK_NAME, vocab.FAMILY: md.get(vocab.FAMILY, self.family),
+                   vocab.PREFIX + "feedback_on": s.feedback_on, vocab.PREFIX + "feedback_rewards": s.feedback_rewards,
+                   vocab.PREFIX + "feedback_steps": vocab.format_stages(s.stages),
+                   vocab.PREFIX + "feedback_step": str(trainer.step),
+                   vocab.PREFIX + "feedback_total_steps": str(trainer.total_steps),
+                   vocab.PREFIX + "feedback_eta": str(float(s.feedback_eta)),
+                   vocab.PREFIX + "structure_weight": str(float(s.structure_weight)),
+                   vocab.PREFIX + "feedback_learning_rate": str(float(s.learning_rate)),
+                   vocab.PREFIX + "feedback_rank": str(int(s.rank)),
+                   "ss_network_module": "networks.lora"})
+        if merged:
+            md[vocab.PREFIX + "feedback_ratio"] = str(float(s.merge_ratio))
+        else:
+            md[vocab.PREFIX + "feedback_only"] = ("true: apply it on top of " + s.feedback_on.split("@")[0]
+                                                  + ", or load the merged file")
+        if trainer.step < trainer.total_steps:
+            md[vocab.COMPLETE] = "false"
+            md[vocab.STEP], md[vocab.TOTAL_STEPS] = str(trainer.step), str(trainer.total_steps)
+        return md
+
     def save(self, trainer: Trainer) -> None:
-        """The LoRA and the training state that resumes it, each written atomically."""
+        """The LoRA and the training state that resumes it, each written atomically (a feedback
+        run: the merged LoRA and the feedback LoRA alone)."""
         fileio.save_torch(self.files.state, trainer.state_dict())
-        fileio.save_safetensors(self.files.lora, trainer.adapters.kohya_state_dict(self.key_prefix),
-                                self.metadata(trainer))
+        if self.settings.method == "feedback":
+            own = trainer.adapters.kohya_state_dict(self.key_prefix)
+            fileio.save_safetensors(self.files.feedback_lora, own, self.feedback_metadata(trainer, merged=False))
+            merged = merge_cat(self.parts.base_lora, own, 1.0, self.settings.merge_ratio)
+            md = self.feedback_metadata(trainer, merged=True)
+            md["ss_network_dim"] = str(max(int(v.shape[0]) for k, v in merged.items() if k.endswith(".lora_down.weight")))
+            fileio.save_safetensors(self.files.lora, merged, md)
+        else:
+            fileio.save_safetensors(self.files.lora, trainer.adapters.kohya_state_dict(self.key_prefix),
+                                    self.metadata(trainer))
         log.info("HyperSD TSCD: saved %s at step %d/%d", self.files.lora, trainer.step, trainer.total_steps)
 
     def save_stage(self, trainer: Trainer, index: int) -> None:

@@ -1,0 +1,297 @@
+"""Human feedback learning core (hypersd_core.feedback, rewards, lora_merge) in plain torch:
+the hinge and one-step x0 by hand, where the gradient goes, the exact merge, reward files,
+a feedback run through the pipeline with exact resume."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ComfyUI_HyperSD.hypersd_core import feedback, lora_merge, lora_train, rewards, train
+from ComfyUI_HyperSD.hypersd_core.data import LatentData
+from ComfyUI_HyperSD.hypersd_core.pipeline import FeedbackParts, RunFiles, TrainingRun, TrainSettings
+from test_tscd_core import TinyEps
+
+
+def _schedule():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def _reward(seed=3, classes=3):
+    torch.manual_seed(seed)
+    clf = rewards.ConvClassifier((4, 8), size=8, in_channels=3, classes=classes)
+    return rewards.ClassifierReward(clf, [str(i) for i in range(classes)], name="tiny")
+
+
+class Decoder(torch.nn.Module):
+    """latent [B, 4, 8, 8] -> image [B, 3, 8, 8] in [0, 1]: a frozen 1x1 convolution and a sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 3, 1)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, z):
+        return torch.sigmoid(self.conv(z))
+
+
+def _setup(seed=0, margin=0.0, structure_weight=0.0, sample_steps=2, eta=0.0):
+    torch.manual_seed(1234)
+    net, decoder = TinyEps(), Decoder()
+    ab = _schedule()
+    cond = torch.randn(2, 8, generator=torch.Generator().manual_seed(9))
+
+    def eps_fn(x, t, cfg, c):
+        return net(x, t, cond[int(c or 0)].expand(x.shape[0], -1))
+
+    adapters = lora_train.LoraAdapters(net, lora_train.select_targets(net, "all"), rank=2, seed=seed)
+    reward = _reward()
+    term = feedback.FeedbackLoss(eps_fn, adapters, ab, decode=decoder, sample_steps=sample_steps, eta=eta,
+                                 rewards=[feedback.RewardTerm(reward, margin=margin, weight=1.0)],
+                                 structure_weight=structure_weight, prompt_labels=[2, 0])
+    gen = torch.Generator().manual_seed(5)
+    data = LatentData([(torch.randn(4, 4, 8, 8, generator=gen), 0), (torch.randn(4, 4, 8, 8, generator=gen), 1)])
+    return net, decoder, adapters, reward, term, eps_fn, ab, data
+
+
+def test_hinge_and_one_step_x0_by_hand():
+    r = torch.tensor([-2.0, -0.5, 0.0, 0.7])
+    torch.testing.assert_close(rewards.hinge(r, -0.5), torch.tensor([1.5, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(rewards.hinge(r, 1.0), torch.tensor([3.0, 1.5, 1.0, 0.3]))
+    net, _, adapters, _, term, eps_fn, ab, _ = _setup()
+    x_t = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        got = term.one_step_x0(x_t, 499, 1)
+        eps = eps_fn(x_t, torch.tensor([499, 499]), 1.0, 1)
+    a = ab[499]
+    torch.testing.assert_close(got, (x_t - (1 - a).sqrt() * eps) / a.sqrt())
+
+
+def test_the_schedule_runs_to_a_late_step_as_ddim_or_tcd():
+    """Step 2 by hand: DDIM moves at eta 0; TCD's move lands at s' = (1 - eta) s and is noised back to s."""
+    net, _, adapters, _, term, eps_fn, ab, _ = _setup(sample_steps=4)
+    assert term.grid == [999, 749, 499, 249]
+    gen = torch.Generator().manual_seed(0)
+    assert {feedback.late_index(4, gen) for _ in range(50)} == {2, 3}  # the later half
+    assert {feedback.late_index(1, gen) for _ in range(5)} == {0}
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        e = eps_fn(z, torch.tensor([999]), 1.0, 0)
+        x0 = (z - (1 - ab[999]).sqrt() * e) / ab[999].sqrt()
+        ddim = ab[749].sqrt() * x0 + (1 - ab[749]).sqrt() * e
+        torch.testing.assert_close(term.run_to(z, 1, 0, gen), ddim)
+        g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        tcd = feedback.sampler_move(z, e, ab, 999, 749, 0.5, g1)
+        sp = math.floor(0.5 * 749)
+        n = torch.randn(z.shape, generator=g2)
+        x_sp = ab[sp].sqrt() * x0 + (1 - ab[sp]).sqrt() * e
+        r = ab[749] / ab[sp]
+        torch.testing.assert_close(tcd, r.sqrt() * x_sp + (1 - r).sqrt() * n)
+
+
+def test_gradient_reaches_the_feedback_adapter_only_through_decoder_and_reward():
+    net, decoder, adapters, reward, term, _, _, data = _setup()
+    base = [p for n, p in net.named_parameters() if "lora_" not in n]
+    x0, cond = data.sample(3, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32)
+    batch = train.Batch(x0=x0, cond=cond, step=0)
+    loss, logs = term(batch, train.Stage(segments=2, steps=1), torch.Generator().manual_seed(2))
+    assert loss.requires_grad and "reward_tiny" in logs and logs["feedback_t"] in (999, 499)
+    loss.backward()
+    grads = [p.grad for p in adapters.student_parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)  # the feedback LoRA learns
+    assert all(p.grad is None for p in base)  # the base (with the frozen LoRA merged in) does not
+    assert all(p.grad is None for p in adapters.ema_parameters())
+    assert all(p.grad is None for p in decoder.parameters()) and all(p.grad is None for p in reward.parameters())
+    # a hinge every picture already clears gives no gradient: it came through the reward
+    _, _, adapters2, _, term2, _, _, _ = _setup(margin=-1e6)
+    loss2, _ = term2(train.Batch(x0=x0, cond=cond, step=0), train.Stage(segments=2, steps=1),
+                     torch.Generator().manual_seed(2))
+    assert float(loss2.detach()) == 0.0
+    loss2.backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0.0 for p in adapters2.student_parameters())
+
+
+def test_the_aesthetic_loss_is_the_weighted_hinge_of_each_reward():
+    net, decoder, adapters, reward, term, _, _, _ = _setup()
+    images = torch.rand(4, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 1])
+    other = _reward(seed=7)
+    other.name = "other"
+    term.rewards = [feedback.RewardTerm(reward, margin=-0.5, weight=2.0), feedback.RewardTerm(other, margin=0.0,
+                                                                                                 weight=0.5)]
+    loss, logs = term.aesthetic(images, labels)
+    with torch.no_grad():
+        r1 = torch.log_softmax(reward.classifier(images), -1)[torch.arange(4), labels]
+        r2 = torch.log_softmax(other.classifier(images), -1)[torch.arange(4), labels]
+    want = 2.0 * torch.relu(-0.5 - r1).mean() + 0.5 * torch.relu(0.0 - r2).mean()
+    torch.testing.assert_close(loss, want)
+    assert logs["reward_tiny"] == pytest.approx(float(r1.mean())) and logs["reward_other"] == pytest.approx(float(r2.mean()))
+
+
+def test_structure_term_is_the_rewards_supervised_loss_on_real_latents_and_is_backpropagated_early():
+    net, decoder, adapters, reward, term, _, _, data = _setup(structure_weight=0.5)
+    x0, cond = data.sample(2, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32)
+    batch = train.Batch(x0=x0, cond=cond, step=0, backward_scale=1.0)
+    loss, logs = term(batch, train.Stage(segments=2, steps=1), torch.Generator().manual_seed(2))
+    early = [p.grad.clone() for p in adapters.student_parameters() if p.grad is not None]
+    assert early, "the structure term was not backpropagated before the aesthetic term"
+    assert logs["structure_loss"] > 0
+    g = torch.Generator().manual_seed(2)
+    t = int(torch.randint(feedback.STRUCTURE_T[0], feedback.STRUCTURE_T[1] + 1, (1,), generator=g))
+    n = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        a = _schedule()[t]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * n
+        want = reward.supervised_loss(decoder(term.one_step_x0(x_t, t, cond)), term.labels(cond, 2, "cpu"))
+    assert logs["structure_loss"] == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ValueError, match="supervised loss"):
+        class Plain:
+            name, needs_labels = "plain", False
+
+            def __call__(self, images, labels):
+                return images.mean(dim=(1, 2, 3))
+        feedback.FeedbackLoss(lambda *a: None, adapters, _schedule(), decode=decoder, sample_steps=2,
+                              rewards=[feedback.RewardTerm(Plain())], structure_weight=1.0)
+
+
+def _kohya(seed, rank, alpha):
+    g = torch.Generator().manual_seed(seed)
+    return {"lin.lora_down.weight": torch.randn(rank, 6, generator=g), "lin.lora_up.weight": torch.randn(5, rank, generator=g),
+            "lin.alpha": torch.tensor(float(alpha)),
+            "conv.lora_down.weight": torch.randn(rank, 3, 3, 3, generator=g),
+            "conv.lora_up.weight": torch.randn(4, rank, 1, 1, generator=g), "conv.alpha": torch.tensor(float(alpha))}
+
+
+def test_merge_is_exact_rank_concatenation():
+    a, b = _kohya(1, 4, 4), _kohya(2, 2, 1)
+    b["only_b.lora_down.weight"] = torch.randn(2, 7)
+    b["only_b.lora_up.weight"] = torch.randn(3, 2)
+    merged = lora_merge.merge_cat(a, b, 1.0, 0.6)
+    assert merged["lin.lora_down.weight"].shape == (6, 6) and float(merged["lin.alpha"]) == 6.0
+    for pre in ("lin", "conv"):
+        want = lora_merge.delta(a, pre, 1.0) + lora_merge.delta(b, pre, 0.6)
+        torch.testing.assert_close(lora_merge.delta(merged, pre), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora_merge.delta(merged, "only_b"), lora_merge.delta(b, "only_b", 0.6))
+    # outputs of a layer with the merged LoRA = with both applied together
+    lin = torch.nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    both = x @ (lin.weight + lora_merge.delta(a, "lin") + lora_merge.delta(b, "lin", 0.6)).T + lin.bias
+    one = x @ (lin.weight + lora_merge.delta(merged, "lin")).T + lin.bias
+    torch.testing.assert_close(one, both, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kohya"):
+        lora_merge.merge_cat(a, {"lin.lora_A.weight": torch.zeros(2, 6)})
+    bad = dict(b)
+    bad["lin.lora_down.weight"] = torch.randn(2, 9)
+    with pytest.raises(ValueError, match="different shapes"):
+        lora_merge.merge_cat(a, bad)
+
+
+def test_reward_files_round_trip_and_backpropagate_under_inference_mode(tmp_path):
+    reward = _reward()
+    path = tmp_path / "r.safetensors"
+    rewards.save_classifier(path, reward.classifier, reward.class_names)
+    images = torch.rand(2, 3, 8, 8)
+    with torch.inference_mode():  # as ComfyUI runs a node
+        loaded = rewards.load_reward(path)
+    with torch.no_grad():
+        want = reward(images, torch.tensor([1, 2]))
+    torch.testing.assert_close(loaded(images, torch.tensor([1, 2])), want, rtol=2e-3, atol=2e-3)  # fp16 file
+    x = images.clone().requires_grad_(True)
+    loaded(x, torch.tensor([1, 2])).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert loaded.label_of("a handwritten digit 2") == 2
+    with pytest.raises(ValueError, match="exactly one of"):
+        loaded.label_of("a photo of a cat")
+    with pytest.raises(ValueError, match="give each prompt's class"):
+        loaded(images, None)
+
+
+def test_bad_reward_files_are_refused_with_what_to_do(tmp_path):
+    lora = tmp_path / "lora.safetensors"
+    save_file({"x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
+    with pytest.raises(ValueError, match="not a Hyper-SD reward file"):
+        rewards.load_reward(lora)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        rewards.load_reward(junk)
+    reward = _reward()
+    good = tmp_path / "good.safetensors"
+    rewards.save_classifier(good, reward.classifier, reward.class_names)
+    from safetensors import safe_open
+    with safe_open(str(good), framework="pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["hypersd.reward_channels"] = "4,16"
+    save_file(sd, str(tmp_path / "wrong.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="do not fit the architecture"):
+        rewards.load_reward(tmp_path / "wrong.safetensors")
+    with pytest.raises(ValueError, match="does not exist"):
+        rewards.load_reward(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("kw,msg", [({"sample_steps": 0}, "1 to 50 steps"), ({"eta": 1.5}, "eta must be in"),
+                                    ({"structure_weight": -1.0}, "structure weight")])
+def test_feedback_settings_are_checked(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        feedback.check_settings(**{"sample_steps": 4, "eta": 0.0, "structure_weight": 0.0, **kw})
+
+
+def _feedback_run(tmp_path, steps_per_stage=3, checkpoint_every=0, callbacks=(), resume=True):
+    torch.manual_seed(1234)
+    net, decoder = TinyEps(), Decoder()
+    ab = _schedule()
+    cond = torch.randn(2, 8, generator=torch.Generator().manual_seed(9))
+
+    def eps_fn(x, t, cfg, c):
+        return net(x, t, cond[int(c or 0)].expand(x.shape[0], -1))
+
+    gen = torch.Generator().manual_seed(5)
+    data = LatentData([(torch.randn(4, 4, 8, 8, generator=gen), 0), (torch.randn(4, 4, 8, 8, generator=gen), 1)])
+    base = _kohya(3, 2, 2)
+    parts = FeedbackParts(decode=decoder, rewards=[feedback.RewardTerm(_reward(), margin=-0.1)], base_lora=base,
+                          base_metadata={"hypersd.recommended_steps": "2", "hypersd.family": "SD1.5"},
+                          prompt_labels=[2, 0])
+    settings = TrainSettings(method="feedback", stages="2", steps_per_stage=steps_per_stage, learning_rate=1e-2,
+                             rank=2, batch_size=2, lora_scope="all", checkpoint_every=checkpoint_every,
+                             structure_weight=0.5, merge_ratio=0.5, feedback_on="base.safetensors@abc",
+                             feedback_rewards="tiny:-0.1:1")
+    run = TrainingRun(settings, RunFiles.create(tmp_path, "fb"), family="SD1.5", alphas_cumprod=ab,
+                      prompts=2, resume=resume, parts=parts)
+    trainer = run.train(net, eps_fn, data, callbacks=callbacks)
+    return run, trainer, base
+
+
+def test_a_feedback_run_saves_merged_and_own_lora_and_resumes_exactly(tmp_path):
+    from safetensors import safe_open
+
+    run, trainer, base = _feedback_run(tmp_path / "a", steps_per_stage=4)
+    assert trainer.step == 4 and all(math.isfinite(v) for v in trainer.history)
+    with safe_open(str(run.files.feedback_lora), framework="pt") as f:
+        own = {k: f.get_tensor(k) for k in f.keys()}
+        assert "feedback_only" in "".join(f.metadata())
+    with safe_open(str(run.files.lora), framework="pt") as f:
+        merged, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    assert meta["hypersd.feedback_ratio"] == "0.5" and meta["hypersd.recommended_steps"] == "2"
+    for pre in ("lin", "conv"):  # the frozen LoRA's layers at 1, the feedback's at 0.5
+        torch.testing.assert_close(lora_merge.delta(merged, pre), lora_merge.delta(base, pre))
+    for key in own:
+        if key.endswith(".lora_down.weight"):
+            pre = key[: -len(".lora_down.weight")]
+            torch.testing.assert_close(lora_merge.delta(merged, pre), lora_merge.delta(own, pre, 0.5))
+
+    class StopAt(train.Callback):
+        def on_step_start(self, trainer):
+            if trainer.step == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _feedback_run(tmp_path / "b", steps_per_stage=4, callbacks=[StopAt()])
+    run_b, trainer_b, _ = _feedback_run(tmp_path / "b", steps_per_stage=4)
+    assert trainer_b.history == pytest.approx(trainer.history, rel=1e-6, abs=1e-7)
+    with safe_open(str(run_b.files.feedback_lora), framework="pt") as f:
+        for k in own:
+            torch.testing.assert_close(f.get_tensor(k), own[k], rtol=1e-6, atol=1e-7)
