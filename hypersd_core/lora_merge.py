@@ -20,7 +20,7 @@ import torch
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
 
-def _layers(sd: Mapping[str, torch.Tensor], what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def layers(sd: Mapping[str, torch.Tensor], what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """``{prefix: (down, up, alpha)}``; refuses files that are not kohya LoRAs."""
     out, unknown = {}, []
     for key in sd:
@@ -48,7 +48,7 @@ def _layers(sd: Mapping[str, torch.Tensor], what: str) -> dict[str, tuple[torch.
 def merge_cat(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], s1: float = 1.0,
               s2: float = 1.0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """``first`` at strength ``s1`` plus ``second`` at ``s2`` as one kohya LoRA (see the module)."""
-    a, b = _layers(first, "first LoRA"), _layers(second, "second LoRA")
+    a, b = layers(first, "first LoRA"), layers(second, "second LoRA")
     out: dict[str, torch.Tensor] = {}
     for pre in sorted(set(a) | set(b)):
         parts = [(lay, s) for lay, s in ((a.get(pre), float(s1)), (b.get(pre), float(s2))) if lay is not None]
@@ -71,6 +71,6 @@ def merge_cat(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tens
 
 def delta(sd: Mapping[str, torch.Tensor], prefix: str, strength: float = 1.0) -> torch.Tensor:
     """The weight update ``strength * (alpha / r) * up @ down`` of one layer (for checks)."""
-    down, up, alpha = _layers({k: v for k, v in sd.items() if k.startswith(prefix + ".")}, "LoRA")[prefix]
+    down, up, alpha = layers({k: v for k, v in sd.items() if k.startswith(prefix + ".")}, "LoRA")[prefix]
     d = up.float().flatten(1) @ down.float().flatten(1)
     return strength * alpha / down.shape[0] * d

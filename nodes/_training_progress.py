@@ -19,8 +19,9 @@ TEXT_EVERY_S = 0.25  # how often the node's progress text is refreshed
 class ComfyProgress(Callback):
     """Moves the node's progress bar, sends step/stage/loss to the page and the log, honours Cancel."""
 
-    def __init__(self, node_id):
+    def __init__(self, node_id, label: str = "HyperSD TSCD"):
         self.node_id = node_id
+        self.label = label
         self.pbar = None
         self._last_text = 0.0
         self._last_log = 0.0
@@ -44,7 +45,7 @@ class ComfyProgress(Callback):
         text = f"step {trainer.step}/{self.total} · {logs.get('stage', '')} · loss {loss:.5f} · {rate:.2f} it/s"
         if now - self._last_log >= LOG_EVERY_S or trainer.step >= self.total:
             self._last_log = now
-            log.info("HyperSD TSCD: %s", text)
+            log.info("%s: %s", self.label, text)
         self._send(text, {"node": str(self.node_id), "step": trainer.step, "total": self.total, "loss": loss,
                           "stage": logs.get("stage", "")})
 

@@ -119,10 +119,18 @@ def install(models_dir: Path, force: bool = False, weights: Path = WEIGHTS) -> d
             log.info("writing %s", dest)
             files.copy_file(src, dest)
             written.append(str(dest))
-    for path in (ckpt, vae, *loras):  # earlier versions wrote 0600 files that another user cannot read
+    rewards = []  # the toy's reward model for feedback learning (toy/train_reward.py), not the judge
+    for src in sorted(weights.glob("hypersd_toy_reward*.safetensors")):
+        dest = models_dir / "hypersd_rewards" / src.name
+        rewards.append(dest)
+        if force or not dest.is_file() or dest.stat().st_size != src.stat().st_size or file_hash(dest) != file_hash(src):
+            log.info("writing %s", dest)
+            files.copy_file(src, dest)
+            written.append(str(dest))
+    for path in (ckpt, vae, *loras, *rewards):  # earlier versions wrote 0600 files that another user cannot read
         if path.is_file() and path.stat().st_mode & 0o777 == 0o600 != files.new_file_mode():
             path.chmod(files.new_file_mode())
-    return {"checkpoint": ckpt, "vae": vae, "loras": loras, "written": written}
+    return {"checkpoint": ckpt, "vae": vae, "loras": loras, "rewards": rewards, "written": written}
 
 
 def main() -> int:

@@ -1,0 +1,316 @@
+"""Human feedback learning nodes: reward models, and a feedback LoRA trained on a few-step LoRA.
+
+The method is the core's (``hypersd_core.feedback``, ``rewards``, ``lora_merge``, the
+pipeline's ``feedback`` method: checkpoints, resume, Cancel, NaN and out-of-memory handling
+as for TSCD). These nodes adapt ComfyUI to it:
+
+* ``HyperSDRewardLoader`` reads a reward file from ``models/hypersd_rewards`` (a folder this
+  pack registers; files only, never a download) with its hinge margin and weight; chain
+  loaders to combine rewards;
+* ``HyperSDTrainFeedback`` applies the chosen few-step LoRA to the model (frozen: it is part
+  of the base the feedback adapter trains on), makes the VAE's decoder differentiable (its
+  weights out of inference mode), maps each training prompt to its class for rewards that
+  need one (the caption names it), trains inside ComfyUI's guider as the TSCD node does,
+  and saves ``<output_name>.safetensors`` (the frozen LoRA and the feedback merged exactly
+  at ``merge_ratio``, with the frozen LoRA's recipe) and ``<output_name>_feedback`` (the
+  feedback alone).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..hypersd_core import data as core_data
+from ..hypersd_core import feedback as core_feedback
+from ..hypersd_core import lora_file, lora_merge, lora_train, rewards
+from ..hypersd_core import metadata as vocab
+from ..hypersd_core.lora_train import LORA_SCOPES
+from ..hypersd_core.pipeline import FeedbackParts, RunFiles, TrainingRun, TrainSettings
+from . import _comfy_model, _comfy_training
+from ._training_progress import ComfyProgress
+
+log = logging.getLogger("HyperSD")
+
+REWARDS_FOLDER = "hypersd_rewards"
+Reward = io.Custom("HYPERSD_REWARD")
+
+
+def rewards_folder() -> str:
+    """Register ``models/hypersd_rewards`` (idempotent; paths from extra_model_paths.yaml stay)."""
+    default = os.path.join(folder_paths.models_dir, REWARDS_FOLDER)
+    if REWARDS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[REWARDS_FOLDER] = ([default], {".safetensors"})
+    else:
+        folder_paths.add_model_folder_path(REWARDS_FOLDER, default)
+    return REWARDS_FOLDER
+
+
+def register() -> None:
+    rewards_folder()
+
+
+# ---------------------------------------------------------------------- plain functions
+
+
+def load_reward(reward_name: str, margin: float, weight: float, device=None) -> core_feedback.RewardTerm:
+    """The reward file ``reward_name`` of the rewards folder as a hinge term."""
+    parts = str(reward_name or "").replace("\\", "/").split("/")
+    if not reward_name or os.path.isabs(str(reward_name)) or ".." in parts:
+        raise ValueError(f"pick a reward file from the {REWARDS_FOLDER} folder (got {reward_name!r})")
+    path = folder_paths.get_full_path(rewards_folder(), reward_name)
+    if path is None:
+        raise ValueError(f"reward '{reward_name}' is not in models/{REWARDS_FOLDER}: put the file there and refresh")
+    reward = rewards.load_reward(path, device=device)
+    return core_feedback.RewardTerm(reward, margin=float(margin), weight=float(weight))
+
+
+def base_lora(lora_name: str, family: str) -> tuple[dict, dict, str]:
+    """The frozen LoRA: ``(kohya weights, the metadata its merged file carries, "name@digest")``."""
+    path = folder_paths.get_full_path("loras", lora_name) if lora_name else None
+    if path is None:
+        raise ValueError(f"LoRA '{lora_name}' is not in the loras folder; pick the few-step LoRA to train on")
+    try:
+        info = lora_file.inspect_file(path, lora_name)
+    except lora_file.LoraFileError as e:
+        raise ValueError(f"cannot train feedback on '{lora_name}': {e}") from None
+    if info.kind != "lora":
+        raise ValueError(f"'{lora_name}' is a {info.kind}, not a LoRA: feedback trains on a few-step LoRA "
+                         f"(a Hyper-SD N-step or unified LoRA, or one this pack trained)")
+    if info.family not in ("unknown", family) and not (info.family == "SD1.5" and family == "SD2"):
+        raise ValueError(f"'{lora_name}' is a {info.family} LoRA but the model is {family}: pick a LoRA of the "
+                         f"model's family")
+    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("lora_te", "text_encoder", "lora_te1", "lora_te2"))}
+    try:
+        lora_merge.layers(sd, lora_name)  # only kohya-layout files can be merged exactly: refuse before training
+    except ValueError as e:
+        raise ValueError(f"cannot merge feedback into '{lora_name}': {e}") from None
+    meta = dict(lora_file.read_safetensors_header(path)[1] or {}) if path.endswith(".safetensors") else {}
+    recipe = vocab.Recipe(info.steps, info.cfg, info.sampler, info.schedule, info.eta, info.strength,
+                          info.guidance, tuple(tuple(x) for x in info.eta_by_steps))
+    meta.update(recipe.to_metadata())
+    meta[vocab.FAMILY] = info.family if info.family != "unknown" else family
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return sd, meta, f"{lora_name}@{h.hexdigest()[:16]}"
+
+
+def vae_decoder(vae, model, device):
+    """``decode(latents in the model's space) -> images [B, 3, H, W] in [0, 1]``, with gradient."""
+    first = vae.first_stage_model
+    lora_train.make_autograd_safe(first)  # ComfyUI loaded it under inference mode; same values
+    for p in first.parameters():
+        p.requires_grad_(False)
+    first.to(device)
+
+    def decode(x0: torch.Tensor) -> torch.Tensor:
+        z = model.process_latent_out(x0)
+        dtype = getattr(vae, "vae_dtype", torch.float32)
+        images = first.decode(z.to(dtype)).float()
+        return torch.clamp((images + 1.0) / 2.0, 0.0, 1.0)
+
+    return decode
+
+
+def prompt_labels(terms, captions: list[str], n_prompts: int) -> list[int] | None:
+    """Each prompt's class for rewards that need one, read from its caption."""
+    needing = [t.reward for t in terms if getattr(t.reward, "needs_labels", False)]
+    if not needing:
+        return None
+    caps = [c for c in (captions or []) if c is not None]
+    if len(caps) != n_prompts:
+        raise ValueError(f"the reward '{needing[0].name}' scores each picture against its class: connect "
+                         f"'captions' with one caption per prompt ({n_prompts}), each naming its class "
+                         f"(one of {', '.join(needing[0].class_names)}); got {len(caps)}")
+    labels = [needing[0].label_of(c) for c in caps]
+    for other in needing[1:]:
+        if [other.label_of(c) for c in caps] != labels:
+            raise ValueError(f"the rewards '{needing[0].name}' and '{other.name}' read different classes from "
+                             f"the captions")
+    return labels
+
+
+def train_feedback(model, lora_name, vae, reward_terms, latents, positive, captions=None, *,
+                   output_name: str = "hypersd_feedback", resume: bool = True, node_id=None, callbacks: tuple = (),
+                   positive_per_latent: bool = False, **settings) -> tuple:
+    """Train a feedback LoRA on ``lora_name``; returns ``(model_with_merged_lora, merged_path,
+    feedback_path, trainer)``. ``settings``: :class:`TrainSettings` fields (``stages`` are the
+    student's step counts; ``steps_per_stage``, ``learning_rate``, ``rank``, ``feedback_eta``,
+    ``structure_weight``, ``merge_ratio``, ...)."""
+    if not reward_terms:
+        raise ValueError("connect at least one reward (Hyper-SD Reward Loader)")
+    if not positive:
+        raise ValueError("connect a positive conditioning (the prompt of the training images)")
+    family = _comfy_model.model_family(model)
+    base_sd, base_meta, base_id = base_lora(lora_name, family)
+    names = ",".join(f"{getattr(t.reward, 'name', 'reward')}:{t.margin:g}:{t.weight:g}" for t in reward_terms)
+    settings = TrainSettings(method="feedback", feedback_on=base_id, feedback_rewards=names,
+                             **{"save_stages": False, **settings})
+    files = RunFiles.create(_comfy_model.loras_dir(), output_name)
+    if positive_per_latent:
+        groups, prompts = core_data.paired_latent_groups(latents, positive)
+    else:
+        groups, prompts = [(g, None) for g in core_data.latent_groups(latents)], [positive]
+    labels = prompt_labels(reward_terms, captions, len(prompts))
+    patched, _ = comfy.sd.load_lora_for_models(model, None, base_sd, 1.0, 0)  # the frozen LoRA, in the base
+    patcher = patched.clone()
+    device = patcher.load_device
+    for t in reward_terms:
+        with torch.inference_mode(False):
+            t.reward.to(device)
+    decode = vae_decoder(vae, patcher.model, device)
+    run = TrainingRun(settings, files, family=family,
+                      alphas_cumprod=_comfy_model.discrete_alphas_cumprod(patcher.get_model_object("model_sampling")),
+                      key_prefix=lora_train.kohya_prefix(_comfy_model.key_prefix_map(patcher.model)),
+                      resume=resume, prompts=len(prompts),
+                      parts=FeedbackParts(decode=decode, rewards=list(reward_terms), base_lora=base_sd,
+                                          base_metadata=base_meta, prompt_labels=labels))
+    data = core_data.LatentData([(patcher.model.process_latent_in(g), c if len(prompts) > 1 else None)
+                                 for g, c in groups])
+    # the feedback samples at cfg 1, so the guider's negative is never evaluated: the prompt stands in
+    trainer = _comfy_training.train_in_comfy(patcher, run, data, prompts, prompts[0],
+                                             [ComfyProgress(node_id, "HyperSD feedback"), *callbacks])
+    out_model, _ = comfy.sd.load_lora_for_models(model, None, run.lora, 1.0, 0)
+    return out_model, str(files.lora), str(files.feedback_lora), trainer
+
+
+# ---------------------------------------------------------------------- nodes
+
+
+class HyperSDRewardLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HyperSDRewardLoader",
+            display_name="Hyper-SD Reward Loader",
+            category="Hyper-SD/training",
+            description=("Loads a reward model for feedback learning from models/hypersd_rewards (a file, never a "
+                         "download), with its hinge margin and weight. Chain loaders to train against several "
+                         "rewards at once."),
+            inputs=[
+                io.Combo.Input("reward_name", options=folder_paths.get_filename_list(rewards_folder()),
+                               tooltip="The reward file (models/hypersd_rewards), e.g. the toy's "
+                                       "hypersd_toy_reward.safetensors."),
+                io.Float.Input("margin", default=-0.05, min=-100.0, max=100.0, step=0.01,
+                               tooltip="Hinge margin: a picture whose reward reaches it gives no gradient, so the "
+                                       "reward is not over-optimised. For a classifier reward (log-probability "
+                                       "of the class, at most 0) -0.05 stops at about 95% confidence."),
+                io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Weight of this reward's hinge in the feedback loss."),
+                Reward.Input("rewards", optional=True, tooltip="Rewards loaded before this one (to combine)."),
+            ],
+            outputs=[Reward.Output(display_name="rewards", tooltip="The rewards so far, for the feedback node.")],
+        )
+
+    @classmethod
+    def execute(cls, reward_name, margin, weight, rewards=None) -> io.NodeOutput:
+        term = load_reward(reward_name, margin, weight)
+        return io.NodeOutput(list(rewards or []) + [term])
+
+
+def _setting_inputs() -> list:
+    return [
+        io.String.Input("steps_of_lora", default="4",
+                        tooltip="The step count the LoRA is used at (4 for a 4-step LoRA); the feedback runs the "
+                                "LoRA's own schedule to a late step. Several (e.g. '2,4') train one after another."),
+        io.Int.Input("steps", default=200, min=1, max=1_000_000, tooltip="Optimizer steps per step count."),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
+                       tooltip="AdamW learning rate of the feedback LoRA."),
+        io.Int.Input("rank", default=8, min=1, max=256, tooltip="Rank of the feedback LoRA (alpha = rank)."),
+        io.Float.Input("merge_ratio", default=1.0, min=0.0, max=2.0, step=0.05,
+                       tooltip="Strength of the feedback in the merged LoRA (<output_name>): lower stays closer to "
+                               "the LoRA it was trained on, higher follows the reward more. The feedback alone is "
+                               "saved too (<output_name>_feedback), to merge again at another ratio."),
+        io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.05,
+                       tooltip="The LoRA's sampler on the way to the late step: 0 = DDIM (N-step LoRAs); TCD's "
+                               "eta for a unified LoRA."),
+        io.Float.Input("structure_weight", default=0.0, min=0.0, max=100.0, step=0.05,
+                       tooltip="Weight of the structure term: real training images noised to a middle step, "
+                               "denoised in one step and scored by the reward's own supervised loss against their "
+                               "class (a classifier reward). 0: off."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                     tooltip="Seed of the LoRA initialisation, noise, late steps and batches."),
+        io.Int.Input("batch_size", default=4, min=1, max=1024, tooltip="Pictures per training step."),
+        io.String.Input("output_name", default="hypersd_feedback",
+                        tooltip="File name (no folders) of the merged LoRA in the loras folder; the feedback alone "
+                                "is <output_name>_feedback."),
+        io.Int.Input("checkpoint_every", default=50, min=0, max=1_000_000,
+                     tooltip="Save the LoRAs and the training state every N steps (0: only at the end and on "
+                             "Cancel)."),
+        io.Boolean.Input("resume", default=True,
+                         tooltip="Continue from the saved training state of output_name (same settings and the "
+                                 "same LoRA file); off replaces it."),
+        io.Combo.Input("lora_scope", options=list(LORA_SCOPES), default="transformer", optional=True,
+                       tooltip="Layers the feedback LoRA adapts: the transformer blocks, or every linear and "
+                               "convolution layer."),
+        io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                         tooltip="Recompute the UNet's activations in the backward pass: less memory, slower."),
+    ]
+
+
+class HyperSDTrainFeedback(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HyperSDTrainFeedback",
+            display_name="Hyper-SD Train Feedback LoRA",
+            category="Hyper-SD/training",
+            description=(
+                "Human feedback learning (Hyper-SD part 2): trains a LoRA on top of a few-step LoRA (frozen) so its "
+                "pictures score higher with the connected reward models: the LoRA's own schedule to a late step, "
+                "x0 in one step, decoded by the VAE, a hinge on each reward. Saves the merged LoRA at merge_ratio "
+                "(same recipe as the LoRA it builds on) and the feedback alone; checkpoints, resumes, honours "
+                "Cancel."),
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The base model, WITHOUT the few-step LoRA (the node applies it)."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="The few-step LoRA to improve (kohya layout: the official Hyper-SD SD1.5/"
+                                       "SDXL files or one this pack trained). It stays frozen."),
+                io.Vae.Input("vae", tooltip="The VAE that decodes the pictures the rewards score."),
+                Reward.Input("rewards", tooltip="Reward models (Hyper-SD Reward Loader)."),
+                io.Latent.Input("latents", tooltip="Training images as latents (VAE Encode): the batch shape, and the "
+                                                   "real images of the structure term."),
+                io.Conditioning.Input("positive", tooltip="Prompt conditioning: one for every latent, or one per "
+                                                          "latent (e.g. 'Make Training Dataset')."),
+                io.String.Input("captions", force_input=True, optional=True,
+                                tooltip="The prompts' texts, one per prompt (e.g. the captions of 'Load Image and "
+                                        "Text Dataset from Folder'): a classifier reward reads each prompt's class "
+                                        "from it (the class name as a word)."),
+            ] + _setting_inputs(),
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the merged LoRA applied."),
+                io.String.Output(display_name="lora_path", tooltip="Path of the merged LoRA."),
+                io.String.Output(display_name="feedback_lora_path", tooltip="Path of the feedback LoRA alone."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, vae, rewards, latents, positive, captions=None, **options) -> io.NodeOutput:
+        values = {k: (v[0] if v else None) if isinstance(v, list) else v for k, v in options.items()}
+        values = {k: v for k, v in values.items() if v is not None}
+        settings = {"stages": values.pop("steps_of_lora", "4"), "steps_per_stage": values.pop("steps", 200),
+                    "feedback_eta": values.pop("eta", 0.0), **values}
+        positives = [p for p in (positive if isinstance(positive, list) else [positive]) if p is not None]
+        per_latent = len(positives) > 1
+        terms = [t for group in (rewards or []) for t in (group or [])]
+        m, path, fb_path, _ = train_feedback(model[0], lora_name[0], vae[0], terms, latents,
+                                             positives if per_latent else (positives[0] if positives else None),
+                                             captions, positive_per_latent=per_latent,
+                                             node_id=cls.hidden.unique_id, **settings)
+        return io.NodeOutput(m, path, fb_path)
+
+
+NODES = [HyperSDRewardLoader, HyperSDTrainFeedback]

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Train a feedback LoRA on one of the toy's few-step LoRAs with ``HyperSDTrainFeedback``, through a real server.
+
+Run with the host's Python after set-up (the toy must be installed)::
+
+    .venv/bin/python -m toy.train_feedback [--lora hypersd_toy_tscd_lora_stage2_k4.safetensors]
+        [--steps-of-lora 4] [--steps 200] [--out PATH]
+
+It starts a real ComfyUI (``main.py --cpu``, a temporary base folder, the pack linked in),
+links the toy checkpoint, the chosen LoRA (from ``toy/weights``) and the toy's reward model
+(``hypersd_toy_reward``, made by ``toy/train_reward.py``: NOT the judge of ``quality.py``)
+into its model folders, writes training digits with one caption each into ``input/``, and
+queues one graph::
+
+    LoadImageTextDataSetFromFolder -> MakeTrainingDataset (VAE + CLIP of the checkpoint)
+    HyperSDRewardLoader (margin, weight) --rewards--> HyperSDTrainFeedback <- model, LoRA, VAE,
+                                                      latents, one prompt and caption per latent
+
+The merged LoRA the node saves (``<name>.safetensors``: the few-step LoRA and the feedback at
+``--merge-ratio``) is copied to ``--out`` and the feedback alone (``<name>_feedback``) beside
+it. Everything is seeded (``--seed``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hypersd_dev import REPO, comfy_dir
+from hypersd_dev.server import ComfyServer
+from ComfyUI_HyperSD.hypersd_core import files
+
+from .train_reward import REWARD_FILE
+from .train_student import DATASET_FOLDER, toy_checkpoint, write_dataset
+
+WEIGHTS = REPO / "toy" / "weights"
+log = logging.getLogger("hypersd.toy.train_feedback")
+
+
+def feedback_graph(ckpt: str, folder: str, lora: str, name: str, args) -> dict:
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "data": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": folder}},
+        "dataset": {"class_type": "MakeTrainingDataset", "inputs": {
+            "images": ["data", 0], "texts": ["data", 1], "vae": ["ckpt", 2], "clip": ["ckpt", 1]}},
+        "reward": {"class_type": "HyperSDRewardLoader", "inputs": {
+            "reward_name": REWARD_FILE, "margin": args.margin, "weight": 1.0}},
+        "train": {"class_type": "HyperSDTrainFeedback", "inputs": {
+            "model": ["ckpt", 0], "lora_name": lora, "vae": ["ckpt", 2], "rewards": ["reward", 0],
+            "latents": ["dataset", 0], "positive": ["dataset", 1], "captions": ["data", 1],
+            "steps_of_lora": args.steps_of_lora, "steps": args.steps, "learning_rate": args.lr, "rank": args.rank,
+            "merge_ratio": args.merge_ratio, "eta": args.eta, "structure_weight": args.structure_weight,
+            "seed": args.seed, "batch_size": args.batch, "output_name": name,
+            "checkpoint_every": args.checkpoint_every, "resume": args.resume, "lora_scope": args.lora_scope}},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lora", default="hypersd_toy_tscd_lora_stage2_k4.safetensors",
+                    help="the few-step LoRA (a file of toy/weights) the feedback trains on")
+    ap.add_argument("--steps-of-lora", default="4", help="the step count(s) the LoRA is used at")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per step count")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--margin", type=float, default=-0.05, help="the reward's hinge margin (log-probability)")
+    ap.add_argument("--structure-weight", type=float, default=0.5)
+    ap.add_argument("--merge-ratio", type=float, default=1.0)
+    ap.add_argument("--eta", type=float, default=0.0, help="the LoRA's sampler eta on the way to the late step")
+    ap.add_argument("--lora-scope", choices=["transformer", "all"], default="all")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-digit", type=int, default=50)
+    ap.add_argument("--checkpoint-every", type=int, default=0)
+    ap.add_argument("--name", default="hypersd_toy_feedback_lora_k4", help="output_name given to the node")
+    ap.add_argument("--out", type=Path, help="where the merged LoRA is copied (default toy/weights/<name>)")
+    ap.add_argument("--models-dir", type=Path, default=comfy_dir() / "models")
+    ap.add_argument("--work-dir", type=Path, help="server base folder (default: a temporary one, removed after)")
+    ap.add_argument("--resume", action="store_true", help="continue the run saved in --work-dir")
+    ap.add_argument("--timeout", type=float, default=4 * 3600)
+    args = ap.parse_args(argv)
+    if args.resume and args.work_dir is None:
+        ap.error("--resume continues the run saved in --work-dir: give --work-dir")
+    out = args.out or WEIGHTS / f"{args.name}.safetensors"
+    logging.basicConfig(level=logging.INFO, format="[train_feedback %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+    base = args.work_dir or Path(tempfile.mkdtemp(prefix="hypersd-feedback-"))
+    base.mkdir(parents=True, exist_ok=True)
+    ckpt = toy_checkpoint(args.models_dir, None, base / "scratch")
+    for folder, src in (("checkpoints", ckpt), ("loras", WEIGHTS / args.lora), ("hypersd_rewards", WEIGHTS / REWARD_FILE)):
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        link = base / "models" / folder / src.name
+        if not link.exists():
+            link.symlink_to(src.resolve())
+    n = write_dataset(base / "input" / DATASET_FOLDER, args.per_digit)
+    log.info("dataset: %d captioned digits; feedback on %s at %s steps", n, args.lora, args.steps_of_lora)
+    t0 = time.time()
+    try:
+        with ComfyServer(base) as srv:
+            srv.run(feedback_graph(ckpt.name, DATASET_FOLDER, args.lora, args.name, args), timeout=args.timeout)
+        loras = base / "models" / "loras"
+        files.copy_file(loras / f"{args.name}.safetensors", out)
+        own = out.with_name(out.stem + "_feedback.safetensors")
+        files.copy_file(loras / f"{args.name}_feedback.safetensors", own)
+        summary = {"out": str(out), "feedback": str(own), "seconds": round(time.time() - t0, 1), "images": n}
+        log.info("done: %s", json.dumps(summary))
+        print(json.dumps(summary))
+        return 0
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
