@@ -134,6 +134,15 @@ def _child(cfg: dict) -> dict:
                                     score_steps=steps, learning_rate=1e-4, rank=cfg["rank"], teacher_cfg=5.0, seed=0,
                                     output_name=name, checkpoint_every=0, batch_size=B, resume=False,
                                     lora_scope="all", gradient_checkpointing=cfg["gc"])
+        elif cfg["method"] == "feedback":  # `steps` feedback steps on the LoRA of the warm-up's TSCD step
+            from ComfyUI_HyperSD.nodes import feedback
+
+            with torch.inference_mode():
+                terms = [feedback.core_feedback.RewardTerm(reward, margin=0.0)]
+                feedback.train_feedback(mp, "base.safetensors", vae, terms, [{"samples": lat}], pos, ["a digit 7"],
+                                        stages="4", steps_per_stage=steps, learning_rate=1e-4, rank=cfg["rank"],
+                                        seed=0, output_name=name, checkpoint_every=0, batch_size=B, resume=False,
+                                        lora_scope="all", gradient_checkpointing=cfg["gc"], structure_weight=1.0)
         elif cfg["method"] == "tscd":
             with torch.inference_mode():
                 training.train_tscd(mp, [{"samples": lat}], pos, neg, stages="4", steps_per_stage=steps,
@@ -149,6 +158,19 @@ def _child(cfg: dict) -> dict:
                     training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"],
                     gradient_checkpointing=[cfg["gc"]], existing_lora=["[None]"])
 
+    if cfg["method"] == "feedback":  # the frozen LoRA it trains on (one TSCD step), the toy's VAE and reward
+        import comfy.sd
+        import comfy.utils
+
+        from ComfyUI_HyperSD.hypersd_core import rewards as core_rewards
+        from toy import train_reward
+
+        with torch.inference_mode():
+            training.train_tscd(mp, [{"samples": lat}], pos, neg, stages="4", steps_per_stage=1, learning_rate=1e-4,
+                                rank=cfg["rank"], teacher_cfg=5.0, seed=0, output_name="base", checkpoint_every=0,
+                                batch_size=B, resume=False, lora_scope="all")
+            vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(REPO / "toy" / "weights" / "toy_vae.safetensors")))
+        reward = core_rewards.load_reward(REPO / "toy" / "weights" / train_reward.REWARD_FILE)
     run(1, "warm")  # imports, first-call costs
     if cuda:
         torch.cuda.synchronize()
@@ -258,6 +280,27 @@ class RowCache:
         files.write_text(self.path, json.dumps(self.rows, indent=1, sort_keys=True) + "\n")
 
 
+def merged_feedback(base: Path, feedback_file: Path, ratio: float) -> Path:
+    """``base`` and the feedback LoRA at ``ratio`` merged exactly (``bench/out/feedback_merged``, made once)."""
+    from safetensors.torch import load_file
+
+    from ComfyUI_HyperSD.hypersd_core import lora_merge
+
+    out = REPO / "bench" / "out" / "feedback_merged" / f"{feedback_file.stem}_x{ratio:g}.safetensors"
+    stamp = f"{files_digest(base)}:{files_digest(feedback_file)}:{ratio:g}"
+    if out.exists() and _lora_meta(out).get("hypersd.bench_merge") == stamp:
+        return out
+    merged = lora_merge.merge_cat(load_file(str(base)), load_file(str(feedback_file)), 1.0, ratio)
+    files.save_safetensors(out, merged, {"hypersd.bench_merge": stamp})
+    return out
+
+
+def files_digest(path: Path) -> str:
+    from toy import install
+
+    return install.file_hash(Path(path))[:16]
+
+
 def quality(args) -> int:
     hypersd_dev.load_pack(args.threads)
     import comfy.sample
@@ -295,9 +338,25 @@ def quality(args) -> int:
             digests[path] = install.file_hash(Path(path))[:16]
         return digests[path]
 
-    def run(m, cfg, sampler, sigmas):
-        """Accuracy and FID of each seed set (digit d of set s uses seed s + d), and their mean."""
+    reward_model = []  # the toy's reward (not the judge), loaded for the feedback rows
+
+    def reward_score(images, labels) -> dict:
+        if not reward_model:
+            from ComfyUI_HyperSD.hypersd_core import rewards as core_rewards
+            from toy import train_reward
+
+            reward_model.append(core_rewards.load_reward(REPO / "toy" / "weights" / train_reward.REWARD_FILE))
+        rw = reward_model[0]
+        with torch.no_grad():
+            x = images.movedim(-1, 1).float()
+            return {"reward_logp": float(rw(x, labels).mean()),
+                    "reward_accuracy": float((rw.classifier(x).argmax(1) == labels).float().mean())}
+
+    def run(m, cfg, sampler, sigmas, with_reward=False):
+        """Accuracy and FID of each seed set (digit d of set s uses seed s + d), and their mean
+        (``with_reward``: also the toy reward's mean log-probability of the prompted digit)."""
         res = []
+        scores = []
         t0 = time.perf_counter()
         for s0 in seeds:
             imgs = []
@@ -308,10 +367,15 @@ def quality(args) -> int:
                                                      disable_pbar=True, seed=s0 + d)
                     imgs.append(vae.decode(out))
             res.append(toy_quality.measure(torch.cat(imgs)[..., :3], labels))
+            if with_reward:
+                scores.append(reward_score(torch.cat(imgs)[..., :3], labels))
         fids = [r["fid"] for r in res]
-        return {"accuracy": sum(r["accuracy"] for r in res) / len(res), "fid": sum(fids) / len(fids),
-                "fids": fids, "fid_spread": (max(fids) - min(fids)) / 2,
-                "s_per_image": (time.perf_counter() - t0) / (10 * n * len(seeds))}
+        out = {"accuracy": sum(r["accuracy"] for r in res) / len(res), "fid": sum(fids) / len(fids),
+               "fids": fids, "fid_spread": (max(fids) - min(fids)) / 2,
+               "s_per_image": (time.perf_counter() - t0) / (10 * n * len(seeds))}
+        for k in (scores[0] if scores else {}):
+            out[k] = sum(sc[k] for sc in scores) / len(scores)
+        return out
 
     loaded = {}
 
@@ -340,9 +404,10 @@ def quality(args) -> int:
 
     rows = []  # (group, name, steps, cfg, sampler text, training steps, result)
 
-    def add(group, name, steps, cfg, how, lora=None, trained="", eta_table=()):
+    def add(group, name, steps, cfg, how, lora=None, trained="", eta_table=(), with_reward=False):
         text, sampler, sigmas = sampler_for(how, steps, eta_table)
-        key = json.dumps([digest(ckpt), digest(lora) if lora else None, text, steps, cfg, seeds, n])
+        key = json.dumps([digest(ckpt), digest(lora) if lora else None, text, steps, cfg, seeds, n]
+                         + (["reward"] if with_reward else []))
         r = cache.get(key)
         if r is None and shard is not None and len(rows) % shard[1] != shard[0]:
             r = {"accuracy": math.nan, "fid": math.nan, "fids": [math.nan] * len(seeds), "fid_spread": math.nan,
@@ -350,7 +415,7 @@ def quality(args) -> int:
             rows.append((group, name, steps, cfg, "", trained, r))
             return r
         if r is None:
-            r = run(with_lora(lora) if lora else model, cfg, sampler, sigmas)
+            r = run(with_lora(lora) if lora else model, cfg, sampler, sigmas, with_reward)
             cache.put(key, r)
             src = ""
         else:
@@ -442,6 +507,32 @@ def quality(args) -> int:
                 checks.append((f"{path.stem} at {steps} steps FID {r['fid']:.1f} < bare teacher {best[steps]['fid']:.1f} "
                                f"({r['fid'] / best[steps]['fid']:.2f}x) in {sum(wins)} of {len(wins)} seed sets", all(wins)))
 
+    # 4. Feedback LoRAs (--feedback: the <name>_feedback files of toy.train_feedback), merged with the LoRA
+    #    they were trained on at each --feedback-ratios (0 = that LoRA alone), at its recipe, with the
+    #    toy reward's own score beside the judge's accuracy and FID.
+    feedback_rows = []
+    for fpath in args.feedback:
+        fmeta = _lora_meta(fpath)
+        base_name = fmeta["hypersd.feedback_on"].split("@")[0]
+        base = next((p for p in (fpath.with_name(base_name), REPO / "toy" / "weights" / base_name) if p.exists()), None)
+        if base is None:
+            print(f"{fpath.name}: the LoRA it was trained on ({base_name}) is neither beside it nor in toy/weights",
+                  file=sys.stderr)
+            return 1
+        info = lora_file.inspect_file(str(base))
+        unified_base = info.sampler == "tcd"
+        how = "tcd" if unified_base else "ddim"
+        table = tuple((int(k), float(e)) for k, e in info.eta_by_steps) or ((1, 1.0), (2, args.eta))
+        steps_list = args.feedback_steps if unified_base else [int(info.steps)]
+        for steps in steps_list:
+            before = None
+            for ratio in args.feedback_ratios:
+                lora = base if ratio == 0 else merged_feedback(base, fpath, ratio)
+                r = add("feedback", f"{base.stem} + feedback x{ratio:g}", steps, 1.0, how, lora=lora,
+                        trained=fmeta.get("hypersd.feedback_step", ""), eta_table=table, with_reward=True)
+                before = r if ratio == 0 else before
+                feedback_rows.append((fpath.stem, steps, ratio, r, before))
+
     if shard is not None:
         print(f"shard {shard[0]}/{shard[1]} done: its rows are in {cache.path}; run without --shard for the table")
         return 0
@@ -465,6 +556,21 @@ def quality(args) -> int:
     real = toy_quality.measure(sp["train_x"][::step][:10 * n], sp["train_y"][::step][:10 * n])
     text += (f"\n\n{real['n']} real training digits (the reference the judge gives real pictures): accuracy "
              f"{real['accuracy']:.3f}, FID {real['fid']:.1f}")
+    if feedback_rows:
+        fhead = ["feedback LoRA", "steps", "merge ratio", "accuracy", "FID", "FID / before", "reward log p",
+                 "reward accuracy"]
+        fbody = [[name, st, f"{ratio:g}", f"{r['accuracy']:.3f}",
+                  f"{r['fid']:.1f}" + (f" ± {r['fid_spread']:.1f}" if spread else ""),
+                  f"{r['fid'] / b['fid']:.2f}x" if b else "-", f"{r.get('reward_logp', math.nan):.3f}",
+                  f"{r.get('reward_accuracy', math.nan):.3f}"] for name, st, ratio, r, b in feedback_rows]
+        text += ("\n\nFeedback learning (ratio 0 = the LoRA it was trained on; the reward is the toy's reward "
+                 "model, not the judge):\n" + hypersd_dev.table(fhead, fbody))
+        for name, st in sorted({(nm, st) for nm, st, *_ in feedback_rows}):
+            cands = [(ratio, r, b) for nm, s2, ratio, r, b in feedback_rows if (nm, s2) == (name, st) and ratio > 0]
+            ok = [(ratio, r) for ratio, r, b in cands if r["accuracy"] >= 0.95 and b and r["fid"] <= 1.1 * b["fid"]]
+            tried = ", ".join(f"x{ra:g}: {r2['accuracy']:.3f} / {r2['fid'] / b2['fid']:.2f}x" for ra, r2, b2 in cands if b2)
+            checks.append((f"{name} at {st} steps: a merge ratio with judge accuracy >= 0.95 and FID <= 1.1x before "
+                           f"(accuracy / FID ratio: {tried})", bool(ok)))
     text += "\n\n" + "\n".join(f"{'met    ' if ok else 'NOT met'}  {what}" for what, ok in checks)
     print(text)
     files.write_text(REPO / "bench" / "out" / "tscd_quality.md", text + "\n")
@@ -499,6 +605,13 @@ def main(argv=None) -> int:
     ap.add_argument("--unified-etas", type=lambda v: [float(x) for x in v.split(",") if x.strip()], default=[],
                     help="--quality: also sample each unified LoRA at these TCD etas at every step count (to choose "
                          "the eta its metadata recommends)")
+    ap.add_argument("--feedback", type=lambda v: [Path(x) for x in v.split(",") if x.strip()], default=[],
+                    help="--quality: feedback LoRAs (the <name>_feedback files of toy.train_feedback), merged with "
+                         "the LoRA they were trained on at each --feedback-ratios")
+    ap.add_argument("--feedback-ratios", type=lambda v: [float(x) for x in v.split(",") if x.strip()],
+                    default=[0.0, 0.25, 0.5, 0.75, 1.0], help="--quality: merge ratios of the feedback rows")
+    ap.add_argument("--feedback-steps", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[1, 2, 4],
+                    help="--quality: step counts of a feedback LoRA on a unified LoRA (an N-step one: N)")
     ap.add_argument("--models-dir", default=str(comfy_dir() / "models"), help="--quality: where the toy is installed")
     ap.add_argument("--teacher-cfg", type=float, default=TEACHER_CFG,
                     help="--quality: the teacher's guidance when the student's metadata does not give it")
@@ -510,6 +623,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", type=lambda v: tuple(int(x) for x in v.split("/")), default=None, metavar="I/N",
                     help="--quality: measure only every N-th row from row I into the cache (run I = 0 .. N-1 side by "
                          "side, one per core, then once without --shard for the table)")
+    ap.add_argument("--methods", type=lambda v: [x for x in v.split(",") if x.strip()],
+                    default=["core", "tscd", "score", "feedback"],
+                    help="cost table: the trainers to time (core and tscd are the references; default all)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -526,7 +642,7 @@ def main(argv=None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for gc in (False, True):
-        for method in ("core", "tscd", "score"):
+        for method in args.methods:
             cfg = {"method": method, "gc": gc, "channels": args.channels, "latent": args.latent, "batch": args.batch,
                    "steps": args.steps, "rank": args.rank, "threads": args.threads, "device": device}
             # Large blocks straight from mmap and returned at once, so the resident set follows
@@ -544,18 +660,22 @@ def main(argv=None) -> int:
           f"rank {args.rank}, float32, {args.steps} timed steps, {args.threads} thread(s)")
     print(f"{'trainer':<22}{'grad ckpt':>10}{'step (s)':>12}{'peak (MiB)':>12}{'time ratio':>12}{'mem ratio':>11}")
     ref = {gc: r for m, gc, r in rows if m == "core"}
-    names = {"core": "core TrainLoraNode", "tscd": "HyperSDTrainTSCD", "score": "  score distillation"}
+    names = {"core": "core TrainLoraNode", "tscd": "HyperSDTrainTSCD", "score": "  score distillation",
+             "feedback": "HyperSDTrainFeedback"}
     for method, gc, r in rows:
         tr = r["step_s"] / ref[gc]["step_s"]
         mr = r["peak_bytes"] / max(ref[gc]["peak_bytes"], 1)
         print(f"{names[method]:<22}{'on' if gc else 'off':>10}{r['step_s']:>12.3f}{r['peak_bytes'] / 2**20:>12.1f}"
               f"{tr:>11.2f}x{mr:>10.2f}x")
     tscd = {gc: r for m, gc, r in rows if m == "tscd"}
-    print("score distillation over one TSCD step (target: peak memory at most 1.3x; the fake score is an adapter):")
-    for method, gc, r in rows:
-        if method == "score":
-            print(f"  grad ckpt {'on' if gc else 'off'}: time {r['step_s'] / tscd[gc]['step_s']:.2f}x, "
-                  f"peak memory {r['peak_bytes'] / max(tscd[gc]['peak_bytes'], 1):.2f}x")
+    print("(score distillation's target: peak memory at most 1.3x a TSCD step's; the fake score is an adapter)")
+    for label, m in (("score distillation", "score"), ("feedback (decoder and reward in the graph; grad ckpt also "
+                                                        "recomputes the VAE decoder)", "feedback")):
+        print(f"{label} over one TSCD step:")
+        for method, gc, r in rows:
+            if method == m:
+                print(f"  grad ckpt {'on' if gc else 'off'}: time {r['step_s'] / tscd[gc]['step_s']:.2f}x, "
+                      f"peak memory {r['peak_bytes'] / max(tscd[gc]['peak_bytes'], 1):.2f}x")
     return 0
 
 

@@ -232,6 +232,38 @@ def sd15_train_unified() -> dict:
     return g
 
 
+TOY_CKPT = "hypersd_toy_digits.safetensors"
+TOY_DATASET = "hypersd_toy_digits_train"  # set-up writes it into input/ (toy.data.write_dataset)
+TOY_K4_LORA = "hypersd_toy_tscd_lora_stage2_k4.safetensors"
+TOY_REWARD = "hypersd_toy_reward.safetensors"
+
+
+def toy_train_feedback() -> dict:
+    """Human feedback learning on the toy: the toy reward steers a feedback LoRA on the 4-step LoRA."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TOY_CKPT}},
+        "2": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": TOY_DATASET}},
+        "3": {"class_type": "MakeTrainingDataset", "inputs": {"images": ["2", 0], "texts": ["2", 1], "vae": ["1", 2],
+                                                               "clip": ["1", 1]}},
+        "4": {"class_type": "HyperSDRewardLoader", "inputs": {"reward_name": TOY_REWARD, "margin": -0.05,
+                                                               "weight": 1.0}},
+        "5": {"class_type": "HyperSDTrainFeedback", "inputs": {
+            "model": ["1", 0], "lora_name": TOY_K4_LORA, "vae": ["1", 2], "rewards": ["4", 0], "latents": ["3", 0],
+            "positive": ["3", 1], "captions": ["2", 1], "steps_of_lora": "4", "steps": 200, "learning_rate": 1e-4,
+            "rank": 8, "merge_ratio": 1.0, "eta": 0.0, "structure_weight": 0.5, "seed": 0, "batch_size": 16,
+            "output_name": "my_toy_feedback", "checkpoint_every": 50, "resume": True, "lora_scope": "all",
+            "gradient_checkpointing": False}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 7", "clip": ["1", 1]}},
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "10": {"class_type": "KSampler", "inputs": {
+            "model": ["5", 0], "seed": 42, "steps": 4, "cfg": 1.0, "sampler_name": "ddim", "scheduler": "hypersd_trailing",
+            "positive": ["6", 0], "negative": ["11", 0], "latent_image": ["7", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "hypersd_feedback"}},
+    }
+
+
 TRAINING = {
     "hypersd_sd15_train_tscd": dict(
         graph=sd15_train_tscd(),
@@ -250,12 +282,26 @@ TRAINING = {
               "distribution matching against your checkpoint (a fake score trained alongside as a second adapter "
               "on the same model, `fake_updates` per step; `regression_weight` keeps it near the teacher's 25-step "
               "pictures; `score_tscd_weight` keeps the TSCD term beside it, so 2 to 8 steps stay good). "
-              "`my_model_hypersd_unified` recommends TCD, cfg 1 (eta 1 up to 4 steps, 0.3 at 8: the Hyper-SD LoRA "
+              "`my_model_hypersd_unified` recommends TCD, cfg 1 (eta 1 up to 4 steps, 0.6 at 8: the Hyper-SD LoRA "
               "Loader hands out the eta for the steps you choose); the TSCD result before score distillation is "
               "kept as `my_model_hypersd_unified_stage4_k1`. The KSampler tries it at one step. A score-distillation "
               "step costs several TSCD steps (its fake-score updates and the TSCD term; see the README's cost row).")),
 }
 
+
+TRAINING["hypersd_toy_train_feedback"] = dict(
+    graph=toy_train_feedback(),
+    note=("## Human feedback learning: a reward model steers a few-step LoRA\n\nRuns as is on the toy family "
+          f"that the pack's set-up installs: `{TOY_CKPT}` (handwritten digits, SD1.5 format), its 4-step LoRA "
+          f"`{TOY_K4_LORA}`, the toy reward `{TOY_REWARD}` (a digits classifier in `models/hypersd_rewards`, not the "
+          f"one that judges the toy's quality) and 500 captioned digits in `input/{TOY_DATASET}`. The feedback "
+          "LoRA trains on top of the 4-step LoRA (frozen): the LoRA's own 4 steps to a late step, the picture "
+          "predicted in one step and decoded, a hinge on the reward (log-probability of the prompted digit, "
+          "margin -0.05); `structure_weight` adds the reward's own loss on real digits. The reward reads each "
+          "picture's class from `captions`. It saves `my_toy_feedback` (the 4-step LoRA with the feedback merged "
+          "at `merge_ratio`: same recipe, DDIM trailing, 4 steps, cfg 1) and `my_toy_feedback_feedback` (the "
+          "feedback alone, to merge at another ratio). With your own checkpoint: your N-step Hyper-SD LoRA, "
+          "your images with captions, and a reward model file."))
 
 WORKFLOWS = {name: {"graph": make(), "note": SAMPLING_NOTES[name]} for name, make in SAMPLING.items()}
 WORKFLOWS.update(LOADER)

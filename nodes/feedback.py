@@ -105,8 +105,9 @@ def base_lora(lora_name: str, family: str) -> tuple[dict, dict, str]:
     return sd, meta, f"{lora_name}@{h.hexdigest()[:16]}"
 
 
-def vae_decoder(vae, model, device):
-    """``decode(latents in the model's space) -> images [B, 3, H, W] in [0, 1]``, with gradient."""
+def vae_decoder(vae, model, device, checkpointing: bool = False):
+    """``decode(latents in the model's space) -> images [B, 3, H, W] in [0, 1]``, with gradient
+    (``checkpointing``: the decoder's activations are recomputed in the backward pass)."""
     first = vae.first_stage_model
     lora_train.make_autograd_safe(first)  # ComfyUI loaded it under inference mode; same values
     for p in first.parameters():
@@ -116,7 +117,12 @@ def vae_decoder(vae, model, device):
     def decode(x0: torch.Tensor) -> torch.Tensor:
         z = model.process_latent_out(x0)
         dtype = getattr(vae, "vae_dtype", torch.float32)
-        images = first.decode(z.to(dtype)).float()
+        if checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            images = checkpoint(first.decode, z.to(dtype), use_reentrant=False).float()
+        else:
+            images = first.decode(z.to(dtype)).float()
         return torch.clamp((images + 1.0) / 2.0, 0.0, 1.0)
 
     return decode
@@ -168,7 +174,7 @@ def train_feedback(model, lora_name, vae, reward_terms, latents, positive, capti
     for t in reward_terms:
         with torch.inference_mode(False):
             t.reward.to(device)
-    decode = vae_decoder(vae, patcher.model, device)
+    decode = vae_decoder(vae, patcher.model, device, checkpointing=settings.gradient_checkpointing)
     run = TrainingRun(settings, files, family=family,
                       alphas_cumprod=_comfy_model.discrete_alphas_cumprod(patcher.get_model_object("model_sampling")),
                       key_prefix=lora_train.kohya_prefix(_comfy_model.key_prefix_map(patcher.model)),
@@ -254,7 +260,8 @@ def _setting_inputs() -> list:
                        tooltip="Layers the feedback LoRA adapts: the transformer blocks, or every linear and "
                                "convolution layer."),
         io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                         tooltip="Recompute the UNet's activations in the backward pass: less memory, slower."),
+                         tooltip="Recompute the activations of the UNet and the VAE decoder in the backward pass: "
+                                 "less memory, slower steps."),
     ]
 
 

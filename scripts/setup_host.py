@@ -158,17 +158,19 @@ def setup_own_host() -> tuple[Path, Path]:
         tmp.rename(comfy_dir)
     check_comfyui(comfy_dir)
     link_pack(comfy_dir)
-    install_toy(py, comfy_dir / "models")
+    install_toy(py, comfy_dir / "models", comfy_dir / "input")
     return py, comfy_dir
 
 
-def install_toy(py: Path, models_dir: Path) -> None:
-    """The embedded toy model family into the host's models folder (idempotent: stamped files)."""
+def install_toy(py: Path, models_dir: Path, input_dir: Path) -> None:
+    """The embedded toy model family into the host's models folder (idempotent: stamped files), and
+    its captioned training digits into the input folder (the toy's training examples read them)."""
     weights = REPO / "toy" / "weights"
     if not all((weights / f).is_file() for f in ("toy_unet.safetensors", "toy_vae.safetensors")):
         log("toy weights missing from toy/weights/: skipping the toy models")
         return
-    proc = subprocess.run([str(py), "-m", "toy.install", "--models-dir", str(models_dir)], cwd=str(REPO),
+    proc = subprocess.run([str(py), "-m", "toy.install", "--models-dir", str(models_dir), "--input-dir", str(input_dir)],
+                          cwd=str(REPO),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
     for line in proc.stdout.splitlines()[-5:]:

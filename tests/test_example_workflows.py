@@ -101,3 +101,37 @@ def test_unified_training_example_runs_on_the_server(server, object_info, exampl
         meta = f.metadata()
     assert (meta["hypersd.score_steps"], meta["hypersd.recommended_sampler"], meta["hypersd.step"]) == ("1", "tcd", "3")
     assert (loras / "example_unified_stage2_k1.safetensors").exists()
+
+
+def test_feedback_example_runs_on_the_server_with_the_toy(server, object_info):
+    """The feedback example, as shipped, shortened (2 steps, batch 2, 10 captioned digits), on the toy
+    files it names (set-up installs them): the merged and the feedback LoRA land in models/loras, the
+    merged one keeps the 4-step recipe, and the 4-step pictures are made."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from hypersd_dev.fixtures import place
+    from toy import data, install
+
+    installed = install.install(Path(tempfile.gettempdir()) / "hypersd-test-files" / "toy-models")
+    for folder, src in (("checkpoints", installed["checkpoint"]), ("loras", REPO / "toy" / "weights" / example_graphs.TOY_K4_LORA),
+                        ("hypersd_rewards", REPO / "toy" / "weights" / example_graphs.TOY_REWARD)):
+        (server.base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        place(server.base, folder, src)
+    data.write_dataset(server.base / "input" / example_graphs.TOY_DATASET, 1)
+    api = workflows.ui_to_api(workflows.load(EXAMPLES / "hypersd_toy_train_feedback.json"), object_info)
+    train = api["5"]["inputs"]
+    assert (train["lora_name"], train["captions"], train["output_name"]) == (example_graphs.TOY_K4_LORA, ["2", 1],
+                                                                            "my_toy_feedback")
+    train.update(steps=2, batch_size=2, checkpoint_every=0, output_name="example_feedback", resume=False)
+    entry = server.run(api, timeout=600)
+    images = server.output_files(entry, "9", "images")
+    assert len(images) == 4 and all(im.stat().st_size > 100 for im in images)
+    loras = server.base / "models" / "loras"
+    with safe_open(str(loras / "example_feedback.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"], meta["hypersd.feedback_step"]) == (
+        "4", "ddim", "2")
+    assert (loras / "example_feedback_feedback.safetensors").exists()

@@ -30,6 +30,7 @@ MIN_BOX, MAX_BOX = 20, 40  # drawn size of MNIST's 28-pixel box, in page pixels
 VAE_LAYOUT = (48, 30, 40)  # (page size, smallest and largest box) of the VAE's training pages
 PROMPT = "a handwritten digit {}"
 PROMPTS = [PROMPT.format(d) for d in range(10)]
+DATASET_FOLDER = "hypersd_toy_digits_train"  # captioned training digits in ComfyUI's input/ (write_dataset)
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 
 _cache: dict[str, object] = {}
@@ -100,3 +101,31 @@ def training_pages(copies: int, seed: int = TRAIN_SEED,
     ink, labels = _raw_digits()
     held = _heldout_mask(labels)
     return place(ink[~held], seed, copies, layout), labels[~held].repeat(copies)
+
+
+def write_dataset(folder, per_digit: int) -> int:
+    """The first ``per_digit`` training digits of each class as PNG pages, each with a caption
+    file ("a handwritten digit N"), as ``LoadImageTextDataSetFromFolder`` reads them. Pages already
+    there with their caption are kept (idempotent); returns how many the folder holds."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    names = [f"digit{d}_{j:04d}" for d in range(10) for j in range(per_digit)]
+    if all((folder / f"{nm}.png").is_file() and (folder / f"{nm}.txt").is_file() for nm in names):
+        return len(names)  # every class has at least per_digit training digits (450)
+    sp = split()
+    x, y = sp["train_x"], sp["train_y"]
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for d in range(10):
+        idx = (y == d).nonzero().flatten()[:per_digit]
+        for j, i in enumerate(idx.tolist()):
+            png, txt = folder / f"digit{d}_{j:04d}.png", folder / f"digit{d}_{j:04d}.txt"
+            if not (png.is_file() and txt.is_file()):
+                page = (x[i].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+                Image.fromarray(page).convert("RGB").save(png)
+                txt.write_text(PROMPT.format(d))
+            n += 1
+    return n

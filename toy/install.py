@@ -25,7 +25,7 @@ from pathlib import Path
 import hypersd_dev  # noqa: F401  (registers the pack's package)
 from ComfyUI_HyperSD.hypersd_core import files
 
-from . import clip
+from . import clip, data
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ CHECKPOINT_NAME = "hypersd_toy_digits.safetensors"
 VAE_NAME = "hypersd_toy_vae.safetensors"
 FORMAT_VERSION = "1"
 CLIP_SEED = 0  # the seed train_teacher.py trained the UNet against
+DATASET_PER_DIGIT = 50  # captioned training digits per class written into ComfyUI's input/ (--input-dir)
 # sha256 over the sorted names and fp16 bytes of clip.generate_clip_l(CLIP_SEED): the toy UNet
 # was trained on this encoder's embeddings, so the generator must keep giving these bytes.
 CLIP_SHA256 = "6cacb61d9d89873645100ac4697a847899b20c01a218f06f1047cd9cbfc7bfc8"
@@ -137,8 +138,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models-dir", type=Path, required=True, help="ComfyUI's models folder")
     ap.add_argument("--force", action="store_true", help="rebuild even when the stamps match")
+    ap.add_argument("--input-dir", type=Path,
+                    help="ComfyUI's input folder: also write the captioned training digits of the toy's training "
+                         f"examples there ({data.DATASET_FOLDER}, {DATASET_PER_DIGIT} per digit)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="[hypersd toy] %(message)s")
+    if args.input_dir is not None:
+        data.write_dataset(args.input_dir / data.DATASET_FOLDER, DATASET_PER_DIGIT)
     res = install(args.models_dir, force=args.force)
     if res["written"]:
         names = ", ".join(Path(p).name for p in res["written"])

@@ -55,31 +55,13 @@ from hypersd_dev.server import ComfyServer
 from ComfyUI_HyperSD.hypersd_core import files
 
 from . import data, install
+from .data import write_dataset
 WEIGHTS = REPO / "toy" / "weights"
 LORA_FILE = "hypersd_toy_tscd_lora.safetensors"
-DATASET_FOLDER = "hypersd_toy_digits_train"
+DATASET_FOLDER = data.DATASET_FOLDER
 TEACHER_CFG = 2.0  # the guidance distilled into the toy LoRAs (the teacher's lowest FID at 25 steps)
 
 log = logging.getLogger("hypersd.toy.train_student")
-
-
-def write_dataset(folder: Path, per_digit: int) -> int:
-    """The first ``per_digit`` training digits of each class as PNG pages with a caption file each."""
-    import numpy as np
-    from PIL import Image
-
-    split = data.split()
-    x, y = split["train_x"], split["train_y"]
-    folder.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for d in range(10):
-        idx = (y == d).nonzero().flatten()[:per_digit]
-        for j, i in enumerate(idx.tolist()):
-            page = (x[i].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(page).convert("RGB").save(folder / f"digit{d}_{j:04d}.png")
-            (folder / f"digit{d}_{j:04d}.txt").write_text(data.PROMPT.format(d))
-            n += 1
-    return n
 
 
 def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
