@@ -17,6 +17,9 @@ used an instance-segmentation model's loss; here a classifier's cross-entropy).
 
 Rewards here:
 
+* :class:`AestheticReward`: the LAION aesthetic predictor (v1 linear head, v2 MLP head; read
+  from ``.safetensors`` or weights-only ``.pth``) on a CLIP ViT-L/14 vision model's image
+  embedding, resized and normalised with gradient by :func:`clip_pixels`;
 * :class:`ClassifierReward`: ``log p(label | image)`` of a small image classifier
   (:class:`ConvClassifier`), saved as safetensors with its architecture in the metadata
   (:func:`save_classifier`, :func:`load_reward`). The toy's reward is one, trained for
@@ -165,6 +168,138 @@ def re_words(text: str) -> list[str]:
     return re.findall(r"[\w']+", str(text).lower())
 
 
+# ---------------------------------------------------------------------- the LAION aesthetic predictor
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the v2 head's Linear layers (768-1024-128-64-16-1, dropout between, no activation) by state-dict index
+_V2_LAYERS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+
+
+def clip_pixels(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in [0, 1] -> a CLIP vision model's input, with gradient: the shorter
+    side resized to ``size`` (bicubic, antialiased), the centre cropped, then normalised. (ComfyUI's
+    ``clip_preprocess`` also rounds to 8 bits, which has no gradient.)"""
+    x = images.float()
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
+                          align_corners=False, antialias=min(h, w) > size)
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    sd = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / sd
+
+
+class AestheticHead(nn.Module):
+    """The LAION aesthetic predictor's head on L2-normalised CLIP image embeddings: v1 is one
+    ``Linear(d, 1)``; v2 is ``Linear`` layers d-1024-128-64-16-1 (its dropout is off at inference
+    and it has no activations, so the layers are applied in turn)."""
+
+    def __init__(self, dims: Sequence[int]):
+        super().__init__()
+        self.dims = [int(d) for d in dims]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(self.dims, self.dims[1:]))
+
+    @property
+    def in_features(self) -> int:
+        return self.dims[0]
+
+    @property
+    def version(self) -> str:
+        return "v1" if len(self.layers) == 1 else "v2"
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        x = embeds
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def aesthetic_head(sd: Mapping[str, torch.Tensor], what: str = "the head") -> AestheticHead:
+    """An :class:`AestheticHead` from a v1 (``weight``, ``bias``) or v2 (``layers.N.*``) state dict."""
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if set(sd) == {"weight", "bias"}:
+        names = [""]
+    elif all(f"{n}.weight" in sd and f"{n}.bias" in sd for n in _V2_LAYERS) and len(sd) == 2 * len(_V2_LAYERS):
+        names = [f"{n}." for n in _V2_LAYERS]
+    else:
+        raise ValueError(f"{what} is not a LAION aesthetic predictor head (v1: weight and bias of one Linear layer; "
+                         f"v2: layers.0/2/4/6/7); its keys: {', '.join(sorted(sd)[:6])}")
+    weights = [sd[f"{n}weight"] for n in names]
+    dims = [int(weights[0].shape[-1])] + [int(w.shape[0]) for w in weights]
+    for w, b, a, o in zip(weights, [sd[f"{n}bias"] for n in names], dims, dims[1:]):
+        if tuple(w.shape) != (o, a) or tuple(b.shape) != (o,):
+            raise ValueError(f"{what}: a layer of shape {tuple(w.shape)} / {tuple(b.shape)} does not chain "
+                             f"({a} inputs expected)")
+    if dims[-1] != 1:
+        raise ValueError(f"{what} gives {dims[-1]} numbers per image; an aesthetic head gives one score")
+    with torch.inference_mode(False):
+        head = AestheticHead(dims)
+        with torch.no_grad():
+            for layer, n in zip(head.layers, names):
+                layer.weight.copy_(sd[f"{n}weight"].float())
+                layer.bias.copy_(sd[f"{n}bias"].float())
+        for p in head.parameters():
+            p.requires_grad_(False)
+    return head.eval()
+
+
+def read_head_file(path) -> AestheticHead:
+    """An aesthetic head from a ``.safetensors`` file or a ``.pth``/``.pt`` state dict, read with
+    ``weights_only=True`` (a pickle that holds anything but tensors is refused, never run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"aesthetic head {path} does not exist")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            with torch.inference_mode(False):
+                sd = load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path.name} is not a readable safetensors file ({e})") from None
+    else:
+        try:
+            with torch.inference_mode(False):
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path.name} is not a plain state dict of tensors (read weights-only: {first}); "
+                             f"save the head's state_dict() or convert it to .safetensors") from None
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{path.name} is not a plain state dict of tensors; save the head's state_dict()")
+    return aesthetic_head(sd, path.name)
+
+
+class AestheticReward(nn.Module):
+    """The LAION aesthetic score of images: ``head(e / |e|)`` with ``e`` the CLIP image embedding.
+
+    ``embed(pixels) -> [B, d]``: the vision model's projected embedding of CLIP-normalised
+    pixels (:func:`clip_pixels`), with gradient. The prompt is not used."""
+
+    needs_labels = False
+
+    def __init__(self, embed, head: AestheticHead, embed_dim: int, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
+                 name: str = "aesthetic"):
+        super().__init__()
+        if int(embed_dim) != head.in_features:
+            raise ValueError(f"the aesthetic head takes {head.in_features}-d embeddings but the vision model gives "
+                             f"{embed_dim}-d ones: the LAION heads belong to CLIP ViT-L/14 (768-d); load that vision "
+                             f"model in CLIPVisionLoader")
+        self.embed, self.head = embed, head
+        self.size, self.mean, self.std, self.name = int(size), tuple(mean), tuple(std), name
+
+    def forward(self, images: torch.Tensor, labels=None) -> torch.Tensor:
+        e = self.embed(clip_pixels(images, self.size, self.mean, self.std)).float()
+        e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return self.head(e).squeeze(-1)
+
+
 # ---------------------------------------------------------------------- files
 
 
@@ -186,6 +321,14 @@ def save_classifier(path, classifier: ConvClassifier, class_names: Sequence[str]
     fileio.save_safetensors(Path(path), sd, meta)
 
 
+def _looks_like_head(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    return keys == {"weight", "bias"} or "layers.0.weight" in keys
+
+
 def load_reward(path, device=None) -> ClassifierReward:
     """The reward in ``path`` (a safetensors file this pack wrote), out of inference mode so that
     gradients flow through it even when the caller runs under ``torch.inference_mode`` (as
@@ -193,6 +336,9 @@ def load_reward(path, device=None) -> ClassifierReward:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.suffix.lower() in (".pth", ".pt", ".ckpt", ".bin"):
+        raise ValueError(f"{path.name} is a pickle file, not a Hyper-SD reward file; a LAION aesthetic head (.pth) "
+                         f"loads in the 'Hyper-SD Aesthetic Reward (LAION)' node with a CLIP vision model")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
@@ -205,8 +351,11 @@ def load_reward(path, device=None) -> ClassifierReward:
                          f"is a .safetensors file made by this pack (e.g. the toy's hypersd_toy_reward)") from None
     kind = meta.get(KIND)
     if kind != CLASSIFIER:
+        hint = ("a LAION aesthetic head: load it in the 'Hyper-SD Aesthetic Reward (LAION)' node"
+                if set(meta) <= {"format"} and _looks_like_head(path) else
+                "it may be a LoRA or a checkpoint: put reward models in the hypersd_rewards folder")
         raise ValueError(f"{path.name} is not a Hyper-SD reward file (its metadata has no '{KIND}: {CLASSIFIER}'); "
-                         f"it may be a LoRA or a checkpoint: put reward models in the hypersd_rewards folder")
+                         f"{hint}")
     try:
         arch = {k: meta[f"hypersd.reward_{k}"] for k in ARCH_KEYS}
         names = meta["hypersd.reward_class_names"].split(",")

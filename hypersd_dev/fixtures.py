@@ -86,6 +86,39 @@ def _write_tiny_taesd(path: Path) -> None:
     files.save_safetensors(path, vae.state_dict())
 
 
+def _write_clip_vision_vitl(path: Path) -> None:
+    """CLIP ViT-L/14's vision tower in the layout of ``clip_vision_vit_l.safetensors`` (ComfyUI's
+    ``clip_vision_config_vitl.json``: 24 layers, 1024 wide, a 768-d projection), seeded random
+    weights in fp16 (about 600 MB)."""
+    import json
+
+    import torch
+
+    import comfy.clip_model
+    import comfy.ops
+    from ComfyUI_HyperSD.hypersd_core import files
+
+    import comfy.clip_vision
+
+    config = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json").read_text())
+    with torch.device("meta"):
+        model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast)
+    gen = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if "layer_norm" in k or "layrnorm" in k:
+            t = torch.ones(v.shape) if k.endswith("weight") else torch.zeros(v.shape)
+        else:
+            t = torch.randn(v.shape, generator=gen) * (0.02 if v.dim() > 1 else 0.01)
+        sd[k] = t.to(torch.float16)
+    files.save_safetensors(path, sd)
+
+
+def clip_vision_vitl() -> Path:
+    """The generated CLIP ViT-L/14 vision checkpoint (:func:`_write_clip_vision_vitl`), made once."""
+    return cached_file("hypersd_test_clip_vision_vit_l.safetensors", _write_clip_vision_vitl, ("hypersd_dev/fixtures.py",))
+
+
 def sd15_parts(base: Path) -> dict:
     """A tiny SD1.5-detected UNet (UNETLoader) and the generated CLIP-L (CLIPLoader) in a server's folders."""
     from toy import clip

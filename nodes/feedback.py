@@ -60,15 +60,69 @@ def register() -> None:
 # ---------------------------------------------------------------------- plain functions
 
 
-def load_reward(reward_name: str, margin: float, weight: float, device=None) -> core_feedback.RewardTerm:
-    """The reward file ``reward_name`` of the rewards folder as a hinge term."""
+def _reward_path(reward_name: str) -> str:
     parts = str(reward_name or "").replace("\\", "/").split("/")
     if not reward_name or os.path.isabs(str(reward_name)) or ".." in parts:
         raise ValueError(f"pick a reward file from the {REWARDS_FOLDER} folder (got {reward_name!r})")
     path = folder_paths.get_full_path(rewards_folder(), reward_name)
     if path is None:
         raise ValueError(f"reward '{reward_name}' is not in models/{REWARDS_FOLDER}: put the file there and refresh")
-    reward = rewards.load_reward(path, device=device)
+    return path
+
+
+def load_reward(reward_name: str, margin: float, weight: float, device=None) -> core_feedback.RewardTerm:
+    """The reward file ``reward_name`` of the rewards folder as a hinge term."""
+    reward = rewards.load_reward(_reward_path(reward_name), device=device)
+    return core_feedback.RewardTerm(reward, margin=float(margin), weight=float(weight))
+
+
+class ClipImageEmbed(torch.nn.Module):
+    """``pixels -> projected image embedding`` of ComfyUI's CLIP vision model, with gradient.
+
+    ComfyUI's ``encode_image`` rounds pixels to 8 bits first, which has no gradient, and its
+    encoder layers add their residuals in place (``x += ...``), which autograd refuses once a
+    layer norm has saved ``x``. So the same modules are called here in the same order (patch
+    and position embeddings, pre-norm, each layer's attention and MLP with its residual, the
+    class token's post-norm, the projection) with out-of-place residuals: the same numbers,
+    and a graph that backpropagates."""
+
+    def __init__(self, clip_vision):
+        super().__init__()
+        self.model = clip_vision.model
+        lora_train.make_autograd_safe(self.model)  # loaded under inference mode; same values
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        proj = getattr(self.model, "visual_projection", None)
+        clip_layout = getattr(getattr(self.model, "vision_model", None), "output_layernorm", True) is False
+        self.dim = int(proj.weight.shape[0]) if isinstance(proj, torch.nn.Module) and clip_layout else None
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        from comfy.ldm.modules.attention import optimized_attention_for_device
+
+        vision = self.model.vision_model
+        x = vision.pre_layrnorm(vision.embeddings(pixels))
+        attention = optimized_attention_for_device(x.device, mask=False, small_input=True)
+        for layer in vision.encoder.layers:
+            x = x + layer.self_attn(layer.layer_norm1(x), None, attention)
+            x = x + layer.mlp(layer.layer_norm2(x))
+        return self.model.visual_projection(vision.post_layernorm(x[:, 0, :]))
+
+
+def aesthetic_reward(clip_vision, head_name: str, margin: float, weight: float) -> core_feedback.RewardTerm:
+    """The LAION aesthetic predictor head ``head_name`` (rewards folder) on ``clip_vision``."""
+    if clip_vision is None:
+        raise ValueError("connect a CLIP vision model (CLIPVisionLoader with CLIP ViT-L/14, e.g. "
+                         "clip_vision_vit_l.safetensors in models/clip_vision): the aesthetic head scores its embedding")
+    with torch.inference_mode(False):
+        head = rewards.read_head_file(_reward_path(head_name))
+        embed = ClipImageEmbed(clip_vision)
+        if embed.dim is None:
+            raise ValueError("this vision model is not a CLIP one with an image projection (SigLIP, DINO and LLaVA "
+                             "towers are not): the LAION aesthetic heads need CLIP ViT-L/14's 768-d projected "
+                             "embedding")
+        reward = rewards.AestheticReward(embed, head, embed.dim, size=clip_vision.image_size,
+                                         mean=clip_vision.image_mean, std=clip_vision.image_std,
+                                         name=os.path.splitext(os.path.basename(head_name))[0])
     return core_feedback.RewardTerm(reward, margin=float(margin), weight=float(weight))
 
 
@@ -224,6 +278,37 @@ class HyperSDRewardLoader(io.ComfyNode):
         return io.NodeOutput(list(rewards or []) + [term])
 
 
+class HyperSDAestheticReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HyperSDAestheticReward",
+            display_name="Hyper-SD Aesthetic Reward (LAION)",
+            category="Hyper-SD/training",
+            description=("The LAION aesthetic predictor as a reward for feedback learning (the reward Hyper-SD "
+                         "used): its head (v1 linear or v2 MLP, .safetensors or a .pth state dict, in "
+                         "models/hypersd_rewards) on the CLIP ViT-L/14 vision model's image embedding, with its own "
+                         "differentiable resize and normalisation. Chain with other reward loaders."),
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-L/14 from CLIPVisionLoader (models/clip_vision)."),
+                io.Combo.Input("head_name", options=folder_paths.get_filename_list(rewards_folder()),
+                               tooltip="The aesthetic head, e.g. sac+logos+ava1-l14-linearMSE.pth (v2) or "
+                                       "sa_0_4_vit_l_14_linear.pth (v1), in models/hypersd_rewards."),
+                io.Float.Input("margin", default=6.5, min=-100.0, max=100.0, step=0.05,
+                               tooltip="Hinge margin on the aesthetic score (about 1 to 10): pictures that score "
+                                       "this much give no gradient, so the score is not over-optimised."),
+                io.Float.Input("weight", default=0.1, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of this reward's hinge in the feedback loss."),
+                Reward.Input("rewards", optional=True, tooltip="Rewards loaded before this one (to combine)."),
+            ],
+            outputs=[Reward.Output(display_name="rewards", tooltip="The rewards so far, for the feedback node.")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, head_name, margin, weight, rewards=None) -> io.NodeOutput:
+        return io.NodeOutput(list(rewards or []) + [aesthetic_reward(clip_vision, head_name, margin, weight)])
+
+
 def _setting_inputs() -> list:
     return [
         io.String.Input("steps_of_lora", default="4",
@@ -320,4 +405,4 @@ class HyperSDTrainFeedback(io.ComfyNode):
         return io.NodeOutput(m, path, fb_path)
 
 
-NODES = [HyperSDRewardLoader, HyperSDTrainFeedback]
+NODES = [HyperSDRewardLoader, HyperSDAestheticReward, HyperSDTrainFeedback]
