@@ -74,6 +74,8 @@ def variants(object_info: dict, inspect=None) -> list[dict]:
         meta = (info or {}).get("metadata") or {}
         if meta.get("hypersd.teacher_cfg"):
             teacher_cfgs.add(float(meta["hypersd.teacher_cfg"]))
+        if meta.get("hypersd.feedback_only"):
+            continue  # a feedback LoRA alone belongs on top of its few-step LoRA: its merged file is drawn
         label = os.path.splitext(os.path.basename(lora))[0]
         if info and info.get("variant") == "hypersd_trained" and info.get("sampler") != "tcd":
             k = int(info["steps"])  # a k-step LoRA (a stage that ended with k segments)
