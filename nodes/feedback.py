@@ -182,22 +182,45 @@ def vae_decoder(vae, model, device, checkpointing: bool = False):
     return decode
 
 
-def prompt_labels(terms, captions: list[str], n_prompts: int) -> list[int] | None:
-    """Each prompt's class for rewards that need one, read from its caption."""
+def prompt_labels(terms, captions, prompts: list, positives: list | None = None) -> list[int] | None:
+    """Each prompt's class for rewards that need one, read from the captions: one caption per
+    latent (beside ``positives``, one conditioning per latent, as *Make Training Dataset* gives
+    them), or one per prompt. Latents that share a prompt must name the same class."""
     needing = [t.reward for t in terms if getattr(t.reward, "needs_labels", False)]
     if not needing:
         return None
+    reward = needing[0]
     caps = [c for c in (captions or []) if c is not None]
-    if len(caps) != n_prompts:
-        raise ValueError(f"the reward '{needing[0].name}' scores each picture against its class: connect "
-                         f"'captions' with one caption per prompt ({n_prompts}), each naming its class "
-                         f"(one of {', '.join(needing[0].class_names)}); got {len(caps)}")
-    labels = [needing[0].label_of(c) for c in caps]
-    for other in needing[1:]:
-        if [other.label_of(c) for c in caps] != labels:
-            raise ValueError(f"the rewards '{needing[0].name}' and '{other.name}' read different classes from "
-                             f"the captions")
-    return labels
+    classes = ", ".join(reward.class_names)
+    if not caps:
+        raise ValueError(f"the reward '{reward.name}' scores each picture against its class: connect 'captions' "
+                         f"(the texts of the training images, e.g. from 'Load Image and Text Dataset from Folder'), "
+                         f"each naming its class (one of {classes})")
+
+    def label(text):
+        found = {r.label_of(text) for r in needing}
+        if len(found) != 1:
+            raise ValueError(f"the rewards read different classes from the caption {text!r}")
+        return found.pop()
+
+    if positives is not None and len(caps) == len(positives) and len(prompts) > 1:
+        by_prompt: dict[str, set] = {}
+        for cond, text in zip(positives, caps):
+            by_prompt.setdefault(core_data.digest(cond).hexdigest(), set()).add(label(text))
+        out = []
+        for i, cond in enumerate(prompts):
+            found = by_prompt.get(core_data.digest(cond).hexdigest(), set())
+            if len(found) != 1:
+                raise ValueError(f"the images of prompt {i + 1} have captions of {len(found)} classes; each prompt "
+                                 f"needs captions of one class")
+            out.append(found.pop())
+        return out
+    if len(caps) == len(prompts):
+        return [label(c) for c in caps]
+    if len(prompts) == 1 and len({label(c) for c in caps}) == 1:
+        return [label(caps[0])]
+    raise ValueError(f"connect one caption per training image or per prompt ({len(prompts)} prompts"
+                     f"{f', {len(positives)} images' if positives is not None else ''}); got {len(caps)}")
 
 
 def train_feedback(model, lora_name, vae, reward_terms, latents, positive, captions=None, *,
@@ -221,7 +244,7 @@ def train_feedback(model, lora_name, vae, reward_terms, latents, positive, capti
         groups, prompts = core_data.paired_latent_groups(latents, positive)
     else:
         groups, prompts = [(g, None) for g in core_data.latent_groups(latents)], [positive]
-    labels = prompt_labels(reward_terms, captions, len(prompts))
+    labels = prompt_labels(reward_terms, captions, prompts, positive if positive_per_latent else None)
     patched, _ = comfy.sd.load_lora_for_models(model, None, base_sd, 1.0, 0)  # the frozen LoRA, in the base
     patcher = patched.clone()
     device = patcher.load_device

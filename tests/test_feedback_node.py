@@ -51,6 +51,8 @@ def fb(pack):
 
 
 def _latents(toy_parts, vae, n_per_digit=4):
+    """One latent, conditioning and caption per image, as Make Training Dataset and Load Image and
+    Text Dataset from Folder give them (so the captions are per image, not per prompt)."""
     data = toy_parts["data"]
     split = data.split()
     lats, pos, caps = [], [], []
@@ -58,9 +60,11 @@ def _latents(toy_parts, vae, n_per_digit=4):
         pages = split["train_x"][split["train_y"] == d][:n_per_digit]
         with torch.inference_mode():
             img = pages.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
-            lats.append({"samples": vae.encode(img)})
-        pos.append(toy_parts["conds"][d])
-        caps.append(data.PROMPT.format(d))
+            lat = vae.encode(img)
+        for i in range(n_per_digit):
+            lats.append({"samples": lat[i:i + 1]})
+            pos.append(toy_parts["conds"][d])
+            caps.append(data.PROMPT.format(d))
     return lats, pos, caps
 
 
@@ -115,7 +119,7 @@ def test_feedback_raises_the_reward_and_saves_a_merged_lora_that_core_loads(fb, 
 
     loras, _ = folders
     probe = RewardProbe()
-    out, merged_path, own_path, trainer = _train(fb, toy_parts, name="fb", steps_per_stage=12, learning_rate=3e-3,
+    out, merged_path, own_path, trainer = _train(fb, toy_parts, name="fb", steps_per_stage=16, learning_rate=3e-3, batch_size=8,
                                                  callbacks=[probe], reward_margin=0.0, structure_weight=0.0)
     before, after = probe.values
     assert after > before + 0.05, (before, after)  # log-probability of the prompted digit, by the reward model
