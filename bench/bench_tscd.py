@@ -409,7 +409,8 @@ def quality(args) -> int:
         key = json.dumps([digest(ckpt), digest(lora) if lora else None, text, steps, cfg, seeds, n]
                          + (["reward"] if with_reward else []))
         r = cache.get(key)
-        if r is None and shard is not None and len(rows) % shard[1] != shard[0]:
+        skip = args.only and group.split(",")[0] not in args.only  # --only: other groups from the cache or nothing
+        if r is None and (skip or shard is not None and len(rows) % shard[1] != shard[0]):
             r = {"accuracy": math.nan, "fid": math.nan, "fids": [math.nan] * len(seeds), "fid_spread": math.nan,
                  "s_per_image": math.nan}  # another shard's row: measured there, not here
             rows.append((group, name, steps, cfg, "", trained, r))
@@ -612,6 +613,9 @@ def main(argv=None) -> int:
                     default=[0.0, 0.25, 0.5, 0.75, 1.0], help="--quality: merge ratios of the feedback rows")
     ap.add_argument("--feedback-steps", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[1, 2, 4],
                     help="--quality: step counts of a feedback LoRA on a unified LoRA (an N-step one: N)")
+    ap.add_argument("--only", type=lambda v: {x.strip() for x in v.split(",") if x.strip()}, default=set(),
+                    help="--quality: measure only these row groups (teacher, bare teacher, N-step, unified, feedback); "
+                         "the others come from the cache where measured (a quick look at new files)")
     ap.add_argument("--models-dir", default=str(comfy_dir() / "models"), help="--quality: where the toy is installed")
     ap.add_argument("--teacher-cfg", type=float, default=TEACHER_CFG,
                     help="--quality: the teacher's guidance when the student's metadata does not give it")

@@ -70,7 +70,7 @@ RECOMMENDED = PREFIX + "recommended_"  # + steps, cfg, sampler, eta, schedule, s
 # The run's settings, each written as hypersd.<name>.
 SETTINGS = ("steps_per_stage", "rank", "alpha", "teacher_cfg", "learning_rate", "seed", "lora_scope",
             "lr_schedule", "score_steps", "generator_t", "fake_updates", "regression_weight",
-            "score_tscd_weight")
+            "score_tscd_weight", "score_feedback_weight", "feedback_rewards")
 
 FAMILIES = ("SD1.5", "SDXL", "SD3", "FLUX", "unknown")  # what a file's keys can tell apart
 MODEL_FAMILIES = FAMILIES[:-1] + ("SD2", "SDXL-refiner", "FLUX.2")  # what a loaded model can be

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 STATE_SUFFIX = ".hypersd-state.pt"
 # the signature's score-distillation settings (TrainSettings._score_settings)
-SCORE_SETTINGS = ("score_steps", "generator_t", "fake_updates", "regression_weight", "score_tscd_weight")
+SCORE_SETTINGS = ("score_steps", "generator_t", "fake_updates", "regression_weight", "score_tscd_weight",
+                  "score_feedback_weight", "feedback_rewards")
 FEEDBACK_SUFFIX = "_feedback"  # <name>_feedback.safetensors: a feedback run's LoRA alone (the merged one is <name>)
 
 
@@ -86,6 +87,8 @@ class TrainSettings:
     fake_updates: int = dmd.DEFAULT_FAKE_UPDATES
     regression_weight: float = dmd.DEFAULT_REGRESSION_WEIGHT
     score_tscd_weight: float = dmd.DEFAULT_SCORE_TSCD_WEIGHT
+    # the feedback term carried by the score stage (as the paper does; 0 = none; needs FeedbackParts)
+    score_feedback_weight: float = 0.0
     # feedback learning (method "feedback": ``stages`` are the student's step counts, one stage each)
     feedback_eta: float = 0.0
     structure_weight: float = 0.0
@@ -107,6 +110,8 @@ class TrainSettings:
             (int(self.checkpoint_every) >= 0, "checkpoint_every must be 0 (only at the end) or more"),
             (self.method in METHODS, f"unknown training method {self.method!r}: use one of {', '.join(METHODS)}"),
             (int(self.score_steps) >= 0, f"score_steps must be 0 (no score distillation) or more, got {self.score_steps}"),
+            (math.isfinite(self.score_feedback_weight) and self.score_feedback_weight >= 0,
+             f"score_feedback_weight must be 0 (none) or more, got {self.score_feedback_weight}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -152,6 +157,9 @@ class TrainSettings:
                "fake_updates": int(self.fake_updates), "regression_weight": float(self.regression_weight)}
         if self.score_tscd_weight:  # absent at 0, as in the states saved before the setting existed
             out["score_tscd_weight"] = float(self.score_tscd_weight)
+        if self.score_feedback_weight:  # absent at 0, likewise
+            out["score_feedback_weight"] = float(self.score_feedback_weight)
+            out["feedback_rewards"] = self.feedback_rewards
         return out
 
     def file_settings(self) -> dict:
@@ -212,11 +220,13 @@ class RunFiles:
 
 
 def tscd_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alphas_cumprod: torch.Tensor,
-                data: LatentData | None = None) -> list[Stage]:
+                data: LatentData | None = None, parts: "FeedbackParts | None" = None) -> list[Stage]:
     """TSCD: one stage per segment count, each with the consistency term at the teacher's cfg; then,
     when ``score_steps`` > 0, one score-distillation stage (:mod:`.dmd`) on the same student, with
     the regression bank made here from ``data`` (its prompts) and the teacher, and the one-segment
-    TSCD term beside it at ``score_tscd_weight`` (so the 2-8 step quality is kept)."""
+    TSCD term beside it at ``score_tscd_weight`` (so the 2-8 step quality is kept) and, at
+    ``score_feedback_weight``, the feedback term on the one-step generator's pictures (``parts``:
+    the decoder and rewards), as the paper's score stage carries it."""
     term = tscd.TSCDLoss(eps_fn, adapters, alphas_cumprod, teacher_cfg=settings.teacher_cfg, loss=settings.loss)
     stages = tscd.progressive_stages(settings.stages, settings.steps_per_stage, lambda k: [(1.0, term)])
     if settings.score_steps:
@@ -234,6 +244,12 @@ def tscd_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alphas_
         terms = [(1.0, score)]
         if settings.score_tscd_weight:
             terms.append((float(settings.score_tscd_weight), term))
+        if settings.score_feedback_weight:  # the one-step generator's pictures, scored by the rewards
+            if parts is None:
+                raise ValueError("score_feedback_weight needs rewards and a VAE (connect them) or 0")
+            fb = feedback.FeedbackLoss(eps_fn, adapters, alphas_cumprod, decode=parts.decode, rewards=parts.rewards,
+                                       sample_steps=1, eta=1.0, prompt_labels=parts.prompt_labels)
+            terms.append((float(settings.score_feedback_weight), fb))
         stages.append(Stage(segments=1, steps=int(settings.score_steps), terms=terms, name="score",
                             reset_ema=False))
     return stages
@@ -247,8 +263,8 @@ class FeedbackParts:
 
     decode: Callable[[torch.Tensor], torch.Tensor]
     rewards: Sequence[feedback.RewardTerm]
-    base_lora: dict
-    base_metadata: dict
+    base_lora: dict | None = None  # a feedback run's frozen LoRA (None: the score stage's feedback term)
+    base_metadata: dict | None = None
     prompt_labels: Sequence[int] | None = None
 
 
@@ -303,7 +319,7 @@ class TrainingRun:
             adapters = LoraAdapters(module, select_targets(module, s.lora_scope), rank=s.rank, seed=s.seed,
                                     fake=s.score_steps > 0)
             try:
-                extra = {"parts": self.parts} if s.method == "feedback" else {}
+                extra = {"parts": self.parts} if s.method == "feedback" or self.parts is not None else {}
                 stages = METHODS[s.method](s, eps_fn, adapters, self.alphas_cumprod.to(device or "cpu"), data, **extra)
                 trainer = Trainer(adapters, stages, data, lr=s.learning_rate, batch_size=s.batch_size, seed=s.seed,
                                   device=device, ema_decay=s.ema_decay, signature=s.signature(self.prompts),

@@ -211,7 +211,7 @@ def sd15_train_tscd() -> dict:
             "output_name": "my_model_hypersd", "checkpoint_every": 100, "batch_size": 4, "resume": True,
             "loss": "huber", "lora_scope": "transformer", "ema_decay": 0.95, "gradient_checkpointing": False,
             "lr_schedule": "constant", "save_stages": True, "score_steps": 0, "generator_t": 999, "fake_updates": 5,
-            "regression_weight": 0.25, "score_tscd_weight": 1.0}},
+            "regression_weight": 0.25, "score_tscd_weight": 1.0, "score_feedback_weight": 0.0}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat sitting on a windowsill, soft light",
                                                           "clip": ["1", 1]}},
         "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},

@@ -24,6 +24,9 @@ def _ordered_inputs(info: dict) -> list[tuple[str, list]]:
 
 def _is_widget(spec: list) -> bool:
     t = spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if opts.get("forceInput"):  # a socket in the front end, never a widget (e.g. a STRING from another node)
+        return False
     return isinstance(t, list) or t in WIDGET_TYPES
 
 

@@ -18,12 +18,13 @@ only adapts ComfyUI to it:
 from __future__ import annotations
 
 import comfy.sd
+import torch
 from comfy_api.latest import io
 
 from ..hypersd_core import data as core_data
 from ..hypersd_core import lora_train
 from ..hypersd_core.lora_train import LORA_SCOPES
-from ..hypersd_core.pipeline import RunFiles, TrainingRun, TrainSettings
+from ..hypersd_core.pipeline import FeedbackParts, RunFiles, TrainingRun, TrainSettings
 from ..hypersd_core.train import LR_SCHEDULES
 from ..hypersd_core.tscd import LOSSES
 from . import _comfy_model, _comfy_training
@@ -44,7 +45,8 @@ def training_data(latents, positive, negative, positive_per_latent: bool):
 
 
 def train_tscd(model, latents, positive, negative, *, output_name: str = "hypersd_tscd", resume: bool = True,
-               node_id=None, callbacks: tuple = (), positive_per_latent: bool = False, **settings) -> tuple:
+               node_id=None, callbacks: tuple = (), positive_per_latent: bool = False, vae=None, rewards=(),
+               captions=None, **settings) -> tuple:
     """Train a TSCD LoRA for ``model``; returns ``(model_with_lora, lora_path, trainer)``.
 
     ``settings`` are :class:`~hypersd_core.pipeline.TrainSettings` fields (stages,
@@ -52,15 +54,33 @@ def train_tscd(model, latents, positive, negative, *, output_name: str = "hypers
     latent, or with ``positive_per_latent`` a list with one per item of ``latents``.
     ``callbacks`` (``hypersd_core.train.Callback``) run after the progress/Cancel one.
     """
+    if settings.get("score_feedback_weight") and rewards:
+        settings["feedback_rewards"] = ",".join(f"{getattr(t.reward, 'name', 'reward')}:{t.margin:g}:{t.weight:g}"
+                                                for t in rewards)
     settings = TrainSettings(**settings)
     files = RunFiles.create(_comfy_model.loras_dir(), output_name)
     groups, prompts = training_data(latents, positive, negative, positive_per_latent)
     patcher = model.clone()
+    parts = None
+    if settings.score_steps and settings.score_feedback_weight:  # the score stage's feedback term
+        from . import feedback as fb_nodes
+
+        if not rewards or vae is None:
+            raise ValueError("score_feedback_weight > 0 needs 'rewards' (Hyper-SD Reward Loader) and the 'vae' "
+                             "connected; or set it to 0")
+        labels = fb_nodes.prompt_labels(rewards, captions, prompts, positive if positive_per_latent else None)
+        device = patcher.load_device
+        with torch.inference_mode(False):
+            for t in rewards:
+                t.reward.to(device)
+        parts = FeedbackParts(decode=fb_nodes.vae_decoder(vae, patcher.model, device,
+                                                          checkpointing=settings.gradient_checkpointing),
+                              rewards=list(rewards), prompt_labels=labels)
     model_sampling = patcher.get_model_object("model_sampling")
     run = TrainingRun(settings, files, family=_comfy_model.model_family(patcher),
                       alphas_cumprod=_comfy_model.discrete_alphas_cumprod(model_sampling),
                       key_prefix=lora_train.kohya_prefix(_comfy_model.key_prefix_map(patcher.model)),
-                      resume=resume, prompts=len(prompts))
+                      resume=resume, prompts=len(prompts), parts=parts)
     data = core_data.LatentData([(patcher.model.process_latent_in(g), c if len(prompts) > 1 else None)
                                  for g, c in groups])
     trainer = _comfy_training.train_in_comfy(patcher, run, data, prompts, negative,
@@ -159,6 +179,17 @@ def _setting_inputs() -> list:
                                "score distillation, so the unified LoRA stays good at 2 to 8 steps while it "
                                "learns one step; 0: distribution matching alone (the 2-8 step pictures "
                                "degrade the longer it runs)."),
+        io.Float.Input("score_feedback_weight", default=0.0, min=0.0, max=100.0, step=0.05, optional=True,
+                       tooltip="Weight of human feedback in the score-distillation stage (as the paper's): the "
+                               "one-step pictures, decoded by 'vae', scored by 'rewards' with their hinges. "
+                               "0: none."),
+        io.Vae.Input("vae", optional=True, tooltip="The VAE that decodes the pictures the rewards score "
+                                                   "(score_feedback_weight > 0)."),
+        io.Custom("HYPERSD_REWARD").Input("rewards", optional=True,
+                                          tooltip="Reward models (Hyper-SD Reward Loader) for score_feedback_weight."),
+        io.String.Input("captions", force_input=True, optional=True,
+                        tooltip="The training images' captions, for a classifier reward's classes "
+                                "(score_feedback_weight > 0)."),
     ]
 
 
@@ -189,6 +220,8 @@ class HyperSDTrainTSCD(io.ComfyNode):
     def execute(cls, model, latents, positive, negative, **options) -> io.NodeOutput:
         # is_input_list: every input arrives as a list; the settings are its single value, and an
         # optional input a workflow leaves out keeps TrainSettings' default.
+        captions = options.pop("captions", None)
+        rewards = [t for group in (options.pop("rewards", None) or []) for t in (group or [])]
         values = {k: (v[0] if v else None) if isinstance(v, list) else v for k, v in options.items()}
         settings = {k: v for k, v in values.items() if v is not None}
         positives = [p for p in (positive if isinstance(positive, list) else [positive]) if p is not None]
@@ -196,7 +229,7 @@ class HyperSDTrainTSCD(io.ComfyNode):
         pos = positives if per_latent else (positives[0] if positives else None)
         neg = negative[0] if negative else None
         m, path, _ = train_tscd(model[0], latents, pos, neg, positive_per_latent=per_latent,
-                                node_id=cls.hidden.unique_id, **settings)
+                                node_id=cls.hidden.unique_id, rewards=rewards, captions=captions, **settings)
         return io.NodeOutput(m, path)
 
 

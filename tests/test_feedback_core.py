@@ -295,3 +295,40 @@ def test_a_feedback_run_saves_merged_and_own_lora_and_resumes_exactly(tmp_path):
     with safe_open(str(run_b.files.feedback_lora), framework="pt") as f:
         for k in own:
             torch.testing.assert_close(f.get_tensor(k), own[k], rtol=1e-6, atol=1e-7)
+
+
+def test_the_score_stage_carries_the_feedback_term_on_the_one_step_generator(tmp_path):
+    """score_feedback_weight > 0: the score stage holds the feedback term at that weight, on the
+    student's one-step pictures from t 999 (no run to a late step), and it needs the rewards."""
+    torch.manual_seed(1234)
+    net, decoder = TinyEps(), Decoder()
+    cond = torch.randn(2, 8, generator=torch.Generator().manual_seed(9))
+
+    def eps_fn(x, t, cfg, c):
+        return net(x, t, cond[int(c or 0)].expand(x.shape[0], -1))
+
+    gen = torch.Generator().manual_seed(5)
+    data = LatentData([(torch.randn(4, 4, 8, 8, generator=gen), 0), (torch.randn(4, 4, 8, 8, generator=gen), 1)])
+    settings = TrainSettings(stages="1", steps_per_stage=1, score_steps=2, fake_updates=1, regression_weight=0.0,
+                             score_feedback_weight=0.5, feedback_rewards="tiny:0:1", learning_rate=1e-3, rank=2,
+                             batch_size=2, lora_scope="all", checkpoint_every=0, teacher_cfg=2.0)
+    logs = []
+
+    class Logs(train.Callback):
+        def on_step_end(self, trainer, loss, step_logs):
+            logs.append(step_logs)
+
+    parts = FeedbackParts(decode=decoder, rewards=[feedback.RewardTerm(_reward())], prompt_labels=[2, 0])
+    run = TrainingRun(settings, RunFiles.create(tmp_path, "u"), family="SD1.5", alphas_cumprod=_schedule(), prompts=2,
+                      parts=parts)
+    trainer = run.train(net, eps_fn, data, callbacks=[Logs()])
+    weights = [w for w, _ in trainer.stages[-1].terms]
+    kinds = [type(t).__name__ for _, t in trainer.stages[-1].terms]
+    assert kinds == ["DMDLoss", "TSCDLoss", "FeedbackLoss"] and weights == [1.0, 1.0, 0.5]
+    fb_term = trainer.stages[-1].terms[-1][1]
+    assert fb_term.grid == [999] and fb_term.eta == 1.0
+    assert "reward_tiny" in logs[-1] and logs[-1]["feedback_t"] == 999
+    assert trainer.signature["score_feedback_weight"] == 0.5
+    run2 = TrainingRun(settings, RunFiles.create(tmp_path, "v"), family="SD1.5", alphas_cumprod=_schedule(), prompts=2)
+    with pytest.raises(ValueError, match="score_feedback_weight needs rewards"):
+        run2.train(TinyEps(), eps_fn, data)
