@@ -356,6 +356,8 @@ class TrainingRun:
             raise ValueError(f"cannot resume {self.files.lora}: {e}{hint}; use the same settings, turn 'resume' "
                              f"off or pick another output_name") from None
         log.info("HyperSD TSCD: resuming %s at step %d/%d", self.files.name, trainer.step, trainer.total_steps)
+        if s.method == "feedback":  # files written again at the end: a finished run queued with another
+            return None             # merge_ratio re-merges (the ratio is not part of the state)
         if saved_sig == trainer.signature:
             return trainer.step
         log.info("HyperSD TSCD: %s continues its TSCD stages with new score-distillation settings", self.files.name)

@@ -240,7 +240,7 @@ def test_feedback_settings_are_checked(kw, msg):
         feedback.check_settings(**{"sample_steps": 4, "eta": 0.0, "structure_weight": 0.0, **kw})
 
 
-def _feedback_run(tmp_path, steps_per_stage=3, checkpoint_every=0, callbacks=(), resume=True):
+def _feedback_run(tmp_path, steps_per_stage=3, checkpoint_every=0, callbacks=(), resume=True, merge_ratio=0.5):
     torch.manual_seed(1234)
     net, decoder = TinyEps(), Decoder()
     ab = _schedule()
@@ -257,7 +257,7 @@ def _feedback_run(tmp_path, steps_per_stage=3, checkpoint_every=0, callbacks=(),
                           prompt_labels=[2, 0])
     settings = TrainSettings(method="feedback", stages="2", steps_per_stage=steps_per_stage, learning_rate=1e-2,
                              rank=2, batch_size=2, lora_scope="all", checkpoint_every=checkpoint_every,
-                             structure_weight=0.5, merge_ratio=0.5, feedback_on="base.safetensors@abc",
+                             structure_weight=0.5, merge_ratio=merge_ratio, feedback_on="base.safetensors@abc",
                              feedback_rewards="tiny:-0.1:1")
     run = TrainingRun(settings, RunFiles.create(tmp_path, "fb"), family="SD1.5", alphas_cumprod=ab,
                       prompts=2, resume=resume, parts=parts)
@@ -332,3 +332,18 @@ def test_the_score_stage_carries_the_feedback_term_on_the_one_step_generator(tmp
     run2 = TrainingRun(settings, RunFiles.create(tmp_path, "v"), family="SD1.5", alphas_cumprod=_schedule(), prompts=2)
     with pytest.raises(ValueError, match="score_feedback_weight needs rewards"):
         run2.train(TinyEps(), eps_fn, data)
+
+
+def test_a_finished_feedback_run_queued_with_another_ratio_merges_again(tmp_path):
+    from safetensors import safe_open
+
+    run, trainer, base = _feedback_run(tmp_path, steps_per_stage=2)
+    with safe_open(str(run.files.feedback_lora), framework="pt") as f:
+        own = {k: f.get_tensor(k) for k in f.keys()}
+    run2, trainer2, _ = _feedback_run(tmp_path, steps_per_stage=2, merge_ratio=0.25)
+    assert trainer2.step == 2 and trainer2.history == trainer.history  # nothing trained again
+    with safe_open(str(run2.files.lora), framework="pt") as f:
+        merged, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    assert meta["hypersd.feedback_ratio"] == "0.25"
+    pre = next(k for k in own if k.endswith(".lora_down.weight"))[: -len(".lora_down.weight")]
+    torch.testing.assert_close(lora_merge.delta(merged, pre), lora_merge.delta(own, pre, 0.25))

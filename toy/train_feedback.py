@@ -40,6 +40,14 @@ from .train_student import DATASET_FOLDER, toy_checkpoint, write_dataset
 
 WEIGHTS = REPO / "toy" / "weights"
 log = logging.getLogger("hypersd.toy.train_feedback")
+# the committed feedback LoRAs: the LoRA trained on, its step counts and sampler eta, the merge ratio
+# of the merged file (chosen on bench_tscd --quality --feedback's curve)
+PRESETS = {
+    "k4": {"lora": "hypersd_toy_tscd_lora_stage2_k4.safetensors", "steps_of_lora": "4", "eta": 0.0,
+           "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 1.0},
+    "unified": {"lora": "hypersd_toy_tscd_lora.safetensors", "steps_of_lora": "1,2,4", "eta": 1.0,
+                "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 1.0},
+}
 
 
 def feedback_graph(ckpt: str, folder: str, lora: str, name: str, args) -> dict:
@@ -62,28 +70,33 @@ def feedback_graph(ckpt: str, folder: str, lora: str, name: str, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lora", default="hypersd_toy_tscd_lora_stage2_k4.safetensors",
-                    help="the few-step LoRA (a file of toy/weights) the feedback trains on")
-    ap.add_argument("--steps-of-lora", default="4", help="the step count(s) the LoRA is used at")
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per step count")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="k4",
+                    help="which toy LoRA: k4 (the 4-step LoRA, DDIM at 4 steps) or unified (TCD, eta 1, at 1, 2 "
+                         "and 4 steps); sets --lora, --steps-of-lora, --eta, --name and --merge-ratio")
+    ap.add_argument("--lora", help="the few-step LoRA (a file of toy/weights) the feedback trains on")
+    ap.add_argument("--steps-of-lora", help="the step count(s) the LoRA is used at")
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per step count")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--margin", type=float, default=-0.05, help="the reward's hinge margin (log-probability)")
     ap.add_argument("--structure-weight", type=float, default=0.5)
-    ap.add_argument("--merge-ratio", type=float, default=1.0)
-    ap.add_argument("--eta", type=float, default=0.0, help="the LoRA's sampler eta on the way to the late step")
+    ap.add_argument("--merge-ratio", type=float, help="the feedback's strength in the merged file")
+    ap.add_argument("--eta", type=float, help="the LoRA's sampler eta on the way to the late step")
     ap.add_argument("--lora-scope", choices=["transformer", "all"], default="all")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--per-digit", type=int, default=50)
+    ap.add_argument("--per-digit", type=int, default=20, help="captioned training digits per class")
     ap.add_argument("--checkpoint-every", type=int, default=0)
-    ap.add_argument("--name", default="hypersd_toy_feedback_lora_k4", help="output_name given to the node")
+    ap.add_argument("--name", help="output_name given to the node")
     ap.add_argument("--out", type=Path, help="where the merged LoRA is copied (default toy/weights/<name>)")
     ap.add_argument("--models-dir", type=Path, default=comfy_dir() / "models")
     ap.add_argument("--work-dir", type=Path, help="server base folder (default: a temporary one, removed after)")
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --work-dir")
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     args = ap.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.resume and args.work_dir is None:
         ap.error("--resume continues the run saved in --work-dir: give --work-dir")
     out = args.out or WEIGHTS / f"{args.name}.safetensors"
