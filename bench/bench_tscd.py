@@ -287,18 +287,30 @@ def merged_feedback(base: Path, feedback_file: Path, ratio: float) -> Path:
     from ComfyUI_HyperSD.hypersd_core import lora_merge
 
     out = REPO / "bench" / "out" / "feedback_merged" / f"{feedback_file.stem}_x{ratio:g}.safetensors"
-    stamp = f"{files_digest(base)}:{files_digest(feedback_file)}:{ratio:g}"
+    first, second = load_file(str(base)), load_file(str(feedback_file))
+    # the weights' digests, not the files': a metadata-only rewrite keeps the merged file (and its rows)
+    stamp = f"{weights_digest(first)}:{weights_digest(second)}:{ratio:g}"
     if out.exists() and _lora_meta(out).get("hypersd.bench_merge") == stamp:
         return out
-    merged = lora_merge.merge_cat(load_file(str(base)), load_file(str(feedback_file)), 1.0, ratio)
-    files.save_safetensors(out, merged, {"hypersd.bench_merge": stamp})
+    files.save_safetensors(out, lora_merge.merge_cat(first, second, 1.0, ratio), {"hypersd.bench_merge": stamp})
     return out
 
 
-def files_digest(path: Path) -> str:
-    from toy import install
+def weights_digest(sd: dict) -> str:
+    """A digest of a state dict's names and tensor bytes (its metadata left out)."""
+    import hashlib
 
-    return install.file_hash(Path(path))[:16]
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().contiguous().reshape(-1).view(torch_uint8()).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
 
 
 def quality(args) -> int:

@@ -44,7 +44,7 @@ log = logging.getLogger("hypersd.toy.train_feedback")
 # of the merged file (chosen on bench_tscd --quality --feedback's curve)
 PRESETS = {
     "k4": {"lora": "hypersd_toy_tscd_lora_stage2_k4.safetensors", "steps_of_lora": "4", "eta": 0.0,
-           "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 1.0},
+           "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 0.75},
     "unified": {"lora": "hypersd_toy_tscd_lora.safetensors", "steps_of_lora": "1,2,4", "eta": 1.0,
                 "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 1.0},
 }
