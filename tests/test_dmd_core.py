@@ -307,7 +307,8 @@ def test_score_distillation_continues_a_finished_tscd_run(tmp_path):
 
     from ComfyUI_HyperSD.hypersd_core import pipeline
 
-    assert set(pipeline.TrainSettings(score_steps=1)._score_settings()) == set(pipeline.SCORE_SETTINGS)
+    assert set(pipeline.TrainSettings(score_steps=1, score_feedback_weight=1.0, feedback_rewards="r:0:1")
+               ._score_settings()) == set(pipeline.SCORE_SETTINGS)
     score = dict(score_steps=2, fake_updates=2, regression_weight=0.25)
     cont, straight = tmp_path / "continued", tmp_path / "straight"
     _, tscd_only = _tiny_run(cont, resume=False)

@@ -14,7 +14,7 @@ one graph made of ComfyUI's own nodes and this pack's trainer::
     CheckpointLoaderSimple --model--> HyperSDTrainTSCD <- latents, one prompt per latent,
     CLIPTextEncode("") --negative-->   (teacher cfg 2)
 
-After the TSCD stages the same run continues with ``--score-steps`` (default 100) of score
+After the TSCD stages the same run continues with ``--score-steps`` (default 300) of score
 distillation (``score_steps`` of the node): the result is the toy's unified LoRA. The LoRA
 the node saves into the server's ``models/loras`` is copied (atomically) to ``--out``
 (default ``toy/weights/hypersd_toy_tscd_lora.safetensors``, the committed unified file), and
@@ -31,13 +31,14 @@ and library versions give the same files.
 The committed LoRAs were made with the defaults: stages 8,4,2,1 x 250 steps, batch 32, rank 8
 on every layer, lr 1e-3 with the cosine schedule per stage, 50 digits per class, and teacher
 cfg 2, the toy teacher's guidance, so that the FID of a student measures how well it keeps
-the teacher's output; then 100 score-distillation steps (5 fake updates, regression weight
-0.25, the TSCD term kept at weight 1, generator at t = 999). The TSCD stages take about 50
-minutes on one core of the 2-core CPU machine (0.33-0.35 steps a second on the 64x64 toy),
-the score stage about 25 more (0.07-0.09 steps a second), each beside another job. The
-committed files came from a run stopped after its TSCD stages and continued with
-``--resume`` (exact: the same weights as one uninterrupted run); its TSCD stage files have
-the same weights as the TSCD-only run committed before them.
+the teacher's output; then 300 score-distillation steps (1 fake update a step, no regression
+term, the TSCD term kept at weight 1, generator at t = 999: the toy's ablations measured both
+guards as costs, see the README; the node's own defaults stay DMD2's 5 updates and DMD's 0.25).
+The TSCD stages take about 50 minutes on one core of the 2-core CPU machine (0.33-0.35 steps
+a second on the 64x64 toy), the score stage about 50 more (0.10 steps a second), each beside
+other jobs. The committed files came from a run stopped after its TSCD stages and continued
+with ``--resume`` (exact: the same weights as one uninterrupted run); its TSCD stage files
+have the same weights as the TSCD-only run committed before them.
 """
 from __future__ import annotations
 
@@ -109,11 +110,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-scope", choices=["transformer", "all"], default="all")
     ap.add_argument("--cfg", type=float, default=TEACHER_CFG, help="teacher guidance baked into the LoRA")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--score-steps", type=int, default=100, help="score distillation after the TSCD stages (0: none)")
+    ap.add_argument("--score-steps", type=int, default=300, help="score distillation after the TSCD stages (0: none)")
     ap.add_argument("--generator-t", type=int, default=999,
                     help="score distillation's generator timestep (999: unified LoRA; 800: one-step)")
-    ap.add_argument("--fake-updates", type=int, default=5, help="fake-score updates per score-distillation step")
-    ap.add_argument("--regression-weight", type=float, default=0.25, help="score distillation's regression weight")
+    ap.add_argument("--fake-updates", type=int, default=1, help="fake-score updates per score-distillation step")
+    ap.add_argument("--regression-weight", type=float, default=0.0, help="score distillation's regression weight")
     ap.add_argument("--score-tscd-weight", type=float, default=1.0,
                     help="weight of the TSCD term kept in the score-distillation stage (0: distribution matching alone)")
     ap.add_argument("--per-digit", type=int, default=50, help="training images per digit (one CLIP encode each)")
