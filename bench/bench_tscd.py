@@ -687,6 +687,8 @@ def main(argv=None) -> int:
     print("(score distillation's target: peak memory at most 1.3x a TSCD step's; the fake score is an adapter)")
     for label, m in (("score distillation", "score"), ("feedback (decoder and reward in the graph; grad ckpt also "
                                                         "recomputes the VAE decoder)", "feedback")):
+        if not any(method == m for method, _, _ in rows):
+            continue
         print(f"{label} over one TSCD step:")
         for method, gc, r in rows:
             if method == m:

@@ -106,6 +106,8 @@ LORA_MEASURED = {
     "hypersd_toy_tscd_lora_stage3_k2.safetensors": (0.74, 228.1),
     # the k4 LoRA with its feedback LoRA merged at 0.75 (toy/train_feedback.py), DDIM trailing 4 steps
     "hypersd_toy_feedback_lora_k4.safetensors": (0.95, 122.0),
+    # the unified LoRA with its feedback LoRA merged at 0.25, TCD 8 steps (the demo's first row), eta 0.6
+    "hypersd_toy_feedback_lora_unified.safetensors": (0.94, 87.4),
 }
 # The k-step LoRAs that beat the bare teacher at their own step count with their own recipe
 # (bench_tscd --quality, 500 images x 3 seed sets), with the measured FID ratio LoRA / control at

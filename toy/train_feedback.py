@@ -46,7 +46,7 @@ PRESETS = {
     "k4": {"lora": "hypersd_toy_tscd_lora_stage2_k4.safetensors", "steps_of_lora": "4", "eta": 0.0,
            "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 0.75},
     "unified": {"lora": "hypersd_toy_tscd_lora.safetensors", "steps_of_lora": "1,2,4", "eta": 1.0,
-                "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 1.0},
+                "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 0.25},
 }
 
 
