@@ -300,17 +300,13 @@ def weights_digest(sd: dict) -> str:
     """A digest of a state dict's names and tensor bytes (its metadata left out)."""
     import hashlib
 
+    import torch
+
     h = hashlib.sha256()
     for k in sorted(sd):
         h.update(k.encode())
-        h.update(sd[k].detach().contiguous().reshape(-1).view(torch_uint8()).numpy().tobytes())
+        h.update(sd[k].detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
 
 
 def quality(args) -> int:

@@ -285,7 +285,7 @@ def feedback_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alp
     return stages
 
 
-# method name -> stages(settings, eps_fn, adapters, alphas_cumprod, data[, parts]); later methods join here.
+# method name -> stages(settings, eps_fn, adapters, alphas_cumprod, data, parts); later methods join here.
 METHODS: dict[str, Callable[..., list[Stage]]] = {"tscd": tscd_stages, "feedback": feedback_stages}
 
 
@@ -319,8 +319,8 @@ class TrainingRun:
             adapters = LoraAdapters(module, select_targets(module, s.lora_scope), rank=s.rank, seed=s.seed,
                                     fake=s.score_steps > 0)
             try:
-                extra = {"parts": self.parts} if s.method == "feedback" or self.parts is not None else {}
-                stages = METHODS[s.method](s, eps_fn, adapters, self.alphas_cumprod.to(device or "cpu"), data, **extra)
+                stages = METHODS[s.method](s, eps_fn, adapters, self.alphas_cumprod.to(device or "cpu"), data,
+                                           parts=self.parts)
                 trainer = Trainer(adapters, stages, data, lr=s.learning_rate, batch_size=s.batch_size, seed=s.seed,
                                   device=device, ema_decay=s.ema_decay, signature=s.signature(self.prompts),
                                   lr_schedule=s.lr_schedule)

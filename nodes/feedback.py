@@ -223,6 +223,22 @@ def prompt_labels(terms, captions, prompts: list, positives: list | None = None)
                      f"{f', {len(positives)} images' if positives is not None else ''}); got {len(caps)}")
 
 
+def rewards_setting(terms) -> str:
+    """The rewards as a run records them (``name:margin:weight, ...``): part of its resume signature."""
+    return ",".join(f"{getattr(t.reward, 'name', 'reward')}:{t.margin:g}:{t.weight:g}" for t in terms)
+
+
+def feedback_parts(terms, vae, patcher, labels, checkpointing: bool, **base) -> FeedbackParts:
+    """The rewards moved to the model's device (out of inference mode) and the differentiable
+    decoder, as a run's :class:`FeedbackParts` (``base``: a feedback run's frozen LoRA)."""
+    device = patcher.load_device
+    with torch.inference_mode(False):
+        for t in terms:
+            t.reward.to(device)
+    return FeedbackParts(decode=vae_decoder(vae, patcher.model, device, checkpointing=checkpointing),
+                         rewards=list(terms), prompt_labels=labels, **base)
+
+
 def train_feedback(model, lora_name, vae, reward_terms, latents, positive, captions=None, *,
                    output_name: str = "hypersd_feedback", resume: bool = True, node_id=None, callbacks: tuple = (),
                    positive_per_latent: bool = False, **settings) -> tuple:
@@ -236,8 +252,7 @@ def train_feedback(model, lora_name, vae, reward_terms, latents, positive, capti
         raise ValueError("connect a positive conditioning (the prompt of the training images)")
     family = _comfy_model.model_family(model)
     base_sd, base_meta, base_id = base_lora(lora_name, family)
-    names = ",".join(f"{getattr(t.reward, 'name', 'reward')}:{t.margin:g}:{t.weight:g}" for t in reward_terms)
-    settings = TrainSettings(method="feedback", feedback_on=base_id, feedback_rewards=names,
+    settings = TrainSettings(method="feedback", feedback_on=base_id, feedback_rewards=rewards_setting(reward_terms),
                              **{"save_stages": False, **settings})
     files = RunFiles.create(_comfy_model.loras_dir(), output_name)
     if positive_per_latent:
@@ -247,17 +262,12 @@ def train_feedback(model, lora_name, vae, reward_terms, latents, positive, capti
     labels = prompt_labels(reward_terms, captions, prompts, positive if positive_per_latent else None)
     patched, _ = comfy.sd.load_lora_for_models(model, None, base_sd, 1.0, 0)  # the frozen LoRA, in the base
     patcher = patched.clone()
-    device = patcher.load_device
-    for t in reward_terms:
-        with torch.inference_mode(False):
-            t.reward.to(device)
-    decode = vae_decoder(vae, patcher.model, device, checkpointing=settings.gradient_checkpointing)
+    parts = feedback_parts(reward_terms, vae, patcher, labels, settings.gradient_checkpointing, base_lora=base_sd,
+                           base_metadata=base_meta)
     run = TrainingRun(settings, files, family=family,
                       alphas_cumprod=_comfy_model.discrete_alphas_cumprod(patcher.get_model_object("model_sampling")),
                       key_prefix=lora_train.kohya_prefix(_comfy_model.key_prefix_map(patcher.model)),
-                      resume=resume, prompts=len(prompts),
-                      parts=FeedbackParts(decode=decode, rewards=list(reward_terms), base_lora=base_sd,
-                                          base_metadata=base_meta, prompt_labels=labels))
+                      resume=resume, prompts=len(prompts), parts=parts)
     data = core_data.LatentData([(patcher.model.process_latent_in(g), c if len(prompts) > 1 else None)
                                  for g, c in groups])
     # the feedback samples at cfg 1, so the guider's negative is never evaluated: the prompt stands in

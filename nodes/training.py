@@ -18,13 +18,12 @@ only adapts ComfyUI to it:
 from __future__ import annotations
 
 import comfy.sd
-import torch
 from comfy_api.latest import io
 
 from ..hypersd_core import data as core_data
 from ..hypersd_core import lora_train
 from ..hypersd_core.lora_train import LORA_SCOPES
-from ..hypersd_core.pipeline import FeedbackParts, RunFiles, TrainingRun, TrainSettings
+from ..hypersd_core.pipeline import RunFiles, TrainingRun, TrainSettings
 from ..hypersd_core.train import LR_SCHEDULES
 from ..hypersd_core.tscd import LOSSES
 from . import _comfy_model, _comfy_training
@@ -54,28 +53,21 @@ def train_tscd(model, latents, positive, negative, *, output_name: str = "hypers
     latent, or with ``positive_per_latent`` a list with one per item of ``latents``.
     ``callbacks`` (``hypersd_core.train.Callback``) run after the progress/Cancel one.
     """
+    from . import feedback as fb_nodes  # the score stage's feedback term shares the feedback node's parts
+
     if settings.get("score_feedback_weight") and rewards:
-        settings["feedback_rewards"] = ",".join(f"{getattr(t.reward, 'name', 'reward')}:{t.margin:g}:{t.weight:g}"
-                                                for t in rewards)
+        settings["feedback_rewards"] = fb_nodes.rewards_setting(rewards)
     settings = TrainSettings(**settings)
     files = RunFiles.create(_comfy_model.loras_dir(), output_name)
     groups, prompts = training_data(latents, positive, negative, positive_per_latent)
     patcher = model.clone()
     parts = None
     if settings.score_steps and settings.score_feedback_weight:  # the score stage's feedback term
-        from . import feedback as fb_nodes
-
         if not rewards or vae is None:
             raise ValueError("score_feedback_weight > 0 needs 'rewards' (Hyper-SD Reward Loader) and the 'vae' "
                              "connected; or set it to 0")
         labels = fb_nodes.prompt_labels(rewards, captions, prompts, positive if positive_per_latent else None)
-        device = patcher.load_device
-        with torch.inference_mode(False):
-            for t in rewards:
-                t.reward.to(device)
-        parts = FeedbackParts(decode=fb_nodes.vae_decoder(vae, patcher.model, device,
-                                                          checkpointing=settings.gradient_checkpointing),
-                              rewards=list(rewards), prompt_labels=labels)
+        parts = fb_nodes.feedback_parts(rewards, vae, patcher, labels, settings.gradient_checkpointing)
     model_sampling = patcher.get_model_object("model_sampling")
     run = TrainingRun(settings, files, family=_comfy_model.model_family(patcher),
                       alphas_cumprod=_comfy_model.discrete_alphas_cumprod(model_sampling),
