@@ -105,9 +105,13 @@ class ConvClassifier(nn.Module):
                               antialias=x.shape[-1] > self.size)
         return 1.0 - x if self.invert else x
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled features the last layer classifies, ``[B, channels[-1]]`` (a preference
+        reward's frozen features, :mod:`.preference`)."""
+        return self.body(self.prepare(images)).mean(dim=(2, 3))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h = self.body(self.prepare(images))
-        return self.head(h.mean(dim=(2, 3)))
+        return self.head(self.features(images))
 
     def arch(self) -> dict[str, str]:
         return {"channels": ",".join(str(c) for c in self.channels), "size": str(self.size),
@@ -329,10 +333,13 @@ def _looks_like_head(path: Path) -> bool:
     return keys == {"weight", "bias"} or "layers.0.weight" in keys
 
 
-def load_reward(path, device=None) -> ClassifierReward:
+def load_reward(path, device=None, clip_features=None):
     """The reward in ``path`` (a safetensors file this pack wrote), out of inference mode so that
     gradients flow through it even when the caller runs under ``torch.inference_mode`` (as
-    ComfyUI runs every node)."""
+    ComfyUI runs every node): a :class:`ClassifierReward`, or a
+    :class:`~.preference.PreferenceReward` on the features it was trained on (a classifier
+    reward's, read from the same folder, or ``clip_features``: ``images -> [B, d]``, the CLIP
+    vision features the caller builds, with a ``dim``)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -350,6 +357,8 @@ def load_reward(path, device=None) -> ClassifierReward:
         raise ValueError(f"{path.name} is not a readable safetensors file ({e}); a reward for Hyper-SD feedback "
                          f"is a .safetensors file made by this pack (e.g. the toy's hypersd_toy_reward)") from None
     kind = meta.get(KIND)
+    if kind == "preference":
+        return _load_preference(path, sd, meta, device, clip_features)
     if kind != CLASSIFIER:
         hint = ("a LAION aesthetic head: load it in the 'Hyper-SD Aesthetic Reward (LAION)' node"
                 if set(meta) <= {"format"} and _looks_like_head(path) else
@@ -376,4 +385,40 @@ def load_reward(path, device=None) -> ClassifierReward:
             reward.to(device)
     if not all(math.isfinite(float(p.abs().max())) for p in reward.parameters()):
         raise ValueError(f"{path.name}: the reward's weights are not finite")
+    return reward
+
+
+def _load_preference(path: Path, sd, meta, device, clip_features):
+    from . import preference
+
+    head = preference.load_head(sd, meta, path.name)
+    source = meta.get("hypersd.preference_features", "")
+    if source.startswith("classifier:"):
+        name = source[len("classifier:"):]
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"{path.name}: its feature model {name!r} is not a plain file name")
+        feature_path = path.parent / name
+        if not feature_path.is_file():
+            raise ValueError(f"{path.name} scores pictures with the features of the reward '{name}', which is not "
+                             f"beside it in {path.parent.name}: put that file there too")
+        clf = load_reward(feature_path, device=device)
+        if not isinstance(clf, ClassifierReward):
+            raise ValueError(f"{path.name}: its feature model '{name}' is not a classifier reward")
+        features = clf.classifier.features
+        dim = clf.classifier.channels[-1]
+    elif source == "clip_vision":
+        if clip_features is None:
+            raise ValueError(f"{path.name} was trained on CLIP vision features: connect the same CLIP vision model "
+                             f"(CLIPVisionLoader) to the reward loader's clip_vision input")
+        features, dim = clip_features, getattr(clip_features, "dim", head.dim)
+    else:
+        raise ValueError(f"{path.name}: unknown feature model {source!r} in its metadata; train it again with the "
+                         f"'Hyper-SD Train Preference Reward' node")
+    if int(dim) != head.dim:
+        raise ValueError(f"{path.name} takes {head.dim}-d features but its feature model gives {dim}-d ones: connect "
+                         f"the model it was trained on ({source})")
+    with torch.inference_mode(False):
+        reward = preference.PreferenceReward(features, head, name=path.stem)
+        if device is not None:
+            reward.to(device)
     return reward

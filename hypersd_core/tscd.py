@@ -9,8 +9,12 @@ teacher) is switched by an adapter object with ``set_mode(...)``
 
 One TSCD step (Algorithm 1 of the paper, as reconstructed):
 
-* ``t_n`` on the solver grid (``solver_steps`` DDIM steps over ``T``: 19, 39, ..., 999 for
-  50 over 1000; skip ``s = T // solver_steps``), ``t_{n-1} = t_n - s`` (0 at the bottom);
+* ``t_n`` on the stage's grid: the solver grid (``solver_steps`` DDIM steps over ``T``: 19,
+  39, ..., 999 for 50 over 1000; skip ``s = T // solver_steps``) together with the times the
+  k-step recipe samples at (DDIM trailing: 999, 874, 749, ... for k = 8, most of which fall
+  between solver-grid points, right at a segment's top, where the network would otherwise
+  interpolate between two segments' jumps; :func:`stage_timesteps`), ``t_{n-1} = t_n - s``
+  (0 at the bottom);
 * the segment edge ``t_b = floor(t_n / floor(T/k)) * floor(T/k)`` for ``k`` segments;
 * the target time ``t_end`` uniform on the integers of ``[t_b, max(t_{n-1}, t_b)]``; when
   the teacher's step would cross the edge (``t_{n-1} < t_b``) it stops at the edge instead,
@@ -33,7 +37,7 @@ from typing import Any, Protocol
 import torch
 
 from .metadata import NUM_TRAIN_TIMESTEPS
-from .schedules import segment_edge  # t_b, shared with the segments sampling grid
+from .schedules import segment_edge, segment_timesteps  # t_b and the k-step sampling grid
 from .train import Batch, Stage
 
 SOLVER_STEPS = 50
@@ -51,6 +55,16 @@ def solver_timesteps(solver_steps: int = SOLVER_STEPS, T: int = NUM_TRAIN_TIMEST
         raise ValueError(f"solver_steps must be in [1, {T}], got {solver_steps}")
     s = T // solver_steps
     return torch.arange(1, solver_steps + 1, dtype=torch.long) * s - 1
+
+
+def stage_timesteps(segments: int, solver_steps: int = SOLVER_STEPS, T: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """The ``t_n`` a stage with ``segments`` (k) trains at: the solver grid and the k-step
+    trailing grid (:func:`~.schedules.segment_timesteps`, the times a k-step LoRA is sampled
+    at), each once, ascending. Over 50 solver steps of 1000 this adds 124, 249, 374, 624, 749
+    and 874 for k = 8, 249 and 749 for k = 4, and nothing for k = 2 and 1 (their trailing
+    times are on the solver grid)."""
+    grid = set(solver_timesteps(solver_steps, T).tolist()) | set(segment_timesteps(segments, T))
+    return torch.tensor(sorted(grid), dtype=torch.long)
 
 
 def target_timesteps(t_n: torch.Tensor, k: int, u: torch.Tensor, skip: int,
@@ -127,15 +141,18 @@ class TSCDLoss:
         self.adapters = adapters
         self.alphas_cumprod = alphas_cumprod.detach().double().float()
         self.T = int(alphas_cumprod.shape[0])
+        self.solver_steps = int(solver_steps)
         self.grid = solver_timesteps(solver_steps, self.T)
+        self.grids: dict[int, torch.Tensor] = {}  # k -> the stage's t_n grid (stage_timesteps)
         self.skip = self.T // solver_steps
         self.teacher_cfg = float(teacher_cfg)
         self.loss = loss
         self.huber_c = huber_c
 
     def sample_times(self, batch_size: int, k: int, generator: torch.Generator):
-        idx = torch.randint(0, len(self.grid), (batch_size,), generator=generator)
-        t_n = self.grid[idx]
+        grid = self.grids.setdefault(k, stage_timesteps(k, self.solver_steps, self.T))
+        idx = torch.randint(0, len(grid), (batch_size,), generator=generator)
+        t_n = grid[idx]
         u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
         t_prev, t_end = target_timesteps(t_n, k, u, self.skip, self.T)
         return t_n, t_prev, t_end

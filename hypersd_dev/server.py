@@ -76,6 +76,24 @@ class Client:
             body = e.read()
             return e.code, (json.loads(body) if body[:1] in (b"{", b"[") else body)
 
+    def request(self, method: str, path: str, body=None, data: bytes | None = None) -> tuple[int, object]:
+        """(HTTP status, JSON or bytes) of ``method path`` with a JSON ``body`` (or raw ``data``),
+        without raising on 4xx/5xx."""
+        if body is not None:
+            data = json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data is not None else {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                out, status = r.read(), r.status
+        except urllib.error.HTTPError as e:
+            out, status = e.read(), e.code
+        return status, (json.loads(out) if out[:1] in (b"{", b"[") else out)
+
+    def rate(self, rating: dict) -> tuple[int, object]:
+        """Send one rating to the pack's ``POST /hypersd/ratings``, as the page does."""
+        return self.request("POST", "/hypersd/ratings", rating)
+
     def post_prompt(self, graph: dict) -> str:
         data = json.dumps({"prompt": graph, "client_id": self.client_id}).encode()
         req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
@@ -155,8 +173,9 @@ SERVER_FOLDERS = ("custom_nodes", "input", "output", "temp", "user", "models/che
 class ComfyServer(Client):
     """A real ComfyUI server process (``main.py --cpu``) with the pack linked in, in ``base``."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, env: dict | None = None):
         self.base = Path(base)
+        self.extra_env = dict(env or {})  # e.g. HYPERSD_RATINGS_DB for the server process
         self.port = _free_port()
         super().__init__(f"http://127.0.0.1:{self.port}")
         self.log_path = self.base / "server.log"
@@ -170,7 +189,8 @@ class ComfyServer(Client):
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
         comfy = comfy_dir()
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
+                   **self.extra_env)
         cmd = [sys.executable, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--database-url", f"sqlite:///{self.base / 'comfy.db'}",
                "--disable-auto-launch", "--disable-metadata"]

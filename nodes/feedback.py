@@ -70,9 +70,12 @@ def _reward_path(reward_name: str) -> str:
     return path
 
 
-def load_reward(reward_name: str, margin: float, weight: float, device=None) -> core_feedback.RewardTerm:
-    """The reward file ``reward_name`` of the rewards folder as a hinge term."""
-    reward = rewards.load_reward(_reward_path(reward_name), device=device)
+def load_reward(reward_name: str, margin: float, weight: float, device=None,
+                clip_vision=None) -> core_feedback.RewardTerm:
+    """The reward file ``reward_name`` of the rewards folder as a hinge term (``clip_vision``:
+    the CLIP vision model a preference reward trained on CLIP features reads)."""
+    clip = ClipFeatures(clip_vision) if clip_vision is not None else None
+    reward = rewards.load_reward(_reward_path(reward_name), device=device, clip_features=clip)
     return core_feedback.RewardTerm(reward, margin=float(margin), weight=float(weight))
 
 
@@ -106,6 +109,26 @@ class ClipImageEmbed(torch.nn.Module):
             x = x + layer.self_attn(layer.layer_norm1(x), None, attention)
             x = x + layer.mlp(layer.layer_norm2(x))
         return self.model.visual_projection(vision.post_layernorm(x[:, 0, :]))
+
+
+class ClipFeatures(torch.nn.Module):
+    """``images [B, 3, H, W] in [0, 1] -> L2-normalised CLIP image embedding``, with gradient
+    (a preference reward's frozen features): :func:`rewards.clip_pixels` with the vision
+    model's own size and normalisation, then :class:`ClipImageEmbed`."""
+
+    def __init__(self, clip_vision):
+        super().__init__()
+        with torch.inference_mode(False):
+            self.embed = ClipImageEmbed(clip_vision)
+        if self.embed.dim is None:
+            raise ValueError("this vision model is not a CLIP one with an image projection: connect CLIP ViT-L/14 "
+                             "(or another CLIP vision model) from CLIPVisionLoader")
+        self.dim = self.embed.dim
+        self.size, self.mean, self.std = clip_vision.image_size, clip_vision.image_mean, clip_vision.image_std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        e = self.embed(rewards.clip_pixels(images, self.size, self.mean, self.std)).float()
+        return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def aesthetic_reward(clip_vision, head_name: str, margin: float, weight: float) -> core_feedback.RewardTerm:
@@ -288,7 +311,8 @@ class HyperSDRewardLoader(io.ComfyNode):
             display_name="Hyper-SD Reward Loader",
             category="Hyper-SD/training",
             description=("Loads a reward model for feedback learning from models/hypersd_rewards (a file, never a "
-                         "download), with its hinge margin and weight. Chain loaders to train against several "
+                         "download): this pack's classifier rewards, or a preference reward trained from your "
+                         "ratings; with its hinge margin and weight. Chain loaders to train against several "
                          "rewards at once."),
             inputs=[
                 io.Combo.Input("reward_name", options=folder_paths.get_filename_list(rewards_folder()),
@@ -301,13 +325,16 @@ class HyperSDRewardLoader(io.ComfyNode):
                 io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="Weight of this reward's hinge in the feedback loss."),
                 Reward.Input("rewards", optional=True, tooltip="Rewards loaded before this one (to combine)."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Only for a preference reward trained on CLIP vision features ('Hyper-SD "
+                                            "Train Preference Reward' with clip_vision): the same CLIP vision model."),
             ],
             outputs=[Reward.Output(display_name="rewards", tooltip="The rewards so far, for the feedback node.")],
         )
 
     @classmethod
-    def execute(cls, reward_name, margin, weight, rewards=None) -> io.NodeOutput:
-        term = load_reward(reward_name, margin, weight)
+    def execute(cls, reward_name, margin, weight, rewards=None, clip_vision=None) -> io.NodeOutput:
+        term = load_reward(reward_name, margin, weight, clip_vision=clip_vision)
         return io.NodeOutput(list(rewards or []) + [term])
 
 

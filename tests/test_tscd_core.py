@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ComfyUI_HyperSD.hypersd_core import lora_train, metadata, train, tscd
+from ComfyUI_HyperSD.hypersd_core import lora_train, metadata, schedules, train, tscd
 from ComfyUI_HyperSD.hypersd_core.data import LatentData
 
 
@@ -260,3 +260,21 @@ def test_loss_term_plugs_in_beside_tscd():
         st.terms.append((0.5, Extra(adapters, eps_fn)))
     trainer.run()
     assert calls == [2, 2, 1, 1]
+
+
+def test_stage_grid_trains_every_time_the_k_step_recipe_samples_at():
+    """A k-step LoRA is sampled with DDIM trailing (999, 874, 749, ... for k = 8); those times
+    sit between solver-grid points, at the top of a segment, so the stage trains at them too."""
+    solver = set(tscd.solver_timesteps().tolist())
+    for k in (8, 4, 2, 1):
+        grid = tscd.stage_timesteps(k).tolist()
+        assert grid == sorted(set(grid)) and solver <= set(grid)
+        assert set(schedules.trailing_timesteps(k)) <= set(grid)
+    assert sorted(set(tscd.stage_timesteps(8).tolist()) - solver) == [124, 249, 374, 624, 749, 874]
+    assert sorted(set(tscd.stage_timesteps(4).tolist()) - solver) == [249, 749]
+    # the loss draws them: at 874 (in segment [750, 875)) the teacher steps to 854, the target lands in [750, 854]
+    loss = tscd.TSCDLoss(lambda x, t, cfg, cond: x, None, torch.linspace(0.999, 0.01, 1000))
+    t_n, t_prev, t_end = loss.sample_times(4000, 8, torch.Generator().manual_seed(0))
+    at = t_n == 874
+    assert 30 < int(at.sum()) < 120  # about 4000 / 56
+    assert set(t_prev[at].tolist()) == {854} and int(t_end[at].min()) >= 750 and int(t_end[at].max()) <= 854
