@@ -16,10 +16,14 @@ toy linked in), with the same nodes and routes a user has:
 3. ``HyperSDTrainPreferenceReward`` fits the Bradley-Terry head on the toy reward classifier's
    features (not the judge) with a fifth of the pairs held out: its held-out agreement;
 4. ``HyperSDTrainFeedback`` trains a feedback LoRA on the unified LoRA at 4 steps against it
-   (a hinge at ``--margin`` standard deviations), merged at ``--merge-ratio``;
-5. before and after, at 4 steps, 50 new digits of each class (other seeds): the rater's measure
-   (mean ink mass), and the judge's accuracy and FID (``toy/quality.py``), printed as a table;
-   a grid of the same seeds before and after is written to ``--grid``.
+   (a hinge at ``--margin`` standard deviations over the rated pictures) and, with weight
+   ``--digit-reward-weight``, the toy reward (the prompted digit's log-probability: a picture
+   that gains ink by ceasing to be the digit loses there), as a user combines a taste with a
+   quality reward;
+5. before and after (the feedback merged at each of ``--ratios``), at 4 steps, 50 new digits
+   of each class (other seeds): the rater's measure (mean ink mass), and the judge's accuracy
+   and FID (``toy/quality.py``), printed as a table; a grid of the same seeds before and after
+   (at ``--grid-ratio``) is written to ``--grid``.
 
 Targets (issue 14): agreement >= 80%, ink mass +20% or more, accuracy >= 0.9 and FID within
 1.3x of the LoRA before feedback. :func:`loop` is also what the test runs, at a small size.
@@ -103,16 +107,20 @@ def rate(srv, entry, like: int) -> dict:
 def feedback_graph(ckpt: str, lora: str, args) -> dict:
     from toy.data import DATASET_FOLDER
 
-    return {
+    digits = {"digits": {"class_type": "HyperSDRewardLoader", "inputs": {
+        "reward_name": REWARD, "margin": -0.05, "weight": args.digit_reward_weight}}}
+    return {**(digits if args.digit_reward_weight > 0 else {}),
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "data": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": DATASET_FOLDER}},
         "dataset": {"class_type": "MakeTrainingDataset", "inputs": {
             "images": ["data", 0], "texts": ["data", 1], "vae": ["ckpt", 2], "clip": ["ckpt", 1]}},
         "reward": {"class_type": "HyperSDRewardLoader", "inputs": {
-            "reward_name": f"{HEAD}.safetensors", "margin": args.margin, "weight": 1.0}},
+            "reward_name": f"{HEAD}.safetensors", "margin": args.margin, "weight": 1.0,
+            **({"rewards": ["digits", 0]} if args.digit_reward_weight > 0 else {})}},
         "train": {"class_type": "HyperSDTrainFeedback", "inputs": {
             "model": ["ckpt", 0], "lora_name": lora, "vae": ["ckpt", 2], "rewards": ["reward", 0],
             "latents": ["dataset", 0], "positive": ["dataset", 1], "steps_of_lora": str(STEPS),
+            **({"captions": ["data", 1]} if args.digit_reward_weight > 0 else {}),
             "steps": args.feedback_steps, "learning_rate": args.lr, "rank": 8, "merge_ratio": args.merge_ratio,
             "eta": 1.0, "structure_weight": 0.0, "seed": args.seed, "batch_size": args.batch,
             "output_name": f"{HEAD}_feedback", "checkpoint_every": 0, "resume": False, "lora_scope": "all"}},
@@ -166,54 +174,80 @@ def loop(args, base: Path) -> dict:
         t1 = time.time()
         srv.run(feedback_graph(ckpt.name, LORA, args), timeout=4 * 3600)
         res["feedback_seconds"] = round(time.time() - t1, 1)
-        merged = f"{HEAD}_feedback.safetensors"
         res["before"], before_imgs = measure(srv, ckpt.name, LORA, args.eval_per_digit, args.eval_seed, "before")
-        res["after"], after_imgs = measure(srv, ckpt.name, merged, args.eval_per_digit, args.eval_seed, "after")
+        res["after"], shown = {}, None
+        for ratio in args.ratios:
+            name = merge_at(base / "models" / "loras", ratio)
+            res["after"][f"{ratio:g}"], imgs = measure(srv, ckpt.name, name, args.eval_per_digit, args.eval_seed,
+                                                       f"after_{ratio:g}")
+            if ratio == args.grid_ratio:
+                shown = imgs
     res["seconds"] = round(time.time() - t0, 1)
-    if args.grid:
-        write_grid(before_imgs, after_imgs, args.eval_per_digit, Path(args.grid))
+    if args.grid and shown is not None:
+        write_grid(before_imgs, shown, args.eval_per_digit, Path(args.grid), f"after (merge {args.grid_ratio:g})")
         res["grid"] = str(args.grid)
     return res
 
 
-def write_grid(before: list, after: list, per_digit: int, path: Path, columns: int = 4) -> None:
+def merge_at(loras: Path, ratio: float) -> str:
+    """The unified LoRA with the feedback alone (``<HEAD>_feedback_feedback``) merged at ``ratio``
+    (exact rank concatenation, the unified LoRA's recipe kept), into the server's loras folder."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ComfyUI_HyperSD.hypersd_core import files, lora_merge
+
+    merged = loras / f"{HEAD}_feedback.safetensors"  # the node's file: merged at its merge_ratio, recipe kept
+    with safe_open(str(merged), "pt") as f:
+        meta = dict(f.metadata())
+    name = f"{HEAD}_feedback_x{ratio:g}.safetensors"
+    sd = lora_merge.merge_cat(load_file(str(loras / LORA)), load_file(str(loras / f"{HEAD}_feedback_feedback.safetensors")),
+                              1.0, ratio)
+    files.save_safetensors(loras / name, sd, {**meta, "hypersd.merge_ratio": f"{ratio:g}"})
+    return name
+
+
+def write_grid(before: list, after: list, per_digit: int, path: Path, label: str, columns: int = 4) -> None:
     """Rows: digits 0-9; left the first ``columns`` pictures before feedback, right the same seeds after."""
     from PIL import Image, ImageDraw
 
     from ComfyUI_HyperSD.hypersd_core import files
 
     s = before[0].size[0]
+    columns = min(columns, per_digit)
     gap = 8
-    grid = Image.new("RGB", (2 * columns * s + gap, 10 * s + 14), "white")
+    grid = Image.new("L", (2 * columns * s + gap, 10 * s + 14), 255)  # grey pages: a small file
     draw = ImageDraw.Draw(grid)
-    draw.text((2, 1), "before feedback", fill="black")
-    draw.text((columns * s + gap + 2, 1), "after (bold-strokes preference)", fill="black")
+    draw.text((2, 1), "before feedback", fill=0)
+    draw.text((columns * s + gap + 2, 1), label, fill=0)
     for d in range(10):
         for c in range(columns):
-            grid.paste(before[d * per_digit + c], (c * s, 14 + d * s))
-            grid.paste(after[d * per_digit + c], (columns * s + gap + c * s, 14 + d * s))
+            grid.paste(before[d * per_digit + c].convert("L"), (c * s, 14 + d * s))
+            grid.paste(after[d * per_digit + c].convert("L"), (columns * s + gap + c * s, 14 + d * s))
     files.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def table(res: dict) -> str:
-    b, a = res["before"], res["after"]
-    p = res["preference"]
+    b, p = res["before"], res["preference"]
     lines = [f"ratings through POST /hypersd/ratings: {res['ratings']} ({res['stored_ratings']} stored)",
              f"preference reward: {p['report']}",
              "",
-             f"| 4 steps, {b['n']} digits (unified LoRA, TCD) | ink mass (the rater's measure) | judge accuracy | judge FID |",
-             "|---|---|---|---|",
-             f"| before feedback | {b['ink_mass']:.4f} | {b['accuracy']:.3f} | {b['fid']:.1f} |",
-             f"| after (merge {res['settings']['merge_ratio']:g}) | {a['ink_mass']:.4f} | {a['accuracy']:.3f} | {a['fid']:.1f} |",
-             f"| after / before | {a['ink_mass'] / b['ink_mass']:.2f}x | {a['accuracy'] - b['accuracy']:+.3f} | "
-             f"{a['fid'] / b['fid']:.2f}x |",
-             "",
-             f"targets: agreement >= 80% ({p['agreement']:.1%}: {'met' if p['agreement'] >= 0.8 else 'NOT met'}); "
-             f"ink mass +20% ({a['ink_mass'] / b['ink_mass'] - 1:+.1%}: "
-             f"{'met' if a['ink_mass'] >= 1.2 * b['ink_mass'] else 'NOT met'}); accuracy >= 0.9 ({a['accuracy']:.3f}: "
-             f"{'met' if a['accuracy'] >= 0.9 else 'NOT met'}); FID within 1.3x ({a['fid'] / b['fid']:.2f}x: "
-             f"{'met' if a['fid'] <= 1.3 * b['fid'] else 'NOT met'})",
-             f"feedback training {res['feedback_seconds']} s; whole loop {res['seconds']} s"]
+             f"| 4 steps, {b['n']} digits (unified LoRA, TCD) | ink mass (the rater's measure) | / before | judge accuracy "
+             f"| judge FID | / before |",
+             "|---|---|---|---|---|---|",
+             f"| before feedback | {b['ink_mass']:.4f} | 1 | {b['accuracy']:.3f} | {b['fid']:.1f} | 1 |"]
+    met = []
+    for ratio, a in res["after"].items():
+        ink, fid = a["ink_mass"] / b["ink_mass"], a["fid"] / b["fid"]
+        lines.append(f"| feedback merged at {ratio} | {a['ink_mass']:.4f} | {ink:.2f}x | {a['accuracy']:.3f} | "
+                     f"{a['fid']:.1f} | {fid:.2f}x |")
+        if ink >= 1.2 and a["accuracy"] >= 0.9 and fid <= 1.3:
+            met.append(ratio)
+    lines += ["",
+              f"targets: held-out agreement >= 80% ({p['agreement']:.1%}: {'met' if p['agreement'] >= 0.8 else 'NOT met'}); "
+              f"ink mass >= 1.2x with accuracy >= 0.9 and FID <= 1.3x before: "
+              f"{'met at merge ' + ', '.join(met) if met else 'NOT met at any merge ratio'}",
+              f"feedback training {res['feedback_seconds']} s; whole loop {res['seconds']} s"]
     return "\n".join(lines)
 
 
@@ -224,14 +258,22 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-per-digit", type=int, default=10, help="training digits per class for the feedback")
     ap.add_argument("--feedback-steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--margin", type=float, default=2.0, help="hinge margin in standard deviations of the rated pictures")
-    ap.add_argument("--merge-ratio", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--margin", type=float, default=1.0, help="hinge margin in standard deviations of the rated pictures")
+    ap.add_argument("--digit-reward-weight", type=float, default=1.0,
+                    help="weight of the toy reward (the prompted digit's log-probability, margin -0.05) beside the "
+                         "preference, so the digits stay digits (0: the preference alone)")
+    ap.add_argument("--merge-ratio", type=float, default=1.0, help="the node's merge_ratio (its merged file)")
+    ap.add_argument("--ratios", type=lambda v: [float(x) for x in v.split(",") if x.strip()],
+                    default=[0.25, 0.5, 0.6, 0.7, 1.0],
+                    help="merge ratios measured after feedback")
+    ap.add_argument("--grid-ratio", type=float, default=0.6, help="the merge ratio the grid shows")
     ap.add_argument("--eval-per-digit", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=5000)
     ap.add_argument("--models-dir", default=str(comfy_dir() / "models"))
-    ap.add_argument("--grid", default=str(REPO / "bench" / "out" / "preference_grid.png"))
+    ap.add_argument("--grid", default=str(REPO / "bench" / "results" / "preference_grid.png"),
+                    help="the before/after grid (the README shows bench/results/preference_grid.png)")
     ap.add_argument("--json", default=str(REPO / "bench" / "out" / "preference.json"))
     return ap
 

@@ -303,6 +303,77 @@ TRAINING["hypersd_toy_train_feedback"] = dict(
           "feedback alone, to merge at another ratio). With your own checkpoint: your N-step Hyper-SD LoRA, "
           "your images with captions, and a reward model file."))
 
+TOY_UNIFIED_LORA = "hypersd_toy_tscd_lora.safetensors"
+
+
+def toy_rate_images() -> dict:
+    """Draw with the toy's unified LoRA at 4 steps and rate the pictures in the page."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TOY_CKPT}},
+        "2": {"class_type": "HyperSDLoraLoader", "inputs": {"model": ["1", 0], "lora_name": TOY_UNIFIED_LORA,
+                                                            "strength": -1.0, "steps": 4}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 7", "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 8}},
+        "6": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["2", 0], "add_noise": True, "noise_seed": 42, "cfg": 1.0, "positive": ["3", 0],
+            "negative": ["4", 0], "sampler": ["2", 4], "sigmas": ["2", 5], "latent_image": ["5", 0]}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "HyperSDRateImages", "inputs": {"images": ["7", 0], "filename_prefix": "hypersd_rated",
+                                                            "prompt_text": ""}},
+    }
+
+
+def toy_train_preference() -> dict:
+    """Your ratings -> a preference reward -> a feedback LoRA on the unified LoRA, tried at 4 steps."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TOY_CKPT}},
+        "2": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": TOY_DATASET}},
+        "3": {"class_type": "MakeTrainingDataset", "inputs": {"images": ["2", 0], "texts": ["2", 1], "vae": ["1", 2],
+                                                               "clip": ["1", 1]}},
+        "4": {"class_type": "HyperSDTrainPreferenceReward", "inputs": {
+            "features_from": TOY_REWARD, "output_name": "my_preference", "margin": 2.0, "weight": 1.0,
+            "holdout": 0.2, "steps": 400, "learning_rate": 0.05, "seed": 0, "prompt_contains": ""}},
+        "5": {"class_type": "HyperSDTrainFeedback", "inputs": {
+            "model": ["1", 0], "lora_name": TOY_UNIFIED_LORA, "vae": ["1", 2], "rewards": ["4", 0],
+            "latents": ["3", 0], "positive": ["3", 1], "steps_of_lora": "4", "steps": 40, "learning_rate": 3e-4,
+            "rank": 8, "merge_ratio": 1.0, "eta": 1.0, "structure_weight": 0.0, "seed": 0, "batch_size": 16,
+            "output_name": "my_preference_feedback", "checkpoint_every": 20, "resume": True, "lora_scope": "all",
+            "gradient_checkpointing": False}},
+        "6": {"class_type": "HyperSDLoraLoader", "inputs": {"model": ["1", 0], "lora_name": TOY_UNIFIED_LORA,
+                                                            "strength": -1.0, "steps": 4}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 7", "clip": ["1", 1]}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "10": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["5", 0], "add_noise": True, "noise_seed": 42, "cfg": 1.0, "positive": ["7", 0],
+            "negative": ["8", 0], "sampler": ["6", 4], "sigmas": ["6", 5], "latent_image": ["9", 0]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "hypersd_preference"}},
+    }
+
+
+TRAINING["hypersd_toy_rate_images"] = dict(
+    graph=toy_rate_images(),
+    note=("## Rate pictures: your own human feedback\n\nRuns as is on the toy family that set-up installs "
+          f"(`{TOY_CKPT}` and its unified LoRA `{TOY_UNIFIED_LORA}`). 'Hyper-SD Rate Images' saves the pictures and "
+          "shows Like / Dislike under each and a 'Prefer A over B' choice; every click is stored (with the prompt, "
+          "seed, checkpoint, LoRAs and sampler settings the graph used) in ComfyUI's user folder, "
+          "`hypersd/ratings.sqlite3`. Change the seed or the prompt and rate more: likes and dislikes are compared "
+          "within one prompt, a 'prefer' click counts as it is. About ten pairs are the least a preference reward "
+          "trains on; a hundred make a good one. `GET /hypersd/ratings/export?format=csv` downloads them."))
+TRAINING["hypersd_toy_train_preference"] = dict(
+    graph=toy_train_preference(),
+    note=("## Your taste as a reward, then a LoRA that follows it\n\nRuns on the toy family that set-up installs "
+          f"(`{TOY_CKPT}`) after rating pictures (the rating example): "
+          "'Hyper-SD Train Preference Reward' fits a Bradley-Terry head on frozen image features (on the toy: "
+          f"the toy reward's `{TOY_REWARD}`; on SD models connect CLIP ViT-L/14 and pick clip_vision), tells how "
+          "often it agrees with your held-out pairs, saves `models/hypersd_rewards/my_preference.safetensors` "
+          f"and hands it to 'Hyper-SD Train Feedback LoRA', which trains on the unified LoRA `{TOY_UNIFIED_LORA}` "
+          f"at 4 steps (TCD, eta 1) with the toy's captioned digits `input/{TOY_DATASET}`. The margin is in "
+          "standard deviations over your rated pictures: 2 pushes towards pictures like your best-rated ones and "
+          "no further. The result, `my_preference_feedback`, keeps the unified LoRA's recipe."))
+
 WORKFLOWS = {name: {"graph": make(), "note": SAMPLING_NOTES[name]} for name, make in SAMPLING.items()}
 WORKFLOWS.update(LOADER)
 WORKFLOWS.update(TRAINING)

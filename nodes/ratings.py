@@ -152,7 +152,12 @@ def register() -> None:
         if request.content_length is not None and request.content_length > ratings.MAX_BODY:
             return web.json_response({"error": f"the request is larger than {ratings.MAX_BODY} bytes: send one "
                                                f"rating at a time"}, status=400)
-        raw = await request.content.read(ratings.MAX_BODY + 1)
+        raw = b""
+        while len(raw) <= ratings.MAX_BODY:  # read() returns what has arrived: read until the end or the limit
+            chunk = await request.content.read(ratings.MAX_BODY + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
         try:
             body = _parse_body(raw)
         except ratings.RatingError as e:
@@ -166,8 +171,10 @@ def register() -> None:
         try:
             limit = int(q["limit"]) if q.get("limit") else None
             offset = int(q.get("offset") or 0)
+            if offset < 0 or (limit is not None and limit < 0):
+                raise ValueError
         except ValueError:
-            return web.json_response({"error": "limit and offset are whole numbers"}, status=400)
+            return web.json_response({"error": "limit and offset are whole numbers, 0 or more"}, status=400)
         status, out = await asyncio.to_thread(
             _store_call, lambda: {"count": database().count(), "ratings": database().rows(limit, offset)})
         return web.json_response(out, status=status)

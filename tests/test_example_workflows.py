@@ -135,3 +135,60 @@ def test_feedback_example_runs_on_the_server_with_the_toy(server, object_info):
     assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"], meta["hypersd.feedback_step"]) == (
         "4", "ddim", "2")
     assert (loras / "example_feedback_feedback.safetensors").exists()
+
+
+def test_rating_and_preference_examples_close_the_loop_on_the_toy(server, object_info):
+    """The rating example, as shipped, twice (two seeds); a scripted rater who likes bold strokes
+    rates its pictures through the page's route; then the preference example, shortened (2
+    feedback steps, batch 2): the head is saved with its pairs, the feedback LoRA keeps the
+    unified recipe, the 4-step pictures are made."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from bench.bench_preference import ink_mass
+    from hypersd_dev.fixtures import place
+    from toy import data, install
+
+    installed = install.install(Path(tempfile.gettempdir()) / "hypersd-test-files" / "toy-models")
+    weights = REPO / "toy" / "weights"
+    for folder, src in (("checkpoints", installed["checkpoint"]), ("loras", weights / example_graphs.TOY_UNIFIED_LORA),
+                        ("hypersd_rewards", weights / example_graphs.TOY_REWARD)):
+        (server.base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        place(server.base, folder, src)
+    data.write_dataset(server.base / "input" / example_graphs.TOY_DATASET, 1)
+    rate = workflows.ui_to_api(workflows.load(EXAMPLES / "hypersd_toy_rate_images.json"), object_info)
+    rated = 0
+    for seed in (42, 43):
+        rate["6"]["inputs"]["noise_seed"] = seed
+        entry = server.run(rate, timeout=600)
+        out = entry["outputs"]["8"]
+        refs, ctx = out["images"], out["hypersd_rating"][0]
+        assert len(refs) == 8 and ctx["prompt"] == "a handwritten digit 7" and ctx["seed"] == seed
+        assert ctx["loras"] == [example_graphs.TOY_UNIFIED_LORA] and ctx["checkpoint"] == example_graphs.TOY_CKPT
+        inks = [ink_mass(im) for im in server.images(entry, "8")]
+        order = sorted(range(8), key=lambda i: inks[i])
+        for kind, i in [("dislike", j) for j in order[:3]] + [("like", j) for j in order[-3:]]:
+            status, body = server.rate({"kind": kind, "image": refs[i], "prompt": ctx["prompt"], "seed": ctx["seed"],
+                                        "checkpoint": ctx["checkpoint"], "loras": ctx["loras"],
+                                        "sampler": {**ctx["sampler"], "batch_index": i}})
+            assert status == 200, body
+            rated += 1
+        status, body = server.rate({"kind": "prefer", "image": refs[order[4]], "other": refs[order[3]],
+                                    "prompt": ctx["prompt"]})
+        assert status == 200, body
+    assert rated == 12
+    api = workflows.ui_to_api(workflows.load(EXAMPLES / "hypersd_toy_train_preference.json"), object_info)
+    api["4"]["inputs"].update(prompt_contains="a handwritten digit 7", output_name="example_preference")
+    api["5"]["inputs"].update(steps=2, batch_size=2, checkpoint_every=0, output_name="example_pref_feedback",
+                              resume=False)
+    entry = server.run(api, timeout=600)
+    assert len(server.output_files(entry, "12", "images")) == 4
+    with safe_open(str(server.base / "models" / "hypersd_rewards" / "example_preference.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["hypersd.preference_pairs"] == "38"  # 6 liked x 6 disliked, and 2 'prefer' choices
+    with safe_open(str(server.base / "models" / "loras" / "example_pref_feedback.safetensors"), "pt") as f:
+        lora_meta = f.metadata()
+    assert (lora_meta["hypersd.recommended_sampler"], lora_meta["hypersd.feedback_rewards"]) == (
+        "tcd", "example_preference:2:1")

@@ -28,7 +28,12 @@ baseline of the benchmark (``python -m bench.bench_tscd --quality``). Everything
 the step number, and puts a captioned dataset in a canonical order, so the same machine
 and library versions give the same files.
 
-The committed LoRAs were made with the defaults: stages 8,4,2,1 x 250 steps, batch 32, rank 8
+The committed 8-step LoRA (``_stage1_k8``) comes from a run of its own, ``--stages 8
+--steps-per-stage 1000 --score-steps 0 --name hypersd_toy_k8long``, 32 minutes on one core,
+copied over the 8,4,2,1 run's first stage: four times the training, and made after the TSCD
+stages began to train at the times their recipe samples at (``tscd.stage_timesteps``), so a
+rerun of the 8,4,2,1 run today draws other timesteps than the committed 4- and 2-step files
+saw. The other committed LoRAs were made with the defaults: stages 8,4,2,1 x 250 steps, batch 32, rank 8
 on every layer, lr 1e-3 with the cosine schedule per stage, 50 digits per class, and teacher
 cfg 2, the toy teacher's guidance, so that the FID of a student measures how well it keeps
 the teacher's output; then 300 score-distillation steps (1 fake update a step, no regression

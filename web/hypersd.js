@@ -2,6 +2,9 @@
 // - Advice from the server (e.g. a diffusers one-step UNet given to Load Checkpoint) shows as a
 //   toast naming the node to use, instead of a cryptic error later in the graph.
 // - Training progress of Hyper-SD Train TSCD LoRA (step, stage, loss) shows in the node's title bar.
+// - Hyper-SD Rate Images: after a run, a like and a dislike button for each picture and a
+//   "prefer A over B" choice show on the node; each click goes to POST /hypersd/ratings with
+//   what the graph used (prompt, seed, checkpoint, LoRAs, sampler), as the node reported it.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -45,6 +48,134 @@ app.registerExtension({
         ctx.fillText(this.hypersdStatus, this.size[0] - 8, -8);
         ctx.restore();
       }
+      return r;
+    };
+  },
+});
+
+// ---------------------------------------------------------------------- rating pictures
+
+const RATE_NODE = "HyperSDRateImages";
+const RATE_WIDGET = "hypersd_rating";
+
+// POST one rating; {ok, error} with the server's sentence when it refuses.
+async function sendRating(body) {
+  try {
+    const res = await api.fetchApi("/hypersd/ratings", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const data = await res.json().catch(() => ({}));
+    return res.ok ? { ok: true } : { ok: false, error: data.error || `the server answered ${res.status}` };
+  } catch (e) {
+    return { ok: false, error: `the server could not be reached (${e.message || e})` };
+  }
+}
+
+function imageRef(im) {
+  return { filename: im.filename, subfolder: im.subfolder || "", type: im.type || "output" };
+}
+
+function el(tag, props = {}, children = []) {
+  const e = Object.assign(document.createElement(tag), props);
+  e.append(...children);
+  return e;
+}
+
+// A button that sends makeBody() on click and shows the outcome: a green tick, or red and
+// a toast with the server's sentence. data-state (sending / saved / error) is kept for tests.
+function rateButton(text, attrs, makeBody) {
+  const b = el("button", { textContent: text, title: attrs.title || "" });
+  b.style.cssText = "padding:1px 6px;font-size:11px;cursor:pointer";
+  b.dataset.hypersdRate = attrs.kind;
+  if (attrs.index !== undefined) b.dataset.index = String(attrs.index);
+  b.addEventListener("click", async () => {
+    b.disabled = true;
+    b.dataset.state = "sending";
+    const r = await sendRating(makeBody());
+    b.disabled = false;
+    b.dataset.state = r.ok ? "saved" : "error";
+    b.textContent = r.ok ? `${text} \u2713` : `${text} \u2717`;
+    b.style.background = r.ok ? "#2d5a2d" : "#7a2d2d";
+    if (!r.ok) toast("error", "Hyper-SD rating not stored", r.error);
+    setTimeout(() => {
+      b.textContent = text;
+      b.style.background = "";
+    }, 1500);
+  });
+  return b;
+}
+
+// The widget's contents for one run: a row per picture, then the "prefer" row.
+function ratingControls(images, context) {
+  const ctx = context || {};
+  const body = (kind, image, sampler, other) => {
+    const b = {
+      kind, image: imageRef(image), prompt: ctx.prompt || "", seed: ctx.seed ?? null,
+      checkpoint: ctx.checkpoint || "", loras: ctx.loras || [], sampler, source: "page",
+    };
+    if (other) b.other = imageRef(other);
+    return b;
+  };
+  const rows = images.map((im, i) =>
+    el("div", { style: "display:flex;gap:4px;align-items:center" }, [
+      el("span", { textContent: `#${i}`, title: im.filename, style: "min-width:2.5em" }),
+      rateButton("Like", { kind: "like", index: i }, () =>
+        body("like", im, { ...(ctx.sampler || {}), batch_index: i })),
+      rateButton("Dislike", { kind: "dislike", index: i }, () =>
+        body("dislike", im, { ...(ctx.sampler || {}), batch_index: i })),
+    ]));
+  const pick = (which, start) => {
+    const s = el("select", {}, images.map((_, i) => el("option", { value: String(i), textContent: `#${i}` })));
+    s.dataset.hypersdSelect = which;
+    s.value = String(Math.min(start, images.length - 1));
+    return s;
+  };
+  const a = pick("a", 0);
+  const b = pick("b", 1);
+  const prefer = rateButton("Prefer A over B", { kind: "prefer", title: "A is the better picture" }, () => {
+    const [ia, ib] = [Number(a.value), Number(b.value)];
+    return body("prefer", images[ia], { ...(ctx.sampler || {}), batch_index: ia, other_batch_index: ib },
+      images[ib]);
+  });
+  const preferRow = el("div", { style: "display:flex;gap:4px;align-items:center;margin-top:4px" },
+    [el("span", { textContent: "A" }), a, el("span", { textContent: "B" }), b, prefer]);
+  if (images.length < 2) preferRow.style.display = "none";
+  return [...rows, preferRow];
+}
+
+app.registerExtension({
+  name: "HyperSD.Ratings",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== RATE_NODE) return;
+    const executed = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = executed ? executed.apply(this, arguments) : undefined;
+      const images = (message && message.images) || [];
+      const context = message && message[RATE_WIDGET] && message[RATE_WIDGET][0];
+      if (!images.length) return r;
+      if (typeof this.addDOMWidget !== "function") {  // an older front end: no place for buttons
+        if (!nodeType.hypersdWarned) console.warn("Hyper-SD: this ComfyUI front end cannot show rating buttons; " +
+          "POST /hypersd/ratings still stores ratings");
+        nodeType.hypersdWarned = true;
+        return r;
+      }
+      // one widget per node: a re-run replaces its contents
+      let widget = this.widgets && this.widgets.find((w) => w.name === RATE_WIDGET);
+      if (!widget) {
+        const box = el("div", { className: "hypersd-rating" });
+        box.style.cssText = "display:flex;flex-direction:column;gap:2px;font-size:11px;overflow:auto";
+        widget = this.addDOMWidget(RATE_WIDGET, "hypersd_rating", box, {
+          serialize: false, hideOnZoom: false,
+          getMinHeight: () => 26 * box.childElementCount + 8,
+        });
+        widget.serialize = false;  // not a value of the node: neither saved nor queued
+      }
+      widget.element.replaceChildren(...ratingControls(images, context));
+      const min = this.computeSize();
+      this.setSize([Math.max(this.size[0], min[0], 260), Math.max(this.size[1], min[1])]);
+      this.setDirtyCanvas(true, true);
       return r;
     };
   },
