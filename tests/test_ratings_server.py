@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 import sqlite3
 
 import pytest
 
 from hypersd_dev import REPO
+from hypersd_dev.fixtures import place
 from hypersd_dev.server import ComfyServer, ExecutionFailed
 
 TOY_REWARD = "hypersd_toy_reward.safetensors"
@@ -144,7 +144,7 @@ def test_a_preference_reward_learns_the_raters_taste_from_ratings(server):
     toy reward's features agrees with them on the held-out pairs, and is saved as a reward file."""
     rewards_dir = server.base / "models" / "hypersd_rewards"
     rewards_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "toy" / "weights" / TOY_REWARD, rewards_dir / TOY_REWARD)
+    place(server.base, "hypersd_rewards", REPO / "toy" / "weights" / TOY_REWARD)  # other tests may have placed it
     greys = [int(v) for v in range(0, 240, 10)]
     entry = server.run(rate_graph(greys, prefix="taste", prompt_text="taste test"))
     for i, g in enumerate(greys):
