@@ -28,7 +28,11 @@ import hypersd_dev
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", help="also write the figures here (bench/results.py; scripts/bench.sh does)")
+    ap.add_argument("--quick", action="store_true", help="3 rounds (scripts/bench.sh --quick)")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds = min(args.rounds, 3)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     hypersd_dev.load_pack()
@@ -88,6 +92,14 @@ def main() -> int:
         print(f"| HyperSDLoraLoader | {first['ours']:.3f} | {o:.3f} | {min(our_t):.3f} | {o / c:.3f} |")
         print()
         print(f"ratio (median): {o / c:.3f}x  target <= 1.05x: {'met' if o / c <= 1.05 else 'NOT met'}")
+        if args.json:
+            from bench import results
+
+            ratios = sorted(a / b for a, b in zip(our_t, core_t))
+            results.save(args.json, "lora_load", {
+                "core_s": core_t, "ours_s": our_t, "median_core_s": c, "median_ours_s": o, "ratio": o / c,
+                "ratio_min": ratios[0], "ratio_max": ratios[-1], "mb": size / 1e6, "layers": len(layout)},
+                {"rounds": args.rounds, "layout": "SDXL", "rank": 64}, args.quick)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -31,7 +31,6 @@ Targets (issue 14): agreement >= 80%, ink mass +20% or more, accuracy >= 0.9 and
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -274,21 +273,33 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--models-dir", default=str(comfy_dir() / "models"))
     ap.add_argument("--grid", default=str(REPO / "bench" / "results" / "preference_grid.png"),
                     help="the before/after grid (the README shows bench/results/preference_grid.png)")
-    ap.add_argument("--json", default=str(REPO / "bench" / "out" / "preference.json"))
+    ap.add_argument("--json", help="also write the figures here (bench/results.py; scripts/bench.sh does)")
+    ap.add_argument("--quick", action="store_true", help="a minute: 60 rated digits, 4 feedback steps of 4, 50 judged")
     return ap
+
+
+QUICK = {"per_digit": 6, "like": 2, "train_per_digit": 2, "feedback_steps": 4, "batch": 4, "eval_per_digit": 5,
+         "ratios": [0.5, 1.0], "grid_ratio": 1.0}
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+        if args.grid == parser().get_default("grid"):
+            args.grid = str(REPO / "bench" / "results" / "quick" / "preference_grid.png")
     base = Path(tempfile.mkdtemp(prefix="hypersd-preference-"))
     try:
         res = loop(args, base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
     print(table(res))
+    if args.json:
+        from bench import results
+
+        settings = res.pop("settings")
+        results.save(args.json, "preference", res, settings, args.quick)
     return 0
 
 

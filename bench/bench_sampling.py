@@ -26,7 +26,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--size", type=int, default=64, help="image size in pixels (latent = size/8)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="also write the figures here (bench/results.py; scripts/bench.sh does)")
+    ap.add_argument("--quick", action="store_true", help="a few rounds (scripts/bench.sh --quick)")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats = min(args.repeats, 5)
     hypersd_dev.load_pack(args.threads)
     import comfy.sample
     import comfy.samplers
@@ -56,7 +60,7 @@ def main() -> None:
         comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, lat, disable_pbar=True, seed=0)
         return time.perf_counter() - t0
 
-    rows = []
+    rows, bands = [], []
     for n in (1, 4, 8):
         sigmas = schedules.hypersd_sigmas(ms, n, "tcd")
         names = list(samplers)
@@ -74,11 +78,19 @@ def main() -> None:
         for k in names:
             if k != "null":
                 rows.append([n, k, statistics.median(times[k]) * 1000, null * 1000, statistics.median(ratios[k])])
+                q = statistics.quantiles(ratios[k], n=4) if len(ratios[k]) > 1 else [ratios[k][0]] * 3
+                bands.append({"steps": n, "sampler": k, "ratio": statistics.median(ratios[k]), "p25": q[0],
+                              "p75": q[2], "ms_per_sample": statistics.median(times[k]) * 1000})
     print(f"Sampler overhead on a {sum(p.numel() for p in model.model.parameters()) / 1e6:.1f} M-parameter SD1.5-format "
           f"UNet, {args.size}x{args.size} px, batch 1, CPU, {args.threads} thread(s), median of {args.repeats}")
     print(hypersd_dev.table(["steps", "sampler", "ms / sample", "ms, N calls only", "ratio (median per round)"], rows))
     worst = {k: max(r[4] for r in rows if r[1] == k) for k in {r[1] for r in rows}}
     print("worst ratio: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(worst.items())))
+    if args.json:
+        from bench import results
+
+        results.save(args.json, "sampling", {"rows": bands, "worst": worst},
+                     {"repeats": args.repeats, "size": args.size, "threads": args.threads}, args.quick)
 
 
 if __name__ == "__main__":

@@ -206,14 +206,17 @@ def _lora_meta(path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
-def stage_files(final: Path) -> dict[int, tuple[Path, dict]]:
-    """The LoRAs of one run by total training steps: ``{steps: (path, metadata)}``, the stage
-    files (``<stem>_stage<n>_k<k>``, written by the node at each stage's end) and the final file."""
+def stage_files(final: Path) -> dict[tuple[int, int], tuple[Path, dict]]:
+    """The LoRAs of one run by ``(total training steps, stages trained)``: ``{key: (path,
+    metadata)}``, the stage files (``<stem>_stage<n>_k<k>``, written by the node at each stage's
+    end) and the final file. The second part keeps apart a stage file that came from a run of
+    its own with as many steps (the toy's 8-step LoRA: 1000 steps of one stage) and the final
+    file (1000 steps over four stages), and orders the final last."""
     out = {}
     for f in sorted(final.parent.glob(final.stem + "_stage*_k*.safetensors")) + [final]:
         if f.exists():
             meta = _lora_meta(f)
-            out[int(meta["hypersd.step"])] = (f, meta)
+            out[(int(meta["hypersd.step"]), len(meta.get("hypersd.stages", "").split(",")))] = (f, meta)
     return out
 
 
@@ -460,7 +463,8 @@ def quality(args) -> int:
     #    the bare teacher at N steps (its best sampler) in every seed set, and beside the one-segment
     #    LoRA with the same number of training steps, sampled both ways.
     by_k = {}
-    for trained, (path, meta) in sorted(tscd_files.items()):
+    base_by_step = {key[0]: v for key, v in base_files.items()}
+    for (trained, _), (path, meta) in sorted(tscd_files.items()):
         by_k[int(meta["hypersd.stages"].split(",")[-1])] = (trained, path, meta["hypersd.stages"].replace(",", "-"))
     for k in sorted(by_k):
         trained, path, stages = by_k[k]
@@ -471,18 +475,18 @@ def quality(args) -> int:
             wins = [a < b for a, b in zip(r["fids"], best[k]["fids"])]
             checks.append((f"{k}-step TSCD FID {r['fid']:.1f} < bare teacher at {k} steps {best[k]['fid']:.1f} "
                            f"({r['fid'] / best[k]['fid']:.2f}x) in {sum(wins)} of {len(wins)} seed sets", all(wins)))
-        if trained in base_files:
-            rb = [add("N-step", "one-segment k=1", k, 1.0, how, lora=base_files[trained][0], trained=trained)
+        if trained in base_by_step:
+            rb = [add("N-step", "one-segment k=1", k, 1.0, how, lora=base_by_step[trained][0], trained=trained)
                   for how in (["tcd"] if k == 1 else ["tcd", "ddim"])]
             b = min(x["fid"] for x in rb)
             if k in (2, 4):
                 checks.append((f"{k}-step TSCD FID {r['fid']:.1f} < one-segment {b:.1f} (best of its samplers, "
                                f"{trained} training steps each)", r["fid"] < b))
     # 2. The final LoRA of each run as a unified LoRA: TCD at 1 to 8 steps.
-    finals = ([("TSCD " + student_meta["hypersd.stages"].replace(",", "-"), max(tscd_files), tscd_files[max(tscd_files)][0])]
-              if tscd_files else [])
+    finals = ([("TSCD " + student_meta["hypersd.stages"].replace(",", "-"), max(tscd_files)[0],
+                tscd_files[max(tscd_files)][0])] if tscd_files else [])
     if base_files:
-        finals.append(("one-segment k=1", max(base_files), base_files[max(base_files)][0]))
+        finals.append(("one-segment k=1", max(base_files)[0], base_files[max(base_files)][0]))
     for name, trained, path in finals:
         for steps in (1, 2, 4, 8):
             add("unified", name + " (final)", steps, 1.0, "tcd", lora=path, trained=trained)
@@ -583,6 +587,22 @@ def quality(args) -> int:
     text += "\n\n" + "\n".join(f"{'met    ' if ok else 'NOT met'}  {what}" for what, ok in checks)
     print(text)
     files.write_text(REPO / "bench" / "out" / "tscd_quality.md", text + "\n")
+    if args.json:
+        from bench import results
+
+        def row(g, nm, st, cfg, smp, tr, r):
+            return {"group": g, "name": nm, "steps": st, "cfg": cfg, "sampler": smp, "trained": tr,
+                    "best_bare": g == "bare teacher" and r is best.get(st),
+                    **{k: r.get(k) for k in ("accuracy", "fid", "fids", "fid_spread", "s_per_image", "reward_logp")}}
+
+        results.save(args.json, "quality", {
+            "rows": [row(*x) for x in rows], "teacher50_fid": ref, "real": real,
+            "feedback": [{"lora": nm, "steps": st, "ratio": ratio, "accuracy": r["accuracy"], "fid": r["fid"],
+                          "fid_spread": r["fid_spread"], "before_fid": b["fid"] if b else None,
+                          "reward_logp": r.get("reward_logp")} for nm, st, ratio, r, b in feedback_rows],
+            "checks": [{"what": what, "met": bool(ok)} for what, ok in checks]},
+            {"per_digit": n, "repeats": len(seeds), "seed": args.seed, "eta": args.eta,
+             "few_steps": args.few_steps, "teacher_cfg": teacher_cfg}, args.quick)
     return 0
 
 
@@ -638,8 +658,16 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", type=lambda v: [x for x in v.split(",") if x.strip()],
                     default=["core", "tscd", "score", "feedback"],
                     help="cost table: the trainers to time (core and tscd are the references; default all)")
+    ap.add_argument("--json", help="also write the figures here (bench/results.py; scripts/bench.sh does)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a few minutes: cost 2 timed steps without score distillation; --quality 5 images per "
+                         "digit and one seed set")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.quick:  # score distillation's regression bank (25 teacher steps per run) alone takes minutes: left out
+        args.steps, args.per_digit, args.repeats = min(args.steps, 2), min(args.per_digit, 5), 1
+        if args.methods == ap.get_default("methods"):
+            args.methods = ["core", "tscd", "feedback"]
     if args.child:
         print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
         return 0
@@ -690,6 +718,15 @@ def main(argv=None) -> int:
             if method == m:
                 print(f"  grad ckpt {'on' if gc else 'off'}: time {r['step_s'] / tscd[gc]['step_s']:.2f}x, "
                       f"peak memory {r['peak_bytes'] / max(tscd[gc]['peak_bytes'], 1):.2f}x")
+    if args.json:
+        from bench import results
+
+        results.save(args.json, "training_cost", {"rows": [
+            {"method": method, "trainer": names[method].strip(), "gradient_checkpointing": gc, "step_s": r["step_s"],
+             "peak_mib": r["peak_bytes"] / 2**20, "time_vs_core": r["step_s"] / ref[gc]["step_s"],
+             "memory_vs_core": r["peak_bytes"] / max(ref[gc]["peak_bytes"], 1)} for method, gc, r in rows]},
+            {"device": device, "channels": args.channels, "latent": args.latent, "batch": args.batch,
+             "steps": args.steps, "rank": args.rank, "threads": args.threads}, args.quick)
     return 0
 
 
