@@ -27,6 +27,7 @@ from comfy_api.latest import io, ui
 
 from ..hypersd_core import feedback as core_feedback
 from ..hypersd_core import files, preference, ratings, rewards
+from ._server import prompt_server
 from .feedback import REWARDS_FOLDER, ClipFeatures, Reward, _reward_path, rewards_folder
 
 log = logging.getLogger("HyperSD")
@@ -137,15 +138,10 @@ def _store_call(fn):
 
 
 def register() -> None:
-    try:
-        from aiohttp import web
-        from server import PromptServer
-
-        inst = PromptServer.instance
-    except Exception:  # no server in this process (tests, scripts)
+    found = prompt_server()
+    if found is None:
         return
-    if inst is None:
-        return
+    web, inst = found
 
     @inst.routes.post("/hypersd/ratings")
     async def hypersd_rate(request):

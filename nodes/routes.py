@@ -16,6 +16,7 @@ import re
 from ..hypersd_core import lora_file
 from ..hypersd_core.lora_file import LoraFileError, LoraInfo
 from ._errors import HyperSDError
+from ._server import prompt_server
 from .lora import inspect_lora_name
 
 log = logging.getLogger("HyperSD")
@@ -105,15 +106,10 @@ def _notify(data: dict) -> None:
 
 
 def register() -> None:
-    try:
-        from aiohttp import web
-        from server import PromptServer
-
-        inst = PromptServer.instance
-    except Exception:  # no server in this process (tests, scripts)
+    found = prompt_server()
+    if found is None:
         return
-    if inst is None:
-        return
+    web, inst = found
 
     @inst.routes.get("/hypersd/inspect")
     async def hypersd_inspect(request):
