@@ -48,7 +48,8 @@ from .train import (Callback, Checkpointer, NonFiniteLossError, Stage, StageSave
 
 log = logging.getLogger(__name__)
 
-STATE_SUFFIX = ".hypersd-state.pt"
+STATE_SUFFIX = ".hypersd-state"  # no model-file extension: ComfyUI's LoRA lists leave the state out
+LEGACY_STATE_SUFFIX = ".hypersd-state.pt"  # before: listed in every LoRA dropdown, failing when picked
 # the signature's score-distillation settings (TrainSettings._score_settings)
 SCORE_SETTINGS = ("score_steps", "generator_t", "fake_updates", "regression_weight", "score_tscd_weight",
                   "score_feedback_weight", "feedback_rewards")
@@ -193,6 +194,11 @@ class RunFiles:
         return self.folder / f"{self.name}{STATE_SUFFIX}"
 
     @property
+    def legacy_state(self) -> Path:
+        """Where earlier versions kept the state (resumed from; removed once the new one is written)."""
+        return self.folder / f"{self.name}{LEGACY_STATE_SUFFIX}"
+
+    @property
     def feedback_lora(self) -> Path:
         """A feedback run's LoRA alone (to merge again at another ratio); ``lora`` is the merged one."""
         return self.folder / f"{self.name}{FEEDBACK_SUFFIX}.safetensors"
@@ -203,12 +209,13 @@ class RunFiles:
 
     def resume_state(self, resume: bool) -> dict | None:
         """The saved state to continue from; refuses a LoRA that has none rather than replace it."""
-        if resume and self.state.exists():
+        state = self.state if self.state.exists() else self.legacy_state
+        if resume and state.exists():
             try:
                 with torch.inference_mode(False):  # the optimizer updates these tensors in place
-                    return torch.load(self.state, map_location="cpu", weights_only=True)
+                    return torch.load(state, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ValueError(f"cannot resume: the training state {self.state} is unreadable ({e}); "
+                raise ValueError(f"cannot resume: the training state {state} is unreadable ({e}); "
                                  f"turn 'resume' off to start again or pick another output_name") from e
         if resume and self.lora.exists():
             raise ValueError(f"{self.lora} exists but has no training state beside it, so it cannot be resumed; "
@@ -447,6 +454,8 @@ class TrainingRun:
         """The LoRA and the training state that resumes it, each written atomically (a feedback
         run: the merged LoRA and the feedback LoRA alone)."""
         fileio.save_torch(self.files.state, trainer.state_dict())
+        if self.files.legacy_state.exists():  # the run's state now lives under the new name
+            self.files.legacy_state.unlink()
         if self.settings.method == "feedback":
             own = trainer.adapters.kohya_state_dict(self.key_prefix)
             fileio.save_safetensors(self.files.feedback_lora, own, self.feedback_metadata(trainer, merged=False))

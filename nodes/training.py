@@ -13,7 +13,7 @@ only adapts ComfyUI to it:
   within a step (``_training_progress``);
 * files go to the first ``loras`` folder: ``<output_name>.safetensors`` (kohya keys that
   every LoRA loader reads, ``hypersd.*`` metadata with the recommended sampler), its
-  training state ``<output_name>.hypersd-state.pt`` for resuming, and a LoRA per stage.
+  training state ``<output_name>.hypersd-state`` for resuming, and a LoRA per stage.
 """
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def test_feedback_raises_the_reward_and_saves_a_merged_lora_that_core_loads(fb, 
     assert after > before + 0.05, (before, after)  # log-probability of the prompted digit, by the reward model
     assert Path(merged_path) == loras / "fb.safetensors" and Path(own_path) == loras / "fb_feedback.safetensors"
     assert sorted(p.name for p in loras.iterdir()) == sorted([BASE_LORA, "fb.safetensors", "fb_feedback.safetensors",
-                                                              "fb.hypersd-state.pt"])
+                                                              "fb.hypersd-state"])
     merged, meta = _read(merged_path)
     own, own_meta = _read(own_path)
     base, base_meta = _read(loras / BASE_LORA)

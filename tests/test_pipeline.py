@@ -85,7 +85,7 @@ def test_settings_signature_is_the_one_earlier_states_were_saved_with():
 def test_run_files_are_named_in_one_place(tmp_path):
     f = RunFiles.create(tmp_path, "my_model.safetensors")
     assert (f.lora.name, f.state.name, f.stage_lora(0, 8).name) == (
-        "my_model.safetensors", "my_model.hypersd-state.pt", "my_model_stage1_k8.safetensors")
+        "my_model.safetensors", "my_model.hypersd-state", "my_model_stage1_k8.safetensors")
     for bad in ("../x", "a/b", ".hidden", ""):
         with pytest.raises(ValueError, match="plain file name"):
             RunFiles.create(tmp_path, bad)

@@ -132,7 +132,11 @@ def test_short_run_lowers_the_error_and_saves_a_loadable_lora(training, loras, c
     before, after = ev.values
     assert after < 0.92 * before, (before, after)
     assert Path(path) == loras / "short.safetensors"
-    assert sorted(p.name for p in loras.iterdir()) == ["short.hypersd-state.pt", "short.safetensors"]
+    assert sorted(p.name for p in loras.iterdir()) == ["short.hypersd-state", "short.safetensors"]
+    import folder_paths
+
+    listed = folder_paths.get_filename_list("loras")  # what every LoRA dropdown offers
+    assert "short.safetensors" in listed and not any("hypersd-state" in n for n in listed)
     sd, meta = _read(path)
     assert meta["hypersd.trained_by"] == "ComfyUI-HyperSD" and meta["hypersd.method"] == "tscd"
     assert meta["hypersd.family"] == "SD1.5" and meta["hypersd.stages"] == "2"
@@ -179,7 +183,7 @@ def test_cancel_stops_within_a_step_and_resume_continues_exactly(training, loras
     sd, meta = _read(loras / "run.safetensors")
     assert meta["hypersd.step"] == "2" and meta["hypersd.complete"] == "false"
     _assert_loads_cleanly(_model(), sd, caplog)
-    saved = torch.load(loras / "run.hypersd-state.pt", weights_only=True)
+    saved = torch.load(loras / "run.hypersd-state", weights_only=True)
     assert saved["step"] == 2
 
     class Watch(train.Callback):
@@ -230,7 +234,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(training, loras, capl
     assert all(bool(torch.isfinite(v).all()) for v in sd.values())
     _assert_loads_cleanly(_model(), sd, caplog)
     # the stage-1 LoRA was saved at step 3, before the poison
-    assert sorted(p.name for p in loras.iterdir()) == ["nan.hypersd-state.pt", "nan.safetensors",
+    assert sorted(p.name for p in loras.iterdir()) == ["nan.hypersd-state", "nan.safetensors",
                                                        "nan_stage1_k2.safetensors"]
 
 
@@ -241,7 +245,7 @@ def test_each_stage_saves_its_own_k_step_lora(training, loras, caplog):
     from ComfyUI_HyperSD.hypersd_core import lora_file
 
     _train(training, name="prog", lora_scope="all")
-    assert sorted(p.name for p in loras.iterdir()) == ["prog.hypersd-state.pt", "prog.safetensors",
+    assert sorted(p.name for p in loras.iterdir()) == ["prog.hypersd-state", "prog.safetensors",
                                                        "prog_stage1_k2.safetensors"]
     stage_sd, meta = _read(loras / "prog_stage1_k2.safetensors")
     assert (meta["hypersd.stages"], meta["hypersd.run_stages"], meta["hypersd.step"]) == ("2", "2,1", str(STEPS))
@@ -373,7 +377,7 @@ def test_tscd_then_score_distillation_in_the_node_cancels_and_resumes_exactly(tr
             _train(training, name="sd", callbacks=[CancelAt()], **kw)
     finally:
         mm.interrupt_current_processing(False)
-    saved = torch.load(loras / "sd.hypersd-state.pt", weights_only=True)
+    saved = torch.load(loras / "sd.hypersd-state", weights_only=True)
     assert saved["step"] == 2 and set(saved["terms"]) == {"1.0"}
     assert int(saved["terms"]["1.0"]["fake_optimizer"]["state"][0]["step"]) == 2  # one score step, 2 fake updates
     _, _, resumed = _train(training, name="sd", **kw)
@@ -409,3 +413,16 @@ def test_a_finished_tscd_run_continues_with_score_distillation(training, loras):
     b, _ = _read(loras / "cont_straight.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert (meta["hypersd.score_steps"], meta["hypersd.recommended_sampler"]) == ("2", "tcd")
+
+
+def test_a_state_saved_by_an_earlier_version_resumes_and_is_replaced(training, loras):
+    """Earlier versions saved ``<name>.hypersd-state.pt``, which every LoRA dropdown listed; such a
+    run still resumes (here: a finished TSCD run continued by score distillation; without its state
+    it would be refused), and its state moves to the new name, out of the lists, at the next save."""
+    _train(training, name="old", resume=False, stages="2", steps_per_stage=1)
+    (loras / "old.hypersd-state").rename(loras / "old.hypersd-state.pt")
+    _train(training, name="old", resume=True, stages="2", steps_per_stage=1, score_steps=2, fake_updates=1,
+           regression_weight=0.0)
+    assert sorted(p.name for p in loras.iterdir()) == ["old.hypersd-state", "old.safetensors",
+                                                       "old_stage1_k2.safetensors"]
+    assert torch.load(loras / "old.hypersd-state", weights_only=True)["step"] == 3

@@ -114,5 +114,5 @@ def test_captioned_folder_through_the_server(server, example_parts):
     assert entry["status"]["status_str"] == "success"
     with safe_open(str(server.base / "models" / "loras" / f"{name}.safetensors"), "pt") as f:
         assert f.metadata()["hypersd.step"] == "2"
-    state = torch.load(server.base / "models" / "loras" / f"{name}.hypersd-state.pt", weights_only=True)
+    state = torch.load(server.base / "models" / "loras" / f"{name}.hypersd-state", weights_only=True)
     assert state["signature"]["prompts"] == 2

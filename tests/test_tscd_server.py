@@ -32,7 +32,7 @@ def test_train_through_the_server_then_load_with_core_and_pack_loaders(server, s
     entry = server.run(_train_graph(sd15_parts, name), timeout=600)
     assert entry["status"]["status_str"] == "success"
     path = server.base / "models" / "loras" / f"{name}.safetensors"
-    assert path.exists() and (path.parent / f"{name}.hypersd-state.pt").exists()
+    assert path.exists() and (path.parent / f"{name}.hypersd-state").exists()
     assert (path.parent / f"{name}_stage1_k2.safetensors").exists()  # the 2-step LoRA of stage 1
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
