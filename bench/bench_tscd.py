@@ -447,6 +447,7 @@ def quality(args) -> int:
     # the teacher at the guidance the student was distilled from (its metadata), the fair reference
     teacher_cfg = float(student_meta.get("hypersd.teacher_cfg", args.teacher_cfg))
     ref = add("teacher", "teacher", 50, teacher_cfg, "euler")["fid"]
+    add("teacher", "teacher", 25, teacher_cfg, "euler")  # the demo's teacher row; the plot's 25-step point
     # The control: the bare teacher at each few-step count under each few-step sampler; its
     # best (lowest mean FID) is the row a distilled LoRA must beat at the same step count.
     best = {}
