@@ -107,14 +107,7 @@ def graph_context(prompt: dict | None, node_id) -> dict:
 
 def store_rating(body) -> tuple[int, dict]:
     """(HTTP status, JSON) for one rating request's parsed body."""
-    try:
-        row = ratings.rating_from_body(body, image_folders())
-        return 200, {"rating": database().add(row)}
-    except ratings.RatingError as e:
-        return 400, {"error": str(e)}
-    except ratings.RatingsStoreError as e:
-        log.warning("Hyper-SD ratings: %s", e)
-        return 503, {"error": str(e)}
+    return _store_call(lambda: {"rating": database().add(ratings.rating_from_body(body, image_folders()))})
 
 
 def _parse_body(raw: bytes):
@@ -171,8 +164,9 @@ def register() -> None:
                 raise ValueError
         except ValueError:
             return web.json_response({"error": "limit and offset are whole numbers, 0 or more"}, status=400)
+        db = database()
         status, out = await asyncio.to_thread(
-            _store_call, lambda: {"count": database().count(), "ratings": database().rows(limit, offset)})
+            _store_call, lambda: {"count": db.count(), "ratings": db.rows(limit, offset)})
         return web.json_response(out, status=status)
 
     @inst.routes.get("/hypersd/ratings/export")
@@ -210,17 +204,16 @@ def _load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def rated_features(rows, features, batch: int = 64) -> tuple[torch.Tensor, list[tuple[int, int]], int]:
-    """Features of the pictures in the ratings' pairs (those still on disk) and the pairs as
-    row indices; also how many pairs were dropped because a picture is gone."""
-    pairs = preference.pairs_from_ratings(rows)
+def rated_features(pairs, features, batch: int = 64) -> tuple[torch.Tensor, list[tuple[int, int]], int]:
+    """Features of the pictures in ``pairs`` (:func:`preference.pairs_from_ratings`; those still
+    on disk) and the pairs as row indices; also how many pairs were dropped because a picture is gone."""
     folders = image_folders()
-    keys = sorted({k for p in pairs for k in p})
-    paths, gone = {}, set()
-    for key in keys:
+    paths = {}
+    for key in sorted({k for p in pairs for k in p}):
         kind, rel = key.split("/", 1)
         path = os.path.join(folders.get(kind, ""), *rel.split("/"))
-        (paths.__setitem__(key, path) if kind in folders and os.path.isfile(path) else gone.add(key))
+        if kind in folders and os.path.isfile(path):
+            paths[key] = path
     kept = [p for p in pairs if p[0] in paths and p[1] in paths]
     index = {k: i for i, k in enumerate(sorted({k for p in kept for k in p}))}
     feats: list[torch.Tensor | None] = [None] * len(index)
@@ -260,10 +253,11 @@ def train_preference_reward(features_from: str, output_name: str, clip_vision=No
     rows = database().rows()
     if prompt_contains:
         rows = [r for r in rows if prompt_contains.lower() in (r.get("prompt") or "").lower()]
-    preference.check_enough(len(preference.pairs_from_ratings(rows)))  # before any picture is read
+    pairs = preference.pairs_from_ratings(rows)
+    preference.check_enough(len(pairs))  # before any picture is read
     features, source = feature_model(features_from, clip_vision)
     with torch.inference_mode(False):
-        feats, pairs, dropped = rated_features(rows, features)
+        feats, pairs, dropped = rated_features(pairs, features)
     if dropped:
         log.warning("Hyper-SD preference: %d pair(s) left out: their pictures are no longer in ComfyUI's folders",
                     dropped)
