@@ -25,10 +25,9 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..hypersd_core import feedback as core_feedback
 from ..hypersd_core import files, preference, ratings, rewards
 from ._server import prompt_server
-from .feedback import REWARDS_FOLDER, ClipFeatures, Reward, _reward_path, rewards_folder
+from .feedback import REWARDS_FOLDER, ClipFeatures, Reward, _reward_path, load_reward, rewards_folder
 
 log = logging.getLogger("HyperSD")
 
@@ -359,15 +358,9 @@ class HyperSDTrainPreferenceReward(io.ComfyNode):
                 prompt_contains="", clip_vision=None, rewards=None) -> io.NodeOutput:
         path, report = train_preference_reward(features_from, output_name, clip_vision, holdout=holdout, steps=steps,
                                                learning_rate=learning_rate, seed=seed, prompt_contains=prompt_contains)
-        reward = _load_saved(path, clip_vision)
-        term = core_feedback.RewardTerm(reward, margin=float(margin), weight=float(weight))
+        term = load_reward(os.path.basename(path), margin, weight, clip_vision=clip_vision)  # as the loader reads it
         text = report.summary()
         return io.NodeOutput(list(rewards or []) + [term], text, path, ui={"text": [text]})
-
-
-def _load_saved(path: str, clip_vision):
-    clip = ClipFeatures(clip_vision) if clip_vision is not None else None
-    return rewards.load_reward(path, clip_features=clip)
 
 
 NODES = [HyperSDRateImages, HyperSDTrainPreferenceReward]
