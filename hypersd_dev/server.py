@@ -68,13 +68,7 @@ class Client:
 
     def get_status(self, path: str) -> tuple[int, object]:
         """(HTTP status, body) without raising on 4xx/5xx."""
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=30) as r:
-                body = r.read()
-                return r.status, (json.loads(body) if body[:1] in (b"{", b"[") else body)
-        except urllib.error.HTTPError as e:
-            body = e.read()
-            return e.code, (json.loads(body) if body[:1] in (b"{", b"[") else body)
+        return self.request("GET", path)
 
     def request(self, method: str, path: str, body=None, data: bytes | None = None) -> tuple[int, object]:
         """(HTTP status, JSON or bytes) of ``method path`` with a JSON ``body`` (or raw ``data``),
