@@ -3,6 +3,9 @@
 * ``/hypersd/inspect?lora=NAME`` (or ``unet=``/``checkpoint=``): what a file in a model
   folder is and how to sample it, as JSON (the same inspection the loader uses). Names
   with path components are refused (400), unknown names answer 404, unusable files 422.
+* ``POST /hypersd/convert`` (a workflow, either format): the workflow with the nodes of other
+  Hyper-SD/TCD packs converted to this pack's (``hypersd_core.convert``) and a sentence per
+  converted node; 400 with what is wrong for a body that is no workflow.
 * an on-prompt hook: 'Load Checkpoint' given a diffusers UNet or a LoRA gets a warning
   in the log and an ``hypersd.advice`` message to the page (a toast), before anything runs.
 """
@@ -13,7 +16,7 @@ import logging
 import os
 import re
 
-from ..hypersd_core import lora_file
+from ..hypersd_core import convert, lora_file
 from ..hypersd_core.lora_file import LoraFileError, LoraInfo
 from ._errors import HyperSDError
 from ._server import prompt_server
@@ -49,6 +52,15 @@ def inspect_request(query: dict) -> tuple[int, dict]:
     body["folder"] = folder
     body["use_node"] = _advice(info)
     return 200, body
+
+
+def convert_request(body) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for POST /hypersd/convert."""
+    try:
+        workflow, notes = convert.convert_workflow(body)
+    except convert.ConvertError as e:
+        return 400, {"error": f"Hyper-SD could not convert this workflow: {e}"}
+    return 200, {"workflow": workflow, "converted": notes, "types": convert.foreign_types(body)}
 
 
 def _advice(info: LoraInfo) -> str:
@@ -115,6 +127,15 @@ def register() -> None:
     async def hypersd_inspect(request):
         status, body = await asyncio.to_thread(inspect_request, dict(request.rel_url.query))
         return web.json_response(body, status=status)
+
+    @inst.routes.post("/hypersd/convert")
+    async def hypersd_convert(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "the body is not JSON; send the workflow file's text"}, status=400)
+        status, out = await asyncio.to_thread(convert_request, body)
+        return web.json_response(out, status=status)
 
     inst.add_on_prompt_handler(_on_prompt)
 

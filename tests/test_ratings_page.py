@@ -13,16 +13,14 @@ import sqlite3
 
 import pytest
 
+from hypersd_dev.page import CHROMIUM, open_page, prepare_user
 from hypersd_dev.server import ComfyServer
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
                                                             "(.venv/bin/pip install playwright)")
 
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 GRAPH = {  # the API form; the page makes its nodes (app.loadApiJson)
     "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 3, "color": 0}},
     "2": {"class_type": "HyperSDRateImages", "inputs": {"images": ["1", 0], "filename_prefix": "page_rated",
@@ -45,65 +43,51 @@ def _click_and_wait(page, selector):
 def test_like_dislike_and_prefer_clicks_in_the_page_are_stored(tmp_path):
     db = tmp_path / "ratings.sqlite3"
     base = tmp_path / "server"
-    (base / "user" / "default").mkdir(parents=True)
-    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    with ComfyServer(base, env={"HYPERSD_RATINGS_DB": str(db)}) as srv, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "hypersd" in m.text.lower()
-                    else None)
-            page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(srv.url) else r.abort())
-            page.goto(srv.url)
-            page.wait_for_function("window.app && window.app.graph && window.__hypersd_loaded === true",
-                                   timeout=60000)
-            page.evaluate("""(g) => {
-                window.app.loadApiJson(g, "rate.json");
-                window.app.canvas.ds.offset = [40, 80];
-                window.app.canvas.ds.scale = 1;
-                window.app.graph.setDirtyCanvas(true, true);
-                return window.app.queuePrompt(0, 1);
-            }""", GRAPH)
-            like0 = _rate_button("like", 0)
-            page.wait_for_selector(like0, state="visible", timeout=30000)
-            history = srv.get("/history")
-            assert len(history) == 1, history
-            saved = next(iter(history.values()))["outputs"]["2"]["images"]
-            assert len(saved) == 3 and all((base / "output" / im["subfolder"] / im["filename"]).is_file()
-                                           for im in saved)
-            assert page.locator("[data-hypersd-rate]").count() == 3 * 2 + 1  # like + dislike each, one prefer
+    prepare_user(base)
+    with ComfyServer(base, env={"HYPERSD_RATINGS_DB": str(db)}) as srv, open_page(sync_api, srv) as (page, errors):
+        page.evaluate("""(g) => {
+            window.app.loadApiJson(g, "rate.json");
+            window.app.canvas.ds.offset = [40, 80];
+            window.app.canvas.ds.scale = 1;
+            window.app.graph.setDirtyCanvas(true, true);
+            return window.app.queuePrompt(0, 1);
+        }""", GRAPH)
+        like0 = _rate_button("like", 0)
+        page.wait_for_selector(like0, state="visible", timeout=30000)
+        history = srv.get("/history")
+        assert len(history) == 1, history
+        saved = next(iter(history.values()))["outputs"]["2"]["images"]
+        assert len(saved) == 3 and all((base / "output" / im["subfolder"] / im["filename"]).is_file()
+                                       for im in saved)
+        assert page.locator("[data-hypersd-rate]").count() == 3 * 2 + 1  # like + dislike each, one prefer
 
-            outcomes = [_click_and_wait(page, like0), _click_and_wait(page, _rate_button("dislike", 1))]
-            page.select_option('select[data-hypersd-select="a"]', "0")
-            page.select_option('select[data-hypersd-select="b"]', "2")
-            outcomes.append(_click_and_wait(page, _rate_button("prefer")))
-            page.screenshot(path=str(tmp_path / "page.png"))
-            assert outcomes == ["saved"] * 3, (outcomes, page.locator(".p-toast").all_inner_texts())
-            # a refused rating (a picture preferred over itself): the server's sentence in a toast, nothing stored
-            page.select_option('select[data-hypersd-select="b"]', "0")
-            assert _click_and_wait(page, _rate_button("prefer")) == "error"
-            page.wait_for_selector(".p-toast-message:has-text('compares two different pictures')", timeout=10000)
+        outcomes = [_click_and_wait(page, like0), _click_and_wait(page, _rate_button("dislike", 1))]
+        page.select_option('select[data-hypersd-select="a"]', "0")
+        page.select_option('select[data-hypersd-select="b"]', "2")
+        outcomes.append(_click_and_wait(page, _rate_button("prefer")))
+        page.screenshot(path=str(tmp_path / "page.png"))
+        assert outcomes == ["saved"] * 3, (outcomes, page.locator(".p-toast").all_inner_texts())
+        # a refused rating (a picture preferred over itself): the server's sentence in a toast, nothing stored
+        page.select_option('select[data-hypersd-select="b"]', "0")
+        assert _click_and_wait(page, _rate_button("prefer")) == "error"
+        page.wait_for_selector(".p-toast-message:has-text('compares two different pictures')", timeout=10000)
 
-            # a second run (the cached output is sent again) replaces the buttons, it does not add more
-            page.evaluate("() => window.app.queuePrompt(0, 1)")
-            fresh = "() => document.querySelectorAll('[data-hypersd-rate]:not([data-state])').length >= 7"
-            page.wait_for_function(fresh, timeout=30000)
-            assert page.locator("[data-hypersd-rate]").count() == 7
-            assert page.evaluate("""() => window.app.graph.getNodeById(2).widgets
-                .filter((w) => w.name === "hypersd_rating").length""") == 1
-            # the widget is no value of the node: neither queued nor saved with the workflow
-            sent = page.evaluate("""async () => {
-                const p = await window.app.graphToPrompt();
-                return {inputs: Object.keys(p.output["2"].inputs).sort(),
-                        saved: p.workflow.nodes.find((n) => n.id === 2).widgets_values};
-            }""")
-            assert sent == {"inputs": ["filename_prefix", "images", "prompt_text"],
-                            "saved": ["page_rated", "rated in the page"]}, sent
-            assert not errors, errors
-        finally:
-            browser.close()
+        # a second run (the cached output is sent again) replaces the buttons, it does not add more
+        page.evaluate("() => window.app.queuePrompt(0, 1)")
+        fresh = "() => document.querySelectorAll('[data-hypersd-rate]:not([data-state])').length >= 7"
+        page.wait_for_function(fresh, timeout=30000)
+        assert page.locator("[data-hypersd-rate]").count() == 7
+        assert page.evaluate("""() => window.app.graph.getNodeById(2).widgets
+            .filter((w) => w.name === "hypersd_rating").length""") == 1
+        # the widget is no value of the node: neither queued nor saved with the workflow
+        sent = page.evaluate("""async () => {
+            const p = await window.app.graphToPrompt();
+            return {inputs: Object.keys(p.output["2"].inputs).sort(),
+                    saved: p.workflow.nodes.find((n) => n.id === 2).widgets_values};
+        }""")
+        assert sent == {"inputs": ["filename_prefix", "images", "prompt_text"],
+                        "saved": ["page_rated", "rated in the page"]}, sent
+        assert not errors, errors
         status, listed = srv.request("GET", "/hypersd/ratings")
         assert not srv.pack_problems(srv.log())
 

@@ -5,6 +5,9 @@
 // - Hyper-SD Rate Images: after a run, a like and a dislike button for each picture and a
 //   "prefer A over B" choice show on the node; each click goes to POST /hypersd/ratings with
 //   what the graph used (prompt, seed, checkpoint, LoRAs, sampler), as the node reported it.
+// - Opening a workflow with nodes of other Hyper-SD/TCD packs that are not installed
+//   (TCDModelSamplingDiscrete, TCDScheduler, SamplerTCD, ...) offers to convert them to this
+//   pack's nodes; the conversion itself is the server's (POST /hypersd/convert).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -17,8 +20,96 @@ function toast(severity, summary, detail) {
   }
 }
 
+// ---------------------------------------------------------------------- other packs' workflows
+
+const FOREIGN_TYPES = ["TCDModelSamplingDiscrete", "TCDScheduler", "SamplerTCD", "SamplerTCD EulerA",
+  "HyperSDXL1StepUnetScheduler"];
+const CONVERT_SETTING = "HyperSD.ConvertOtherPacks";
+
+function setting(id, fallback) {
+  const s = app.extensionManager && app.extensionManager.setting;
+  try {
+    const v = s && s.get ? s.get(id) : undefined;
+    return v === undefined || v === null ? fallback : v;
+  } catch (e) {
+    return fallback;
+  }
+}
+
+// The other packs' node types in `graphData` (top level and subgraph definitions) that no
+// installed pack provides.
+function missingForeignTypes(graphData) {
+  const registered = (window.LiteGraph && window.LiteGraph.registered_node_types) || {};
+  const lists = [graphData && graphData.nodes];
+  for (const sg of (graphData && graphData.definitions && graphData.definitions.subgraphs) || []) lists.push(sg.nodes);
+  const found = new Set();
+  for (const nodes of lists) {
+    for (const n of Array.isArray(nodes) ? nodes : []) {
+      if (n && FOREIGN_TYPES.includes(n.type) && !registered[n.type]) found.add(n.type);
+    }
+  }
+  return [...found];
+}
+
+async function askToConvert(types) {
+  const message = "This workflow uses nodes of another Hyper-SD/TCD pack that is not installed: " +
+    types.join(", ") + ". Convert them to Hyper-SD's own nodes? Links and values (steps, eta/gamma, " +
+    "denoise) are kept.";
+  const dialog = app.extensionManager && app.extensionManager.dialog;
+  if (dialog && dialog.confirm) {
+    return (await dialog.confirm({ title: "Hyper-SD: convert other packs' nodes", message })) === true;
+  }
+  return window.confirm(message);
+}
+
+// Replace the contents of `graphData` with the server's conversion (in place: the front end
+// goes on configuring the same object). Returns the server's sentences, or null.
+async function convertInPlace(graphData) {
+  const res = await api.fetchApi("/hypersd/convert", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(graphData),
+  });
+  const data = await res.json().catch(() => ({}));
+  if (!res.ok) {
+    toast("error", "Hyper-SD", data.error || `the conversion failed (the server answered ${res.status})`);
+    return null;
+  }
+  for (const k of Object.keys(graphData)) delete graphData[k];
+  Object.assign(graphData, data.workflow);
+  return data.converted || [];
+}
+
 app.registerExtension({
   name: "HyperSD.Core",
+  settings: [
+    {
+      id: CONVERT_SETTING,
+      name: "Workflows with other Hyper-SD/TCD packs' nodes",
+      category: ["Hyper-SD", "Workflows", "Convert"],
+      type: "combo",
+      options: ["ask", "convert", "leave"],
+      defaultValue: "ask",
+      tooltip: "When a workflow uses nodes of ComfyUI-TCD, comfyui-tcd-scheduler or the Hyper-SD release " +
+        "(TCDModelSamplingDiscrete, TCDScheduler, SamplerTCD, HyperSDXL1StepUnetScheduler) and that pack is " +
+        "not installed: ask before converting them to Hyper-SD's nodes, convert without asking, or leave them.",
+    },
+  ],
+  async beforeConfigureGraph(graphData) {
+    try {
+      const types = missingForeignTypes(graphData);
+      const mode = setting(CONVERT_SETTING, "ask");
+      if (!types.length || mode === "leave") return;
+      if (mode !== "convert" && !(await askToConvert(types))) return;
+      const notes = await convertInPlace(graphData);
+      if (notes) {
+        window.__hypersd_last_conversion = notes;
+        toast("success", "Hyper-SD: workflow converted", notes.join("\n"));
+      }
+    } catch (e) {
+      toast("error", "Hyper-SD", `the workflow was opened unconverted (${e.message || e})`);
+    }
+  },
   async setup() {
     api.addEventListener("hypersd.advice", (e) => {
       const d = e.detail || {};
