@@ -42,6 +42,7 @@ def place(base: Path, folder: str, src: Path, name: str | None = None) -> str:
     """Make ``src`` visible in ``<base>/models/<folder>`` (a symlink); returns its name there."""
     dest = Path(base) / "models" / folder / (name or Path(src).name)
     if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
         dest.symlink_to(src)
     return dest.name
 

@@ -3,6 +3,9 @@
 * ``/hypersd/inspect?lora=NAME`` (or ``unet=``/``checkpoint=``): what a file in a model
   folder is and how to sample it, as JSON (the same inspection the loader uses). Names
   with path components are refused (400), unknown names answer 404, unusable files 422.
+* ``POST /hypersd/check``: a LoRA's name, its strength and the settings of the samplers its
+  model flows into -> the badge line, one sentence per contradicting setting
+  (``hypersd_core.advice``) and the values the page's "Apply" button sets.
 * ``POST /hypersd/convert`` (a workflow, either format): the workflow with the nodes of other
   Hyper-SD/TCD packs converted to this pack's (``hypersd_core.convert``) and a sentence per
   converted node; 400 with what is wrong for a body that is no workflow.
@@ -16,7 +19,7 @@ import logging
 import os
 import re
 
-from ..hypersd_core import convert, lora_file
+from ..hypersd_core import advice, convert, lora_file
 from ..hypersd_core.lora_file import LoraFileError, LoraInfo
 from ._errors import HyperSDError
 from ._server import prompt_server
@@ -28,15 +31,13 @@ _SAFE_NAME = re.compile(r"^[^\x00]+$")
 _FOLDERS = {"lora": "loras", "unet": "diffusion_models", "checkpoint": "checkpoints"}
 
 
-def inspect_request(query: dict) -> tuple[int, dict]:
-    """(HTTP status, JSON body) for GET /hypersd/inspect?lora=NAME (or unet=, checkpoint=)."""
+def _named_file(kind: str, name) -> tuple[int, dict | LoraInfo]:
+    """(200, the file's inspection) or (HTTP status, JSON error body) for a name from a model list."""
     import folder_paths
 
-    given = [(k, query[k]) for k in _FOLDERS if query.get(k)]
-    if len(given) != 1:
-        return 400, {"error": "give exactly one of ?lora=NAME, ?unet=NAME or ?checkpoint=NAME"}
-    kind, name = given[0]
     folder = _FOLDERS[kind]
+    if not isinstance(name, str) or not name:
+        return 400, {"error": f"give the file's name from the {folder} list"}
     norm = name.replace("\\", "/")
     if (not _SAFE_NAME.match(name) or os.path.isabs(name) or norm.startswith("/") or re.match(r"^[A-Za-z]:", name)
             or any(part in ("..", ".") for part in norm.split("/"))):
@@ -47,11 +48,56 @@ def inspect_request(query: dict) -> tuple[int, dict]:
         _, info = inspect_lora_name(name, folder)
     except HyperSDError as e:
         return 422, {"error": str(e), "name": name, "folder": folder}
+    return 200, info
+
+
+def inspect_request(query: dict) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for GET /hypersd/inspect?lora=NAME (or unet=, checkpoint=)."""
+    given = [(k, query[k]) for k in _FOLDERS if query.get(k)]
+    if len(given) != 1:
+        return 400, {"error": "give exactly one of ?lora=NAME, ?unet=NAME or ?checkpoint=NAME"}
+    kind, name = given[0]
+    status, info = _named_file(kind, name)
+    if status != 200:
+        return status, info
     body = info.to_json()
     body["summary"] = info.summary()
-    body["folder"] = folder
+    body["folder"] = _FOLDERS[kind]
     body["use_node"] = _advice(info)
+    body["hypersd"] = info.kind == "lora" and info.variant != "unknown"
+    body["badge"] = f"Hyper-SD {info.family} {info.describe_variant()}: {advice.describe(info.recipe)}"
     return 200, body
+
+
+def check_request(body) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for POST /hypersd/check: ``{"lora": NAME, "strength": x | null,
+    "samplers": [{"id": ..., "steps", "cfg", "sampler", "scheduler", "eta"}, ...]}`` ->
+    ``{"hypersd", "badge", "apply", "warnings": {id: [sentence, ...]}, "strength_warnings"}``."""
+    if not isinstance(body, dict):
+        return 400, {"error": "send a JSON object with 'lora' and 'samplers'"}
+    status, info = _named_file("lora", body.get("lora"))
+    if status != 200:
+        return status, info
+    samplers = body.get("samplers") or []
+    if not isinstance(samplers, list) or len(samplers) > 64:
+        return 400, {"error": "'samplers' must be a list (at most 64)"}
+    if info.kind != "lora" or info.variant == "unknown":
+        return 200, {"hypersd": False, "badge": "", "apply": None, "warnings": {}, "strength_warnings": []}
+    recipe, variant = info.recipe, info.variant
+    out = {"hypersd": True, "badge": f"Hyper-SD {info.family} {info.describe_variant()}: {advice.describe(recipe)}",
+           "warnings": {}}
+    try:
+        strength = body.get("strength")
+        out["strength_warnings"] = advice.check(recipe, variant, advice.Settings.from_json({"strength": strength}))
+        steps = None
+        for item in samplers:
+            s = advice.Settings.from_json({k: v for k, v in (item or {}).items() if k != "id"})
+            steps = s.steps if steps is None else steps
+            out["warnings"][str(item.get("id"))] = advice.check(recipe, variant, s)
+    except (ValueError, AttributeError) as e:
+        return 400, {"error": f"bad sampler settings: {e}"}
+    out["apply"] = advice.apply_values(recipe, steps)
+    return 200, out
 
 
 def convert_request(body) -> tuple[int, dict]:
@@ -127,6 +173,15 @@ def register() -> None:
     async def hypersd_inspect(request):
         status, body = await asyncio.to_thread(inspect_request, dict(request.rel_url.query))
         return web.json_response(body, status=status)
+
+    @inst.routes.post("/hypersd/check")
+    async def hypersd_check(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "the body is not JSON"}, status=400)
+        status, out = await asyncio.to_thread(check_request, body)
+        return web.json_response(out, status=status)
 
     @inst.routes.post("/hypersd/convert")
     async def hypersd_convert(request):

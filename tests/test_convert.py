@@ -28,7 +28,6 @@ def toy_ckpt(comfy_server):
     from toy import install
 
     installed = install.install(Path(tempfile.gettempdir()) / "hypersd-test-files" / "toy-models")
-    (comfy_server.base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
     return place(comfy_server.base, "checkpoints", installed["checkpoint"])
 
 

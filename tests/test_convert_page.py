@@ -39,7 +39,6 @@ def test_a_shared_tcd_workflow_is_converted_on_confirm_and_runs(tmp_path):
     base = tmp_path / "server"
     prepare_user(base)
     installed = install.install(Path(tempfile.gettempdir()) / "hypersd-test-files" / "toy-models")
-    (base / "models" / "checkpoints").mkdir(parents=True)
     ckpt = place(base, "checkpoints", installed["checkpoint"])
     with ComfyServer(base) as srv, open_page(sync_api, srv) as (page, errors):
         info = srv.get("/object_info")

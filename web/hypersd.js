@@ -271,3 +271,273 @@ app.registerExtension({
     };
   },
 });
+
+// ---------------------------------------------------------------------- settings that follow the file
+// A LoRA node (this pack's loader, core LoraLoader / LoraLoaderModelOnly) with a Hyper-SD file
+// shows a badge (family, variant, recommended settings) and an "Apply" button that sets the
+// recommendation on the samplers its model flows into; a sampler whose settings contradict
+// the file shows a warning that says what to change. The rules and the values are the
+// server's (POST /hypersd/check, hypersd_core/advice.py); the page only reads and writes
+// widgets. The setting "Hyper-SD > Badges" turns all of it off.
+
+const LORA_STRENGTH = { HyperSDLoraLoader: "strength", LoraLoader: "strength_model", LoraLoaderModelOnly: "strength_model" };
+const BADGE_SETTING = "HyperSD.Badges";
+const SAMPLER_NODES = ["KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"];
+const GUIDER_NODES = ["CFGGuider", "BasicGuider", "DualCFGGuider"];
+const BADGE_WIDGET = "hypersd_badge";
+const WARN_WIDGET = "hypersd_warning";
+
+function graphNodes() {
+  const g = app.graph;
+  return (g && (g.nodes || g._nodes)) || [];
+}
+
+function getLink(id) {
+  const links = app.graph && app.graph.links;
+  if (id === null || id === undefined || !links) return null;
+  if (typeof links.get === "function") return links.get(id) || null;
+  return links[id] || null;
+}
+
+function findWidget(node, name) {
+  return node && node.widgets ? node.widgets.find((w) => w.name === name) : undefined;
+}
+
+function widgetValue(node, name) {
+  const w = findWidget(node, name);
+  return w ? w.value : undefined;
+}
+
+function setWidget(node, name, value) {
+  const w = findWidget(node, name);
+  if (!w || value === undefined || value === null) return false;
+  w.value = value;
+  if (typeof w.callback === "function") w.callback(value, app.canvas, node);
+  return true;
+}
+
+// The node feeding `node`'s input `name`, or null.
+function upstream(node, name) {
+  const input = (node.inputs || []).find((i) => i.name === name);
+  const link = input ? getLink(input.link) : null;
+  return link ? app.graph.getNodeById(link.origin_id) : null;
+}
+
+// The nodes fed by `node`'s outputs of `type`.
+function downstream(node, type) {
+  const out = [];
+  for (const o of node.outputs || []) {
+    if (o.type !== type) continue;
+    for (const id of o.links || []) {
+      const link = getLink(id);
+      const t = link ? app.graph.getNodeById(link.target_id) : null;
+      if (t) out.push(t);
+    }
+  }
+  return out;
+}
+
+// The sampler nodes the LoRA node's model flows into (through other model patches and guiders).
+function samplersOf(loraNode) {
+  const found = [];
+  const seen = new Set([loraNode.id]);
+  const queue = [loraNode];
+  while (queue.length && seen.size < 200) {
+    const n = queue.shift();
+    for (const t of [...downstream(n, "MODEL"), ...downstream(n, "GUIDER")]) {
+      if (seen.has(t.id)) continue;
+      seen.add(t.id);
+      if (SAMPLER_NODES.includes(t.type)) found.push(t);
+      else queue.push(t);
+    }
+  }
+  return found;
+}
+
+// What a sampler node and the nodes feeding it set (null where the graph does not say).
+function samplerSettings(node) {
+  const s = { id: node.id };
+  if (node.type === "KSampler" || node.type === "KSamplerAdvanced") {
+    for (const k of ["steps", "cfg", "scheduler"]) s[k] = widgetValue(node, k) ?? null;
+    s.sampler = widgetValue(node, "sampler_name") ?? null;
+    return s;
+  }
+  if (node.type === "SamplerCustom") s.cfg = widgetValue(node, "cfg") ?? null;
+  const guider = node.type === "SamplerCustomAdvanced" ? upstream(node, "guider") : null;
+  if (guider) s.cfg = guider.type === "BasicGuider" ? 1 : widgetValue(guider, "cfg") ?? null;
+  const sampler = upstream(node, "sampler");
+  if (sampler && sampler.type === "HyperSDTCDSampler") Object.assign(s, { sampler: "tcd", eta: widgetValue(sampler, "eta") });
+  else if (sampler && sampler.type === "KSamplerSelect") s.sampler = widgetValue(sampler, "sampler_name") ?? null;
+  const sigmas = upstream(node, "sigmas");
+  if (sigmas && sigmas.type === "HyperSDScheduler") {
+    Object.assign(s, { steps: widgetValue(sigmas, "steps"), scheduler: `hypersd_${widgetValue(sigmas, "mode")}` });
+  } else if (sigmas && sigmas.type === "HyperSDOneStepScheduler") {
+    Object.assign(s, { steps: 1, scheduler: "hypersd_one_step" });
+  } else if (sigmas && sigmas.type === "BasicScheduler") {
+    Object.assign(s, { steps: widgetValue(sigmas, "steps"), scheduler: widgetValue(sigmas, "scheduler") });
+  }
+  return s;
+}
+
+// Set the recommendation `v` (the server's "apply") on a sampler node and the nodes feeding it.
+function applyToSampler(node, v) {
+  if (node.type === "KSampler" || node.type === "KSamplerAdvanced") {
+    for (const [k, val] of [["steps", v.steps], ["cfg", v.cfg], ["sampler_name", v.sampler_name], ["scheduler", v.scheduler]]) {
+      setWidget(node, k, val);
+    }
+  }
+  if (node.type === "SamplerCustom") setWidget(node, "cfg", v.cfg);
+  const guider = node.type === "SamplerCustomAdvanced" ? upstream(node, "guider") : null;
+  if (guider && guider.type !== "BasicGuider") setWidget(guider, "cfg", v.cfg);
+  const sampler = upstream(node, "sampler");
+  if (sampler && sampler.type === "HyperSDTCDSampler") setWidget(sampler, "eta", v.eta);
+  else if (sampler && sampler.type === "KSamplerSelect") setWidget(sampler, "sampler_name", v.sampler_name);
+  const sigmas = upstream(node, "sigmas");
+  if (sigmas && sigmas.type === "HyperSDScheduler") {
+    setWidget(sigmas, "steps", v.steps);
+    setWidget(sigmas, "mode", v.mode);
+  } else if (sigmas && sigmas.type === "BasicScheduler") {
+    setWidget(sigmas, "steps", v.steps);
+    setWidget(sigmas, "scheduler", v.scheduler);
+  }
+}
+
+// A text box widget on `node` (created once; hidden while empty).
+function infoWidget(node, name, color) {
+  let w = findWidget(node, name);
+  if (w || typeof node.addDOMWidget !== "function") return w;
+  const box = el("div", {});
+  box.style.cssText = `font-size:11px;line-height:1.35;color:${color};padding:2px 4px;white-space:normal;overflow:hidden`;
+  w = node.addDOMWidget(name, name, box, {
+    serialize: false, hideOnZoom: false,
+    getMinHeight: () => (box.style.display === "none" ? 0 : box.hypersdHeight || 20),
+  });
+  w.serialize = false;
+  return w;
+}
+
+// Show `children` (lines of text, buttons) in the box widget `w` of `node`, the node sized to
+// hold them (the height is estimated from the text: the box is not laid out yet).
+function showBox(node, w, children) {
+  if (!w) return;
+  const empty = !children.length;
+  const width = Math.max(node.size[0], empty ? 0 : 320);
+  const perLine = Math.max(20, Math.floor((width - 24) / 5.6));
+  let height = 6;
+  for (const c of children) {
+    height += c.tagName === "BUTTON" ? 24 : 15 * Math.max(1, Math.ceil((c.textContent || "").length / perLine));
+  }
+  w.element.replaceChildren(...children);
+  w.element.style.display = empty ? "none" : "";
+  w.element.hypersdHeight = empty ? 0 : height;
+  const min = node.computeSize([width, node.size[1]]);
+  node.setSize([Math.max(width, min[0]), empty ? min[1] : Math.max(node.size[1], min[1])]);
+  node.setDirtyCanvas(true, true);
+}
+
+function renderWarnings(sampler) {
+  const all = Object.values(sampler.hypersdWarnings || {}).flat();
+  const w = all.length ? infoWidget(sampler, WARN_WIDGET, "#f0b860") : findWidget(sampler, WARN_WIDGET);
+  if (!w) return;
+  w.element.dataset.hypersdWarning = all.join(" | ");
+  showBox(sampler, w, all.map((t) => el("div", { textContent: `\u26a0 Hyper-SD: ${t}` })));
+}
+
+function clearFrom(loraNode) {
+  for (const id of loraNode.hypersdSamplers || []) {
+    const s = app.graph.getNodeById(id);
+    if (s && s.hypersdWarnings) {
+      delete s.hypersdWarnings[loraNode.id];
+      renderWarnings(s);
+    }
+  }
+  loraNode.hypersdSamplers = [];
+}
+
+function renderBadge(loraNode, data, samplers) {
+  const w = data && data.hypersd ? infoWidget(loraNode, BADGE_WIDGET, "#9cc8ff") : findWidget(loraNode, BADGE_WIDGET);
+  if (!w) return;
+  if (!data || !data.hypersd) {
+    w.element.dataset.hypersdBadge = "";
+    showBox(loraNode, w, []);
+    return;
+  }
+  w.element.dataset.hypersdBadge = data.badge;
+  const apply = el("button", { textContent: samplers.length ? "Apply to sampler" : "Apply (no sampler connected)" });
+  apply.style.cssText = "padding:1px 6px;font-size:11px;cursor:pointer;margin-top:2px";
+  apply.dataset.hypersdApply = "1";
+  apply.disabled = !samplers.length;
+  apply.addEventListener("click", () => {
+    const v = data.apply;
+    for (const s of samplers) applyToSampler(s, v);
+    if (loraNode.type === "HyperSDLoraLoader") setWidget(loraNode, "strength", -1);  // automatic: the family's
+    else setWidget(loraNode, LORA_STRENGTH[loraNode.type], v.strength);
+    loraNode.hypersdSig = null;  // check again now
+    app.graph.setDirtyCanvas(true, true);
+    toast("success", "Hyper-SD", `applied to ${samplers.map((s) => s.title || s.type).join(", ")}: ` +
+      `${v.steps} steps, cfg ${v.cfg}, ${v.sampler_name} / ${v.scheduler}`);
+  });
+  const lines = [el("div", { textContent: data.badge })];
+  for (const t of data.strength_warnings || []) lines.push(el("div", { textContent: `\u26a0 ${t}`, style: "color:#f0b860" }));
+  lines.push(apply);
+  showBox(loraNode, w, lines);
+}
+
+async function checkLoraNode(node, enabled) {
+  const name = widgetValue(node, "lora_name");
+  const samplers = enabled ? samplersOf(node) : [];
+  const body = { lora: name, strength: widgetValue(node, LORA_STRENGTH[node.type]) ?? null,
+    samplers: samplers.map(samplerSettings) };
+  const sig = enabled ? JSON.stringify(body) : "off";
+  if (sig === node.hypersdSig || node.hypersdBusy) return;
+  node.hypersdSig = sig;
+  clearFrom(node);
+  if (!enabled || !name) {
+    renderBadge(node, null, []);
+    return;
+  }
+  node.hypersdBusy = true;
+  try {
+    const res = await api.fetchApi("/hypersd/check", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    const data = await res.json().catch(() => ({}));
+    renderBadge(node, res.ok ? data : null, samplers);
+    if (!res.ok || !data.hypersd) return;
+    node.hypersdSamplers = samplers.map((s) => s.id);
+    for (const s of samplers) {
+      s.hypersdWarnings = s.hypersdWarnings || {};
+      s.hypersdWarnings[node.id] = (data.warnings || {})[String(s.id)] || [];
+      renderWarnings(s);
+    }
+  } catch (e) {
+    node.hypersdSig = null;  // try again on the next round
+  } finally {
+    node.hypersdBusy = false;
+  }
+}
+
+function checkAll() {
+  const enabled = setting(BADGE_SETTING, true) !== false;
+  for (const node of graphNodes()) {
+    if (LORA_STRENGTH[node.type]) checkLoraNode(node, enabled);
+  }
+}
+
+app.registerExtension({
+  name: "HyperSD.Badges",
+  settings: [
+    {
+      id: BADGE_SETTING,
+      name: "Badges and warnings for Hyper-SD files",
+      category: ["Hyper-SD", "Badges", "Show"],
+      type: "boolean",
+      defaultValue: true,
+      tooltip: "On LoRA loaders with a Hyper-SD file: a badge with the file's recommended settings and an " +
+        "Apply button; on the samplers they feed: a warning when a setting contradicts the file.",
+    },
+  ],
+  async setup() {
+    setInterval(checkAll, 1000);
+  },
+});
