@@ -294,9 +294,14 @@ def train_feedback(model, lora_name, vae, reward_terms, latents, positive, capti
     data = core_data.LatentData([(patcher.model.process_latent_in(g), c if len(prompts) > 1 else None)
                                  for g, c in groups])
     # the feedback samples at cfg 1, so the guider's negative is never evaluated: the prompt stands in
-    trainer = _comfy_training.train_in_comfy(patcher, run, data, prompts, prompts[0],
-                                             [ComfyProgress(node_id, "HyperSD feedback"), *callbacks])
+    progress = ComfyProgress(node_id, "HyperSD feedback")
+    try:
+        trainer = _comfy_training.train_in_comfy(patcher, run, data, prompts, prompts[0], [progress, *callbacks])
+    except BaseException as e:
+        progress.fail(e)
+        raise
     out_model, _ = comfy.sd.load_lora_for_models(model, None, run.lora, 1.0, 0)
+    progress.finish([files.lora, files.feedback_lora])
     return out_model, str(files.lora), str(files.feedback_lora), trainer
 
 

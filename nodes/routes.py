@@ -9,6 +9,9 @@
 * ``POST /hypersd/convert`` (a workflow, either format): the workflow with the nodes of other
   Hyper-SD/TCD packs converted to this pack's (``hypersd_core.convert``) and a sentence per
   converted node; 400 with what is wrong for a body that is no workflow.
+* ``GET /hypersd/train/runs`` and ``/hypersd/train/runs/{node}``: the training runs since the
+  server started (per-step loss and learning rate, stages, time, the files saved), which the
+  page's chart asks for after a reload.
 * an on-prompt hook: 'Load Checkpoint' given a diffusers UNet or a LoRA gets a warning
   in the log and an ``hypersd.advice`` message to the page (a toast), before anything runs.
 """
@@ -21,6 +24,7 @@ import re
 
 from ..hypersd_core import advice, convert, lora_file
 from ..hypersd_core.lora_file import LoraFileError, LoraInfo
+from . import _training_progress
 from ._errors import HyperSDError
 from ._server import prompt_server
 from .lora import inspect_lora_name
@@ -173,6 +177,17 @@ def register() -> None:
     async def hypersd_inspect(request):
         status, body = await asyncio.to_thread(inspect_request, dict(request.rel_url.query))
         return web.json_response(body, status=status)
+
+    @inst.routes.get("/hypersd/train/runs")
+    async def hypersd_train_runs(request):
+        return web.json_response({"runs": _training_progress.runs_json()})
+
+    @inst.routes.get("/hypersd/train/runs/{node}")
+    async def hypersd_train_run(request):
+        run = _training_progress.run_json(request.match_info["node"])
+        if run is None:
+            return web.json_response({"error": "no training run of that node since the server started"}, status=404)
+        return web.json_response(run)
 
     @inst.routes.post("/hypersd/check")
     async def hypersd_check(request):

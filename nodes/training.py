@@ -75,9 +75,15 @@ def train_tscd(model, latents, positive, negative, *, output_name: str = "hypers
                       resume=resume, prompts=len(prompts), parts=parts)
     data = core_data.LatentData([(patcher.model.process_latent_in(g), c if len(prompts) > 1 else None)
                                  for g, c in groups])
-    trainer = _comfy_training.train_in_comfy(patcher, run, data, prompts, negative,
-                                             [ComfyProgress(node_id), *callbacks])
+    progress = ComfyProgress(node_id)
+    try:
+        trainer = _comfy_training.train_in_comfy(patcher, run, data, prompts, negative, [progress, *callbacks])
+    except BaseException as e:
+        progress.fail(e)
+        raise
     out_model, _ = comfy.sd.load_lora_for_models(model, None, run.lora, 1.0, 0)
+    stage_files = sorted(files.lora.parent.glob(f"{files.lora.stem}_stage*_k*.safetensors"))
+    progress.finish([files.lora, *stage_files])
     return out_model, str(files.lora), trainer
 
 

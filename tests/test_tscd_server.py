@@ -40,6 +40,14 @@ def test_train_through_the_server_then_load_with_core_and_pack_loaders(server, s
     assert meta["hypersd.trained_by"] == "ComfyUI-HyperSD" and meta["hypersd.step"] == "4"
     assert meta["hypersd.family"] == "SD1.5" and meta["hypersd.recommended_steps"] == "1"
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)
+    # the run, as the page's chart asks for it after a reload: every step, both stages, the files
+    st, run = server.get_status("/hypersd/train/runs/6")
+    assert st == 200 and (run["status"], run["step"], run["total"], run["label"]) == ("done", 4, 4, "HyperSD TSCD")
+    assert [p[0] for p in run["points"]] == [1, 2, 3, 4] and all(p[1] > 0 and p[2] > 0 for p in run["points"])
+    assert run["stages"] == [[0, "tscd-k2"], [2, "tscd-k1"]]
+    assert run["files"] == [str(path), str(path.parent / f"{name}_stage1_k2.safetensors")]
+    assert "6" in server.get("/hypersd/train/runs")["runs"]
+    assert server.get_status("/hypersd/train/runs/999")[0] == 404
 
     start = len(server.log())
     g = {

@@ -1,7 +1,9 @@
 // ComfyUI-HyperSD front-end extension.
 // - Advice from the server (e.g. a diffusers one-step UNet given to Load Checkpoint) shows as a
 //   toast naming the node to use, instead of a cryptic error later in the graph.
-// - Training progress of Hyper-SD Train TSCD LoRA (step, stage, loss) shows in the node's title bar.
+// - The training nodes draw a live chart of their run (per-step loss, learning rate, stage
+//   boundaries; step, stage and time left; at the end, where the LoRA files were saved), kept
+//   by the server so that it comes back after a reload.
 // - Hyper-SD Rate Images: after a run, a like and a dislike button for each picture and a
 //   "prefer A over B" choice show on the node; each click goes to POST /hypersd/ratings with
 //   what the graph used (prompt, seed, checkpoint, LoRAs, sampler), as the node reported it.
@@ -116,31 +118,7 @@ app.registerExtension({
       toast("warn", "Hyper-SD", d.message || "check the node settings");
       window.__hypersd_last_advice = d;
     });
-    api.addEventListener("hypersd.train.progress", (e) => {
-      const d = e.detail || {};
-      const node = app.graph && app.graph.getNodeById(Number(d.node));
-      if (!node) return;
-      const loss = typeof d.loss === "number" ? d.loss.toFixed(5) : d.loss;
-      node.hypersdStatus = `step ${d.step}/${d.total} ${d.stage || ""} loss ${loss}`;
-      node.setDirtyCanvas(true, true);
-    });
     window.__hypersd_loaded = true;
-  },
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== "HyperSDTrainTSCD") return;
-    const draw = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      const r = draw ? draw.apply(this, arguments) : undefined;
-      if (this.hypersdStatus && !this.flags?.collapsed) {
-        ctx.save();
-        ctx.font = "11px sans-serif";
-        ctx.fillStyle = "#9c9";
-        ctx.textAlign = "right";
-        ctx.fillText(this.hypersdStatus, this.size[0] - 8, -8);
-        ctx.restore();
-      }
-      return r;
-    };
   },
 });
 
@@ -539,5 +517,151 @@ app.registerExtension({
   ],
   async setup() {
     setInterval(checkAll, 1000);
+  },
+});
+
+// ---------------------------------------------------------------------- training you can watch
+// Hyper-SD Train TSCD LoRA and Hyper-SD Train Feedback LoRA draw their run inside the node: the
+// loss of every step (log scale when it spans more than a decade), the learning rate (dashed,
+// its own scale), a line where each stage begins; above it step, stage, loss and time left;
+// at the end where the files were saved. The server keeps each node's run
+// (GET /hypersd/train/runs/{node}), so the chart comes back after a page reload.
+
+const TRAIN_NODES = ["HyperSDTrainTSCD", "HyperSDTrainFeedback"];
+const CHART_WIDGET = "hypersd_chart";
+const CHART_HEIGHT = 120;
+
+function duration(s) {
+  if (s === null || s === undefined || !isFinite(s)) return "";
+  s = Math.max(0, Math.round(s));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  return h ? `${h}h ${m}m` : m ? `${m}m ${s % 60}s` : `${s}s`;
+}
+
+function chartWidget(node) {
+  let w = findWidget(node, CHART_WIDGET);
+  if (w || typeof node.addDOMWidget !== "function") return w;
+  const head = el("div", {});
+  const canvas = el("canvas", {});
+  canvas.style.cssText = `width:100%;height:${CHART_HEIGHT}px;display:block;background:#1b1b1b;border-radius:3px`;
+  const foot = el("div", {});
+  const box = el("div", {}, [head, canvas, foot]);
+  box.style.cssText = "font-size:11px;line-height:1.35;color:#ccc;padding:2px 4px;overflow:hidden";
+  box.dataset.hypersdChart = "0";
+  w = node.addDOMWidget(CHART_WIDGET, CHART_WIDGET, box, {
+    serialize: false, hideOnZoom: false, getMinHeight: () => CHART_HEIGHT + 40 + 16 * foot.childElementCount,
+  });
+  w.serialize = false;
+  w.parts = { head, canvas, foot, box };
+  return w;
+}
+
+function drawChart(node) {
+  const w = chartWidget(node);
+  const d = node.hypersdRun;
+  if (!w || !d) return;
+  const { head, canvas, foot, box } = w.parts;
+  const pts = d.points.filter((p) => p[1] !== null && p[1] !== undefined);
+  const last = d.points[d.points.length - 1];
+  const stage = (d.stages || []).filter((s) => s[0] <= d.step).pop();
+  const loss = last && typeof last[1] === "number" ? last[1].toPrecision(3) : "?";
+  const lr = last && typeof last[2] === "number" ? last[2].toExponential(1) : "";
+  const when = d.status === "running" ? `${duration(d.eta_s)} left`
+    : d.status === "done" ? `done in ${duration(d.elapsed_s)}`
+    : d.status === "cancelled" ? "cancelled" : `failed: ${d.message}`;
+  head.textContent = `step ${d.step}/${d.total} · ${stage ? stage[1] : ""} · loss ${loss}` +
+    (lr ? ` · lr ${lr}` : "") + ` · ${when}`;
+  head.style.color = d.status === "failed" ? "#f08080" : "#ccc";
+  foot.replaceChildren(...(d.files || []).map((f, i) =>
+    el("div", { textContent: `${i ? "stage file" : "saved"}: ${f}`, title: f, style: "white-space:nowrap;overflow:hidden;text-overflow:ellipsis" })));
+  Object.assign(box.dataset, { hypersdChart: String(d.points.length), hypersdStatus: d.status,
+    hypersdStages: String((d.stages || []).length), hypersdFiles: (d.files || []).join("|") });
+
+  const dpr = window.devicePixelRatio || 1;
+  const W = Math.max(100, canvas.clientWidth || node.size[0] - 16);
+  const H = CHART_HEIGHT;
+  canvas.width = W * dpr;
+  canvas.height = H * dpr;
+  const ctx = canvas.getContext("2d");
+  ctx.scale(dpr, dpr);
+  ctx.clearRect(0, 0, W, H);
+  const x0 = d.start || 0;
+  const X = (step) => 4 + ((step - x0) / Math.max(1, d.total - x0)) * (W - 8);
+  ctx.font = "9px sans-serif";
+  for (const [step, name] of d.stages || []) {  // stage boundaries
+    ctx.strokeStyle = "#555";
+    ctx.beginPath();
+    ctx.moveTo(X(step), 0);
+    ctx.lineTo(X(step), H);
+    ctx.stroke();
+    ctx.fillStyle = "#888";
+    ctx.fillText(name, X(step) + 2, 10);
+  }
+  const line = (values, color, dash, logScale) => {
+    const v = values.filter((p) => typeof p[1] === "number" && (!logScale || p[1] > 0));
+    if (!v.length) return;
+    const f = (y) => (logScale ? Math.log10(y) : y);
+    let lo = Math.min(...v.map((p) => f(p[1])));
+    let hi = Math.max(...v.map((p) => f(p[1])));
+    if (hi - lo < 1e-12) { lo -= 0.5; hi += 0.5; }
+    const Y = (y) => H - 4 - ((f(y) - lo) / (hi - lo)) * (H - 18);
+    ctx.strokeStyle = color;
+    ctx.setLineDash(dash);
+    ctx.beginPath();
+    v.forEach((p, i) => (i ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
+    ctx.stroke();
+    ctx.setLineDash([]);
+  };
+  const losses = pts.map((p) => [p[0], p[1]]).filter((p) => p[1] > 0);
+  const span = losses.length ? Math.max(...losses.map((p) => p[1])) / Math.min(...losses.map((p) => p[1])) : 1;
+  line(d.points.map((p) => [p[0], p[2]]), "#7a7ad0", [3, 3], false);
+  line(pts.map((p) => [p[0], p[1]]), "#8fd18f", [], span > 10);
+  const min = node.computeSize();
+  if (node.size[1] < min[1] || node.size[0] < 300) node.setSize([Math.max(node.size[0], 300), Math.max(node.size[1], min[1])]);
+  node.setDirtyCanvas(true, true);
+}
+
+// Merge a run (a progress message, or the server's whole run) into the node's chart data.
+function mergeRun(node, run) {
+  let d = node.hypersdRun;
+  if (!d || d.started !== run.started) d = node.hypersdRun = { points: [], stride: 1 };
+  const lastStep = d.points.length ? d.points[d.points.length - 1][0] : -1;
+  for (const p of run.points || []) if (p[0] > lastStep) d.points.push(p);
+  if ((run.stride || 1) > d.stride) d.points = d.points.filter((p) => p[0] % run.stride === 0);
+  Object.assign(d, { ...run, points: d.points, stride: run.stride || 1 });
+  drawChart(node);
+}
+
+async function restoreCharts() {
+  for (const node of graphNodes()) {
+    if (!TRAIN_NODES.includes(node.type) || node.hypersdAsked) continue;
+    node.hypersdAsked = true;
+    try {
+      const res = await api.fetchApi(`/hypersd/train/runs/${encodeURIComponent(node.id)}`);
+      if (res.ok) {
+        const run = await res.json();
+        if (run.label && node.type === (run.label === "HyperSD feedback" ? "HyperSDTrainFeedback" : "HyperSDTrainTSCD")) {
+          mergeRun(node, run);
+        }
+      }
+    } catch (e) {
+      node.hypersdAsked = false;  // ask again on the next round
+    }
+  }
+}
+
+app.registerExtension({
+  name: "HyperSD.TrainingChart",
+  async setup() {
+    api.addEventListener("hypersd.train.progress", (e) => {
+      const d = e.detail || {};
+      const node = app.graph && app.graph.getNodeById(Number(d.node));
+      if (node && TRAIN_NODES.includes(node.type)) {
+        node.hypersdAsked = true;
+        mergeRun(node, d);
+      }
+    });
+    setInterval(restoreCharts, 1000);
   },
 });

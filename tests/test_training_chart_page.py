@@ -1,0 +1,73 @@
+"""Training you can watch, in the real ComfyUI page: a short Hyper-SD Train TSCD LoRA run
+queued from the page draws its chart inside the node with a point for every step, a line
+for each stage, and where the LoRA files were saved; after a page reload the chart comes
+back from the server (``GET /hypersd/train/runs/{node}``).
+
+Needs Debian's chromium and the playwright package (see ``hypersd_dev.page``); skipped
+without them."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hypersd_dev import fixtures
+from hypersd_dev.page import CHROMIUM, open_page, prepare_user
+from hypersd_dev.server import ComfyServer
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                                            "(.venv/bin/pip install playwright)")
+
+CHART = "[data-hypersd-chart]"
+
+
+def _graph(parts: dict) -> dict:
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": parts["clip"], "type": "stable_diffusion"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 7", "clip": ["2", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "6": {"class_type": "HyperSDTrainTSCD", "inputs": {
+            "model": ["1", 0], "latents": ["4", 0], "positive": ["3", 0], "negative": ["5", 0], "stages": "2,1",
+            "steps_per_stage": 3, "learning_rate": 1e-4, "rank": 4, "teacher_cfg": 5.0, "seed": 3,
+            "output_name": "page_chart", "checkpoint_every": 0, "batch_size": 2, "resume": False}},
+    }
+
+
+def _load(page, graph):
+    page.evaluate("""(g) => { window.app.loadApiJson(g, "train.json");
+        window.app.canvas.ds.offset = [20, 60]; window.app.canvas.ds.scale = 0.9;
+        window.app.graph.setDirtyCanvas(true, true); }""", graph)
+
+
+def test_a_training_run_draws_its_chart_and_it_survives_a_reload(tmp_path, pack):
+    base = tmp_path / "server"
+    prepare_user(base)
+    parts = fixtures.sd15_parts(base)
+    graph = _graph(parts)
+    with ComfyServer(base) as srv, open_page(sync_api, srv, viewport=(1600, 1000)) as (page, errors):
+        _load(page, graph)
+        page.evaluate("() => window.app.queuePrompt(0, 1)")
+        page.wait_for_selector(f'{CHART}[data-hypersd-status="done"]', timeout=300000)
+        chart = page.locator(CHART)
+        assert chart.get_attribute("data-hypersd-chart") == "6"  # stages 2,1 x 3 steps: a point a step
+        assert chart.get_attribute("data-hypersd-stages") == "2"
+        lora = base / "models" / "loras" / "page_chart.safetensors"
+        files = chart.get_attribute("data-hypersd-files").split("|")
+        assert files[0] == str(lora) and lora.exists()
+        text = chart.inner_text()
+        assert "step 6/6" in text and "done in" in text and f"saved: {lora}" in text
+        page.screenshot(path=str(tmp_path / "chart.png"))
+        # the old title-bar line is gone: the chart is the node's only progress of its own
+        assert page.evaluate("() => window.app.graph.getNodeById(6).hypersdStatus") is None
+
+        page.reload()
+        page.wait_for_function("window.app && window.app.graph && window.__hypersd_loaded === true", timeout=60000)
+        _load(page, graph)  # the same workflow opened again (node 6)
+        page.wait_for_selector(f'{CHART}[data-hypersd-chart="6"][data-hypersd-status="done"]', timeout=30000)
+        page.screenshot(path=str(tmp_path / "chart_after_reload.png"))
+        assert not errors, errors
+        assert not srv.pack_problems(srv.log())
