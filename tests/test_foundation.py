@@ -144,3 +144,19 @@ def test_setup_links_into_a_user_comfyui(tmp_path):
     link = user / "custom_nodes" / "ComfyUI-HyperSD"
     assert link.is_symlink() and link.resolve() == REPO
     assert f"HYPERSD_COMFYUI={user.resolve()}" in out.stdout
+
+
+def test_registry_metadata_reads_in_the_hosts_own_parser(comfy):
+    """``pyproject.toml`` as ComfyUI's own ``comfy_config`` parser (what the registry reads)
+    takes it: a name without "ComfyUI", semver, the supported ComfyUI and front-end ranges,
+    the OS and accelerator classifiers, the display name."""
+    import re
+
+    from comfy_config import config_parser
+
+    cfg = config_parser.extract_node_configuration(str(REPO))
+    p = cfg.project
+    assert "comfyui" not in p.name.lower() and re.fullmatch(r"\d+\.\d+\.\d+", p.version)
+    assert (p.supported_comfyui_version, p.supported_comfyui_frontend_version) == (">=0.3.48", ">=1.32.9")
+    assert p.supported_os == ["OS Independent"] and p.supported_accelerators == ["GPU :: NVIDIA CUDA"]
+    assert cfg.tool_comfy.display_name == "Hyper-SD" and cfg.tool_comfy.publisher_id
