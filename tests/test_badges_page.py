@@ -12,8 +12,7 @@ import os
 import pytest
 
 from hypersd_dev import fixtures
-from hypersd_dev.page import CHROMIUM, open_page, prepare_user
-from hypersd_dev.server import ComfyServer
+from hypersd_dev.page import CHROMIUM, FRONT_ENDS, open_page, prepare_user, server_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
@@ -60,11 +59,12 @@ def _load(page, graph):
         window.app.graph.setDirtyCanvas(true, true); }""", graph)
 
 
-def test_badge_warning_and_apply_in_the_page(tmp_path, pack):
+@pytest.mark.parametrize("front_end", sorted(FRONT_ENDS))
+def test_badge_warning_and_apply_in_the_page(tmp_path, pack, front_end):
     base = tmp_path / "server"
     prepare_user(base)
     fixtures.example_parts(base)
-    with ComfyServer(base) as srv, open_page(sync_api, srv, viewport=(1600, 1000)) as (page, errors):
+    with server_for(base, front_end) as srv, open_page(sync_api, srv, viewport=(1600, 1000)) as (page, errors):
         # 1. core LoraLoaderModelOnly -> KSampler: a unified LoRA under euler / normal, 30 steps, cfg 7
         _load(page, KSAMPLER_GRAPH)
         page.wait_for_selector('[data-hypersd-badge^="Hyper-SD SD1.5 unified 1-step LoRA"]', timeout=20000)

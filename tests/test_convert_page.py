@@ -8,6 +8,7 @@ without them."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -15,8 +16,7 @@ import pytest
 
 from hypersd_dev import other_packs
 from hypersd_dev.fixtures import place
-from hypersd_dev.page import CHROMIUM, open_page, prepare_user
-from hypersd_dev.server import ComfyServer
+from hypersd_dev.page import CHROMIUM, FRONT_ENDS, open_page, prepare_user, server_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
@@ -29,18 +29,19 @@ TYPES = "() => window.app.graph._nodes.map((n) => n.type).sort()"
 
 def _open_and_answer(page, workflow, button):
     page.evaluate(OPEN, workflow)
-    dialog = page.get_by_role("dialog").filter(has_text="convert other packs' nodes")
-    dialog.get_by_role("button", name=button, exact=True).click(timeout=20000)
+    dialog = page.locator("[role=dialog]").filter(has_text="convert other packs' nodes")  # both front ends' markup
+    dialog.locator("button").filter(has_text=re.compile(rf"^\s*{button}\s*$")).click(timeout=20000)
 
 
-def test_a_shared_tcd_workflow_is_converted_on_confirm_and_runs(tmp_path):
+@pytest.mark.parametrize("front_end", sorted(FRONT_ENDS))
+def test_a_shared_tcd_workflow_is_converted_on_confirm_and_runs(front_end, tmp_path):
     from toy import install
 
     base = tmp_path / "server"
     prepare_user(base)
     installed = install.install(Path(tempfile.gettempdir()) / "hypersd-test-files" / "toy-models")
     ckpt = place(base, "checkpoints", installed["checkpoint"])
-    with ComfyServer(base) as srv, open_page(sync_api, srv) as (page, errors):
+    with server_for(base, front_end) as srv, open_page(sync_api, srv) as (page, errors):
         info = srv.get("/object_info")
         jetthu = other_packs.as_saved(other_packs.jetthu_graph(ckpt, steps=4, eta=0.4), info)
         dfl = other_packs.as_saved(other_packs.dfl_graph(ckpt, steps=3, gamma=0.6), info)
@@ -61,7 +62,7 @@ def test_a_shared_tcd_workflow_is_converted_on_confirm_and_runs(tmp_path):
         sched = next(v for v in prompt.values() if v["class_type"] == "HyperSDScheduler")
         assert sampler["inputs"] == {"eta": 0.4}
         assert {k: sched["inputs"][k] for k in ("steps", "mode", "denoise")} == {"steps": 4, "mode": "tcd", "denoise": 1}
-        page.wait_for_selector(".p-toast-message:has-text('workflow converted')", timeout=10000)
+        page.get_by_text("workflow converted").first.wait_for(timeout=10000)  # the toast
         page.screenshot(path=str(tmp_path / "converted.png"))
         page.evaluate("() => window.app.queuePrompt(0, 1)")
         for _ in range(300):

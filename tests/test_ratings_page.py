@@ -13,8 +13,7 @@ import sqlite3
 
 import pytest
 
-from hypersd_dev.page import CHROMIUM, open_page, prepare_user
-from hypersd_dev.server import ComfyServer
+from hypersd_dev.page import CHROMIUM, FRONT_ENDS, open_page, prepare_user, server_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
@@ -40,11 +39,12 @@ def _click_and_wait(page, selector):
     return page.locator(selector).get_attribute("data-state")
 
 
-def test_like_dislike_and_prefer_clicks_in_the_page_are_stored(tmp_path):
+@pytest.mark.parametrize("front_end", sorted(FRONT_ENDS))
+def test_like_dislike_and_prefer_clicks_in_the_page_are_stored(front_end, tmp_path):
     db = tmp_path / "ratings.sqlite3"
     base = tmp_path / "server"
     prepare_user(base)
-    with ComfyServer(base, env={"HYPERSD_RATINGS_DB": str(db)}) as srv, open_page(sync_api, srv) as (page, errors):
+    with server_for(base, front_end, {"HYPERSD_RATINGS_DB": str(db)}) as srv, open_page(sync_api, srv) as (page, errors):
         page.evaluate("""(g) => {
             window.app.loadApiJson(g, "rate.json");
             window.app.canvas.ds.offset = [40, 80];
@@ -70,7 +70,7 @@ def test_like_dislike_and_prefer_clicks_in_the_page_are_stored(tmp_path):
         # a refused rating (a picture preferred over itself): the server's sentence in a toast, nothing stored
         page.select_option('select[data-hypersd-select="b"]', "0")
         assert _click_and_wait(page, _rate_button("prefer")) == "error"
-        page.wait_for_selector(".p-toast-message:has-text('compares two different pictures')", timeout=10000)
+        page.get_by_text("compares two different pictures").first.wait_for(timeout=10000)  # the toast, either front end
 
         # a second run (the cached output is sent again) replaces the buttons, it does not add more
         page.evaluate("() => window.app.queuePrompt(0, 1)")

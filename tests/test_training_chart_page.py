@@ -12,8 +12,7 @@ import os
 import pytest
 
 from hypersd_dev import fixtures
-from hypersd_dev.page import CHROMIUM, open_page, prepare_user
-from hypersd_dev.server import ComfyServer
+from hypersd_dev.page import CHROMIUM, FRONT_ENDS, open_page, prepare_user, server_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
@@ -43,12 +42,13 @@ def _load(page, graph):
         window.app.graph.setDirtyCanvas(true, true); }""", graph)
 
 
-def test_a_training_run_draws_its_chart_and_it_survives_a_reload(tmp_path, pack):
+@pytest.mark.parametrize("front_end", sorted(FRONT_ENDS))
+def test_a_training_run_draws_its_chart_and_it_survives_a_reload(front_end, tmp_path, pack):
     base = tmp_path / "server"
     prepare_user(base)
     parts = fixtures.sd15_parts(base)
     graph = _graph(parts)
-    with ComfyServer(base) as srv, open_page(sync_api, srv, viewport=(1600, 1000)) as (page, errors):
+    with server_for(base, front_end) as srv, open_page(sync_api, srv, viewport=(1600, 1000)) as (page, errors):
         _load(page, graph)
         page.evaluate("() => window.app.queuePrompt(0, 1)")
         page.wait_for_selector(f'{CHART}[data-hypersd-status="done"]', timeout=300000)

@@ -13,6 +13,30 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
+// The page's own words, in the page's language: locales/<lang>/main.json "hypersd" (served by
+// the server as GET /i18n; scripts/build_locales.py makes the English from its MESSAGES).
+let MESSAGES = {};
+let messagesLocale = null;
+let i18nCache = null;
+
+function msg(key, vars = {}) {
+  let t = MESSAGES[key] || key;
+  for (const [k, v] of Object.entries(vars)) t = t.replace(`{${k}}`, v);
+  return t;
+}
+
+async function loadMessages() {
+  const loc = setting("Comfy.Locale", "en") || "en";
+  if (loc === messagesLocale) return;
+  messagesLocale = loc;
+  try {
+    if (!i18nCache) i18nCache = await (await api.fetchApi("/i18n")).json();
+    MESSAGES = Object.assign({}, (i18nCache.en || {}).hypersd || {}, (i18nCache[loc] || {}).hypersd || {});
+  } catch (e) {
+    messagesLocale = null;  // try again later
+  }
+}
+
 function toast(severity, summary, detail) {
   const t = app.extensionManager && app.extensionManager.toast;
   if (t && t.add) {
@@ -54,12 +78,10 @@ function missingForeignTypes(graphData) {
 }
 
 async function askToConvert(types) {
-  const message = "This workflow uses nodes of another Hyper-SD/TCD pack that is not installed: " +
-    types.join(", ") + ". Convert them to Hyper-SD's own nodes? Links and values (steps, eta/gamma, " +
-    "denoise) are kept.";
+  const message = msg("convert_ask", { types: types.join(", ") });
   const dialog = app.extensionManager && app.extensionManager.dialog;
   if (dialog && dialog.confirm) {
-    return (await dialog.confirm({ title: "Hyper-SD: convert other packs' nodes", message })) === true;
+    return (await dialog.confirm({ title: msg("convert_title"), message })) === true;
   }
   return window.confirm(message);
 }
@@ -106,13 +128,42 @@ app.registerExtension({
       const notes = await convertInPlace(graphData);
       if (notes) {
         window.__hypersd_last_conversion = notes;
-        toast("success", "Hyper-SD: workflow converted", notes.join("\n"));
+        toast("success", msg("converted"), notes.join("\n"));
       }
     } catch (e) {
-      toast("error", "Hyper-SD", `the workflow was opened unconverted (${e.message || e})`);
+      toast("error", "Hyper-SD", `${msg("unconverted")} (${e.message || e})`);
     }
   },
+  async init() {
+    await loadMessages();  // before the nodes are registered (see beforeRegisterNodeDef)
+  },
+  // The host's front end (1.32.9) drops the packs' translations when it loads its own language
+  // after them; where a node's name came through untranslated, this puts the pack's in (the
+  // name, the description, the inputs' labels and tooltips, the outputs' tooltips).
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    const loc = messagesLocale;
+    if (!loc || loc === "en" || !i18nCache) return;
+    const tr = ((i18nCache[loc] || {}).nodeDefs || {})[nodeData.name];
+    const en = ((i18nCache.en || {}).nodeDefs || {})[nodeData.name];
+    if (!tr || !en || nodeData.display_name !== en.display_name) return;
+    nodeData.display_name = nodeType.title = tr.display_name;
+    if (tr.description) nodeData.description = tr.description;
+    for (const section of ["required", "optional"]) {
+      for (const [name, spec] of Object.entries((nodeData.input || {})[section] || {})) {
+        const t = (tr.inputs || {})[name];
+        if (!t || !Array.isArray(spec)) continue;
+        if (!spec[1] || typeof spec[1] !== "object") spec[1] = {};
+        if (t.tooltip) spec[1].tooltip = t.tooltip;
+        if (t.name) spec[1].label = t.name;
+      }
+    }
+    (nodeData.output_tooltips || []).forEach((_, i) => {
+      const t = (tr.outputs || {})[String(i)];
+      if (t && t.tooltip) nodeData.output_tooltips[i] = t.tooltip;
+    });
+  },
   async setup() {
+    setInterval(loadMessages, 2000);  // the language can change while the page is open
     api.addEventListener("hypersd.advice", (e) => {
       const d = e.detail || {};
       toast("warn", "Hyper-SD", d.message || "check the node settings");
@@ -167,7 +218,7 @@ function rateButton(text, attrs, makeBody) {
     b.dataset.state = r.ok ? "saved" : "error";
     b.textContent = r.ok ? `${text} \u2713` : `${text} \u2717`;
     b.style.background = r.ok ? "#2d5a2d" : "#7a2d2d";
-    if (!r.ok) toast("error", "Hyper-SD rating not stored", r.error);
+    if (!r.ok) toast("error", msg("not_stored"), r.error);
     setTimeout(() => {
       b.textContent = text;
       b.style.background = "";
@@ -190,9 +241,9 @@ function ratingControls(images, context) {
   const rows = images.map((im, i) =>
     el("div", { style: "display:flex;gap:4px;align-items:center" }, [
       el("span", { textContent: `#${i}`, title: im.filename, style: "min-width:2.5em" }),
-      rateButton("Like", { kind: "like", index: i }, () =>
+      rateButton(msg("like"), { kind: "like", index: i }, () =>
         body("like", im, { ...(ctx.sampler || {}), batch_index: i })),
-      rateButton("Dislike", { kind: "dislike", index: i }, () =>
+      rateButton(msg("dislike"), { kind: "dislike", index: i }, () =>
         body("dislike", im, { ...(ctx.sampler || {}), batch_index: i })),
     ]));
   const pick = (which, start) => {
@@ -203,7 +254,7 @@ function ratingControls(images, context) {
   };
   const a = pick("a", 0);
   const b = pick("b", 1);
-  const prefer = rateButton("Prefer A over B", { kind: "prefer", title: "A is the better picture" }, () => {
+  const prefer = rateButton(msg("prefer"), { kind: "prefer", title: msg("prefer_tip") }, () => {
     const [ia, ib] = [Number(a.value), Number(b.value)];
     return body("prefer", images[ia], { ...(ctx.sampler || {}), batch_index: ia, other_batch_index: ib },
       images[ib]);
@@ -418,7 +469,7 @@ function renderWarnings(sampler) {
   const w = all.length ? infoWidget(sampler, WARN_WIDGET, "#f0b860") : findWidget(sampler, WARN_WIDGET);
   if (!w) return;
   w.element.dataset.hypersdWarning = all.join(" | ");
-  showBox(sampler, w, all.map((t) => el("div", { textContent: `\u26a0 Hyper-SD: ${t}` })));
+  showBox(sampler, w, all.map((t) => el("div", { textContent: `\u26a0 ${msg("warning")}: ${t}` })));
 }
 
 function clearFrom(loraNode) {
@@ -441,7 +492,7 @@ function renderBadge(loraNode, data, samplers) {
     return;
   }
   w.element.dataset.hypersdBadge = data.badge;
-  const apply = el("button", { textContent: samplers.length ? "Apply to sampler" : "Apply (no sampler connected)" });
+  const apply = el("button", { textContent: msg(samplers.length ? "apply" : "apply_none") });
   apply.style.cssText = "padding:1px 6px;font-size:11px;cursor:pointer;margin-top:2px";
   apply.dataset.hypersdApply = "1";
   apply.disabled = !samplers.length;
@@ -452,7 +503,7 @@ function renderBadge(loraNode, data, samplers) {
     else setWidget(loraNode, LORA_STRENGTH[loraNode.type], v.strength);
     loraNode.hypersdSig = null;  // check again now
     app.graph.setDirtyCanvas(true, true);
-    toast("success", "Hyper-SD", `applied to ${samplers.map((s) => s.title || s.type).join(", ")}: ` +
+    toast("success", "Hyper-SD", `${msg("applied")} ${samplers.map((s) => s.title || s.type).join(", ")}: ` +
       `${v.steps} steps, cfg ${v.cfg}, ${v.sampler_name} / ${v.scheduler}`);
   });
   const lines = [el("div", { textContent: data.badge })];
@@ -567,14 +618,14 @@ function drawChart(node) {
   const stage = (d.stages || []).filter((s) => s[0] <= d.step).pop();
   const loss = last && typeof last[1] === "number" ? last[1].toPrecision(3) : "?";
   const lr = last && typeof last[2] === "number" ? last[2].toExponential(1) : "";
-  const when = d.status === "running" ? `${duration(d.eta_s)} left`
-    : d.status === "done" ? `done in ${duration(d.elapsed_s)}`
-    : d.status === "cancelled" ? "cancelled" : `failed: ${d.message}`;
-  head.textContent = `step ${d.step}/${d.total} · ${stage ? stage[1] : ""} · loss ${loss}` +
+  const when = d.status === "running" ? `${duration(d.eta_s)} ${msg("left")}`
+    : d.status === "done" ? `${msg("done_in")} ${duration(d.elapsed_s)}`
+    : d.status === "cancelled" ? msg("cancelled") : `${msg("failed")}: ${d.message}`;
+  head.textContent = `${msg("step")} ${d.step}/${d.total} · ${stage ? stage[1] : ""} · ${msg("loss")} ${loss}` +
     (lr ? ` · lr ${lr}` : "") + ` · ${when}`;
   head.style.color = d.status === "failed" ? "#f08080" : "#ccc";
   foot.replaceChildren(...(d.files || []).map((f, i) =>
-    el("div", { textContent: `${i ? "stage file" : "saved"}: ${f}`, title: f, style: "white-space:nowrap;overflow:hidden;text-overflow:ellipsis" })));
+    el("div", { textContent: `${msg(i ? "stage_file" : "saved")}: ${f}`, title: f, style: "white-space:nowrap;overflow:hidden;text-overflow:ellipsis" })));
   Object.assign(box.dataset, { hypersdChart: String(d.points.length), hypersdStatus: d.status,
     hypersdStages: String((d.stages || []).length), hypersdFiles: (d.files || []).join("|") });
 
