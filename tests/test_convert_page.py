@@ -3,11 +3,10 @@ comfyui-tcd-scheduler's nodes (not installed here): the page asks, converts them
 pack's nodes on "Confirm" (``web/hypersd.js`` through ``POST /hypersd/convert``), and the
 converted graph queues and makes its pictures; on "Cancel" the graph is left as it was.
 
-Needs Debian's chromium and the playwright package (see ``hypersd_dev.page``); skipped
-without them."""
+Needs Debian's chromium and the playwright package (see ``hypersd_dev.page``); fails with
+the install line without them."""
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -16,12 +15,9 @@ import pytest
 
 from hypersd_dev import other_packs
 from hypersd_dev.fixtures import place
-from hypersd_dev.page import CHROMIUM, FRONT_ENDS, open_page, prepare_user, server_for
+from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                                                            "(.venv/bin/pip install playwright)")
+sync_api = require_browser()  # fails, with the install line, where the browser is missing
 
 OPEN = """(wf) => { window.__hypersd_last_conversion = undefined; window.app.loadGraphData(wf, true, true, "shared.json"); }"""
 TYPES = "() => window.app.graph._nodes.map((n) => n.type).sort()"

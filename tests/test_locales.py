@@ -4,13 +4,12 @@ the page in Chinese showing the translated node names and the pack's own control
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
 
 from hypersd_dev import REPO, fixtures
-from hypersd_dev.page import CHROMIUM, FRONT_ENDS, open_page, prepare_user, server_for
+from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
 
 LANGS = sorted(p.name for p in (REPO / "locales").iterdir() if p.is_dir())
 JS = (REPO / "web" / "hypersd.js").read_text()
@@ -49,10 +48,9 @@ def test_the_server_serves_them(server):
         assert "HyperSD_Badges" in i18n[lang]["settings"] and i18n[lang]["hypersd"]["apply"]
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 @pytest.mark.parametrize("front_end", sorted(FRONT_ENDS))
 def test_the_page_in_chinese(front_end, tmp_path, pack):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_browser()
     zh_defs = json.loads((REPO / "locales" / "zh" / "nodeDefs.json").read_text())
     zh_main = json.loads((REPO / "locales" / "zh" / "main.json").read_text())
     base = tmp_path / "server"

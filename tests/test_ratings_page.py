@@ -3,22 +3,19 @@ queues EmptyImage -> Hyper-SD Rate Images, the node's rating buttons (``web/hype
 appear under its previews, and a like, a dislike and a "prefer A over B" click land in the
 ratings database as three rows, and nothing else; a refused one shows the server's sentence.
 
-Needs Debian's chromium (``/usr/bin/chromium``) and the ``playwright`` package; skipped
-without them (never ``playwright install``: the page reaches nothing but the local server)."""
+Needs Debian's chromium (``/usr/bin/chromium``) and the ``playwright`` package; fails with the
+install line without them (never ``playwright install``: the page reaches nothing but the local
+server)."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 
 import pytest
 
-from hypersd_dev.page import CHROMIUM, FRONT_ENDS, open_page, prepare_user, server_for
+from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                                                            "(.venv/bin/pip install playwright)")
+sync_api = require_browser()  # fails, with the install line, where the browser is missing
 
 GRAPH = {  # the API form; the page makes its nodes (app.loadApiJson)
     "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 3, "color": 0}},

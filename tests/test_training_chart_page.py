@@ -3,21 +3,17 @@ queued from the page draws its chart inside the node with a point for every step
 for each stage, and where the LoRA files were saved; after a page reload the chart comes
 back from the server (``GET /hypersd/train/runs/{node}``).
 
-Needs Debian's chromium and the playwright package (see ``hypersd_dev.page``); skipped
-without them."""
+Needs Debian's chromium and the playwright package (see ``hypersd_dev.page``); fails with
+the install line without them."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from hypersd_dev import fixtures
-from hypersd_dev.page import CHROMIUM, FRONT_ENDS, open_page, prepare_user, server_for
+from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                                                            "(.venv/bin/pip install playwright)")
+sync_api = require_browser()  # fails, with the install line, where the browser is missing
 
 CHART = "[data-hypersd-chart]"
 
