@@ -143,16 +143,21 @@ def _on_prompt(json_data):
                 info = lora_file.inspect_cached(path, name)
             except (LoraFileError, OSError):
                 continue
+            fam = info.family if info.family != "unknown" else "matching"
             if info.kind == "unet" and info.key_format == "diffusers":
-                msg = (f"Hyper-SD: '{name}' is a diffusers-format UNet (no text encoder, no VAE), which 'Load Checkpoint' "
-                       "cannot load. Move it to models/diffusion_models and load it with 'Hyper-SD UNet Loader (one-step)' "
-                       "(or 'Load Diffusion Model'); take CLIP and VAE from your SDXL base checkpoint.")
-                log.warning(msg)
-                _notify({"node": node_id, "message": msg, "use_node": "HyperSDUNetLoader"})
+                msg = (f"'{name}' is a UNet for {info.family} in diffusers format (no text encoder, no VAE), which 'Load "
+                       "Checkpoint' cannot load. Move it to models/diffusion_models and load it with 'Hyper-SD UNet "
+                       f"Loader (one-step)' (or 'Load Diffusion Model'); take CLIP and VAE from your {fam} base "
+                       "checkpoint.")
+                use = "HyperSDUNetLoader"
             elif info.kind == "lora":
-                msg = f"Hyper-SD: '{name}' is a LoRA, not a checkpoint. Move it to models/loras and use 'Hyper-SD LoRA Loader'."
-                log.warning(msg)
-                _notify({"node": node_id, "message": msg, "use_node": "HyperSDLoraLoader"})
+                msg = (f"'{name}' is a LoRA for {info.family}, not a checkpoint. Move it to models/loras and use "
+                       f"'Hyper-SD LoRA Loader' after your {fam} base checkpoint.")
+                use = "HyperSDLoraLoader"
+            else:
+                continue
+            log.warning("Hyper-SD: %s", msg)
+            _notify({"node": node_id, "message": msg, "use_node": use})  # the page's toast is titled Hyper-SD
     except Exception:  # never stand in the way of a prompt
         log.debug("Hyper-SD: prompt check failed", exc_info=True)
     return json_data

@@ -159,5 +159,24 @@ def test_checkpoint_loader_given_a_unet_points_to_the_right_node(server, example
         server.run(g)
     except ExecutionFailed:
         pass
-    assert "HyperSDUNetLoader" in server.new_log() or "Hyper-SD UNet Loader" in server.new_log()
+    log = server.new_log()
+    assert "Hyper-SD UNet Loader" in log and "your SDXL base checkpoint" in log
+    assert server.alive()
+
+
+def test_checkpoint_loader_given_an_sd15_lora_names_its_family(server, example_parts):
+    """'Load Checkpoint' on an SD1.5 Hyper-SD LoRA: the advice names SD1.5 (not SDXL) and the LoRA loader."""
+    server.expect_pack_errors = True
+    ck = server.base / "models" / "checkpoints" / "Hyper-SD15-8steps-lora.safetensors"
+    if not ck.exists():
+        ck.symlink_to(server.base / "models" / "loras" / "Hyper-SD15-8steps-lora.safetensors")
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ck.name}},
+         "9": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    try:
+        server.run(g)
+    except ExecutionFailed:
+        pass
+    log = server.new_log()
+    assert "is a LoRA for SD1.5, not a checkpoint" in log and "your SD1.5 base checkpoint" in log
+    assert "SDXL" not in log.split("is a LoRA for SD1.5")[1].split("\n")[0]
     assert server.alive()
