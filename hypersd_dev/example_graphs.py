@@ -271,7 +271,7 @@ TRAINING = {
               f"(`{SD15_CKPT}`, or your fine-tune) and a folder `input/{TRAIN_FOLDER}` with your images and one "
               "caption `.txt` per image (same name). Stages 8,4,2,1 train one after another; the LoRAs land in "
               "`models/loras`: `my_model_hypersd_stage1_k8`, `_stage2_k4`, `_stage3_k2` (8-, 4-, 2-step LoRAs: "
-              "DDIM trailing, cfg 1) and `my_model_hypersd` (the unified one: TCD at 1-8 steps, cfg 1), which the "
+              "TCD eta 0.3 on the trailing grid, cfg 1; the Hyper-SD LoRA Loader hands it out) and `my_model_hypersd` (the unified one: TCD at 1-8 steps, cfg 1), which the "
               "KSampler here tries at once. Progress shows on the node; Cancel keeps a checkpoint and queueing "
               "again resumes it. Out of memory: turn on gradient_checkpointing, or lower batch_size.")),
     "hypersd_sd15_train_unified": dict(
@@ -299,7 +299,7 @@ TRAINING["hypersd_toy_train_feedback"] = dict(
           "predicted in one step and decoded, a hinge on the reward (log-probability of the prompted digit, "
           "margin -0.05); `structure_weight` adds the reward's own loss on real digits. The reward reads each "
           "picture's class from `captions`. It saves `my_toy_feedback` (the 4-step LoRA with the feedback merged "
-          "at `merge_ratio`: same recipe, DDIM trailing, 4 steps, cfg 1) and `my_toy_feedback_feedback` (the "
+          "at `merge_ratio`: the 4-step LoRA's own recipe, 4 steps, cfg 1) and `my_toy_feedback_feedback` (the "
           "feedback alone, to merge at another ratio). With your own checkpoint: your N-step Hyper-SD LoRA, "
           "your images with captions, and a reward model file."))
 
@@ -377,3 +377,63 @@ TRAINING["hypersd_toy_train_preference"] = dict(
 WORKFLOWS = {name: {"graph": make(), "note": SAMPLING_NOTES[name]} for name, make in SAMPLING.items()}
 WORKFLOWS.update(LOADER)
 WORKFLOWS.update(TRAINING)
+
+# The template browser's card of each workflow: an ordered, readable title and one sentence
+# (locales/<lang>/main.json "templateWorkflows", made by scripts/build_locales.py); the
+# number orders the cards from the simplest recipe to training.
+TEMPLATES = {
+    "hypersd_sd15_unified_ksampler": ("01 · SD1.5 unified LoRA, plain KSampler",
+                                      "The 1-step LoRA in the simplest graph: KSampler with the tcd sampler."),
+    "hypersd_sd15_unified_tcd_nodes": ("02 · SD1.5 unified LoRA, 1-8 steps with TCD",
+                                       "Hyper-SD TCD Sampler and Scheduler: one LoRA for 1 to 8 steps."),
+    "hypersd_sd15_unified_tcd": ("03 · SD1.5 unified LoRA, settings from the loader",
+                                 "Hyper-SD LoRA Loader hands the sampler, sigmas and cfg to SamplerCustom."),
+    "hypersd_sd15_8step_lora_ksampler": ("04 · SD1.5 8-step LoRA, plain KSampler",
+                                         "An N-step LoRA with DDIM on the trailing schedule."),
+    "hypersd_sd15_nstep_lora": ("05 · SD1.5 N-step LoRA, settings from the loader",
+                                "The loader reads the file and gives its steps, sampler and schedule."),
+    "hypersd_sd15_cfg_lora": ("06 · SD1.5 CFG LoRA with a negative prompt",
+                              "A CFG-preserving LoRA: guidance at cfg 5 and the negative prompt work."),
+    "hypersd_sdxl_unified_tcd": ("07 · SDXL unified LoRA with TCD", "The SDXL 1-step LoRA at 1 to 8 steps."),
+    "hypersd_sdxl_nstep_lora": ("08 · SDXL N-step LoRA", "The SDXL 4-step LoRA with its recipe from the loader."),
+    "hypersd_sdxl_cfg_lora": ("09 · SDXL CFG LoRA with a negative prompt", "The SDXL 12-step CFG LoRA at cfg 5."),
+    "hypersd_sdxl_onestep_checkpoint": ("10 · SDXL one-step checkpoint",
+                                        "The one-step checkpoint: one LCM step from timestep 800."),
+    "hypersd_sdxl_onestep_unet": ("11 · SDXL one-step UNet (diffusers file)",
+                                  "The diffusers one-step UNet through Hyper-SD UNet Loader, CLIP and VAE from SDXL."),
+    "hypersd_flux_lora": ("12 · FLUX.1-dev 8-step LoRA", "The FLUX LoRA at strength 0.125 with guidance 3.5."),
+    "hypersd_sd15_train_tscd": ("13 · Train: distil your SD1.5 checkpoint (TSCD)",
+                                "Progressive TSCD stages 8, 4, 2, 1: an 8-, 4-, 2-step and a final LoRA."),
+    "hypersd_sd15_train_unified": ("14 · Train: TSCD then score distillation (unified)",
+                                   "One unified LoRA for 1 to 8 steps from your checkpoint."),
+    "hypersd_toy_train_feedback": ("15 · Train: human feedback learning (toy)",
+                                   "A reward model steers a 4-step LoRA; runs as is on the toy model."),
+    "hypersd_toy_rate_images": ("16 · Rate pictures (toy)", "Like, dislike and prefer: your ratings, stored."),
+    "hypersd_toy_train_preference": ("17 · Train: your ratings as a reward (toy)",
+                                     "A preference reward from your ratings, then a LoRA that follows it."),
+}
+
+# Where the official files a workflow names come from (the front end offers the download of a
+# missing model from its node's "models" property).
+_HF = "https://huggingface.co"
+MODEL_FILES = {
+    "v1-5-pruned-emaonly.safetensors": ("checkpoints",
+                                        f"{_HF}/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.safetensors"),
+    "sd_xl_base_1.0.safetensors": ("checkpoints",
+                                   f"{_HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),
+    "Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors": ("checkpoints",
+                                                       f"{_HF}/ByteDance/Hyper-SD/resolve/main/Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors"),
+    "Hyper-SDXL-1step-Unet.safetensors": ("diffusion_models",
+                                          f"{_HF}/ByteDance/Hyper-SD/resolve/main/Hyper-SDXL-1step-Unet.safetensors"),
+    "flux1-dev.safetensors": ("diffusion_models",
+                              f"{_HF}/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"),
+    "ae.safetensors": ("vae", f"{_HF}/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"),
+    "clip_l.safetensors": ("text_encoders", f"{_HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+    "t5xxl_fp16.safetensors": ("text_encoders",
+                               f"{_HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+    **{name: ("loras", f"{_HF}/ByteDance/Hyper-SD/resolve/main/{name}") for name in (
+        "Hyper-SD15-8steps-lora.safetensors", "Hyper-SD15-1step-lora.safetensors",
+        "Hyper-SD15-8steps-CFG-lora.safetensors", "Hyper-SDXL-4steps-lora.safetensors",
+        "Hyper-SDXL-1step-lora.safetensors", "Hyper-SDXL-12steps-CFG-lora.safetensors",
+        "Hyper-FLUX.1-dev-8steps-lora.safetensors")},
+}

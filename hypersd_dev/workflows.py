@@ -67,16 +67,20 @@ def api_to_ui(api: dict, object_info: dict, titles: dict | None = None, notes: l
     ids = list(api)
     depth = {}
 
+    raw = {}
+
     def d(nid):
+        """(column, depth): a decode/save/preview node stands below the node it follows, in its column."""
         if nid not in depth:
             ups = [v[0] for v in api[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)]
-            depth[nid] = 0 if not ups else 1 + max(d(u) for u in ups)
-        return depth[nid]
+            raw[nid] = 0 if not ups else 1 + max(d(u) and raw[u] for u in ups)
+            tail = api[nid]["class_type"] in _TAILS and ups
+            depth[nid] = 0 if not ups else max(depth[u] for u in ups) + (0 if tail else 1)
+        return True
 
     for nid in ids:
         d(nid)
     links, nodes = [], []
-    rows: dict[int, int] = {}
     out_links: dict[tuple[str, int], list[int]] = {}
     for nid in ids:
         for name, v in api[nid]["inputs"].items():
@@ -85,10 +89,15 @@ def api_to_ui(api: dict, object_info: dict, titles: dict | None = None, notes: l
                 src_info = object_info[api[v[0]]["class_type"]]
                 links.append([lid, int(v[0]), v[1], int(nid), name, src_info["output"][v[1]]])
                 out_links.setdefault((v[0], v[1]), []).append(lid)
-    for order, nid in enumerate(sorted(ids, key=lambda n: depth[n])):
+    # the note on top (its heading is its first line), then columns by depth, each node as tall
+    # as its sockets and widgets, with room between columns for the wires
+    note_h = max((_note_height(t) for t in notes or []), default=0)
+    top = 40 + (note_h + 50 if notes else 0)
+    col_y: dict[int, int] = {}
+    for order, nid in enumerate(sorted(ids, key=lambda n: (depth[n], raw[n]))):
         node = api[nid]
         info = object_info[node["class_type"]]
-        inputs, widgets = [], []
+        inputs, widgets, tall = [], [], 0
         for name, spec in _ordered_inputs(info):
             v = node["inputs"].get(name, (spec[1] or {}).get("default") if len(spec) > 1 else None)
             is_link = isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
@@ -99,15 +108,20 @@ def api_to_ui(api: dict, object_info: dict, titles: dict | None = None, notes: l
                 if is_link:
                     inputs.append({"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO",
                                    "widget": {"name": name}, "link": None})
+                elif spec[0] == "STRING" and (spec[1] or {}).get("multiline"):
+                    tall += 1
             elif name in node["inputs"]:
                 inputs.append({"name": name, "type": spec[0], "link": None})
         col = depth[nid]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, (n, t) in enumerate(zip(info["output_name"], info["output"]))]
-        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [40 + 360 * col, 40 + 260 * row],
-                      "size": [320, 200], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+        sockets = max(sum(1 for i in inputs if "widget" not in i), len(outputs))
+        height = 40 + 22 * sockets + 24 * (len(widgets) - tall) + 110 * tall
+        width = 360 if len(widgets) > 8 else 320
+        y = col_y.get(col, top)
+        col_y[col] = y + height + 50
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [40 + 390 * col, y],
+                      "size": [width, height], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
                       "outputs": outputs, "title": titles.get(nid, info.get("display_name") or node["class_type"]),
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     for link in links:
@@ -116,13 +130,57 @@ def api_to_ui(api: dict, object_info: dict, titles: dict | None = None, notes: l
             if inp["name"] == link[4]:
                 inp["link"] = link[0]
                 link[4] = target["inputs"].index(inp)
+    groups = _groups(nodes)
     next_id = max(int(i) for i in ids) + 1
     for k, text in enumerate(notes or []):
-        nodes.append({"id": next_id + k, "type": "MarkdownNote", "pos": [40, 40 + 260 * (max(rows.values()) + k)],
-                      "size": [560, 220], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+        nodes.append({"id": next_id + k, "type": "MarkdownNote", "pos": [40 + 800 * k, 40],
+                      "size": [760, note_h], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                       "properties": {}, "widgets_values": [text], "title": "About this workflow"})
     return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
-            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+            "links": links, "groups": groups, "config": {}, "extra": {}, "version": 0.4}
+
+
+_TAILS = ("VAEDecode", "SaveImage", "PreviewImage", "SaveLatent", "HyperSDRateImages")
+
+
+def _note_height(text: str) -> int:
+    lines = sum(max(1, -(-len(line) // 105)) for line in text.splitlines())
+    return 60 + 17 * lines
+
+
+# Groups a reader finds the graph by: what is loaded, this pack's nodes, what samples and saves.
+_GROUPS = (("Load", "#3f789e", lambda t: t.endswith(("Loader", "LoaderSimple", "LoaderModelOnly"))
+            or t.startswith(("LoadImage", "MakeTrainingDataset"))),
+           ("Hyper-SD", "#8a5aa8", lambda t: t.startswith("HyperSD")),
+           ("Sample", "#4f8a4f", lambda t: t.startswith(("KSampler", "SamplerCustom", "VAEDecode", "SaveImage",
+                                                          "PreviewImage", "SaveLatent"))))
+
+
+def _box(n: dict) -> tuple[float, float, float, float]:
+    (x, y), (w, h) = n["pos"], n["size"]
+    return x, y - 30, x + w, y + h  # the title bar sits above pos
+
+
+def _groups(nodes: list[dict]) -> list[dict]:
+    """A group around each role's nodes, where the box holds no other node and meets no other group."""
+    out, taken = [], set()
+    for title, color, is_member in _GROUPS:
+        members = [n for n in nodes if is_member(n["type"]) and n["id"] not in taken]
+        if not members:
+            continue
+        boxes = [_box(n) for n in members]
+        x0, y0 = min(b[0] for b in boxes) - 15, min(b[1] for b in boxes) - 45
+        x1, y1 = max(b[2] for b in boxes) + 15, max(b[3] for b in boxes) + 15
+        others = [_box(n) for n in nodes if n not in members]
+        groups_ = [g["bounding"] for g in out]
+        clash = any(a < x1 and c > x0 and b < y1 and d > y0 for a, b, c, d in others) or any(
+            gx < x1 and gx + gw > x0 and gy < y1 and gy + gh > y0 for gx, gy, gw, gh in groups_)
+        if clash:
+            continue
+        taken.update(n["id"] for n in members)
+        out.append({"id": len(out) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0], "color": color,
+                    "font_size": 24, "flags": {}})
+    return out
 
 
 def load(path: Path) -> dict:

@@ -100,11 +100,24 @@ def node_defs() -> dict:
     return out
 
 
+def templates() -> dict:
+    """The template browser's titles and descriptions of the example workflows, under the pack's
+    folder name in ``custom_nodes`` (the front end's key for a pack's templates)."""
+    from hypersd_dev import example_graphs
+    from scripts.setup_host import PACK_LINK_NAME
+
+    t = example_graphs.TEMPLATES
+    return {"category": {PACK_LINK_NAME: "Hyper-SD"},
+            "template": {PACK_LINK_NAME: {name: title for name, (title, _) in t.items()}},
+            "templateDescription": {PACK_LINK_NAME: {name: text for name, (_, text) in t.items()}}}
+
+
 def english() -> dict[str, dict]:
     """The English files, ``{file name: content}``."""
     settings = {sid.replace(".", "_"): v for sid, v in SETTINGS.items()}
     return {"nodeDefs.json": node_defs(), "settings.json": settings,
-            "main.json": {"settingsCategories": SETTING_CATEGORIES, "hypersd": MESSAGES}}
+            "main.json": {"settingsCategories": SETTING_CATEGORIES, "hypersd": MESSAGES,
+                          "templateWorkflows": templates()}}
 
 
 def text(content: dict) -> str:
