@@ -31,12 +31,13 @@ the same training steps as each TSCD stage. Rows:
 * the teacher (``euler``/``normal``) at 50 steps, at the cfg the LoRAs were distilled from
   (their metadata): the reference of every FID ratio;
 * ``bare teacher``: the control. The same teacher without any LoRA at 1, 2, 4 and 8 steps
-  under each few-step sampler (core ``ddim`` on the trailing grid, this pack's TCD, core
-  ``euler`` on ``normal``), at the same cfg; the lowest mean FID at each step count is its
-  best, the row a distilled LoRA is measured against;
+  under each few-step sampler (core ``ddim`` on the trailing grid, this pack's TCD on TCD's grid
+  and on the trailing grid, core ``euler`` on ``normal``), at the same cfg; the lowest mean FID
+  at each step count is its best, the row a distilled LoRA is measured against;
 * ``N-step``: each TSCD LoRA at its own step count with the recipe its metadata recommends
-  (k-step: core ``ddim`` on the trailing grid; k = 1: this pack's TCD at one step, eta 1),
-  and the k-step ones also under TCD (``--eta``) for comparison (the claim is the recipe's row),
+  (k-step: this pack's TCD, eta ``--eta``, on the trailing grid, or core ``ddim`` there for a
+  file that says so; k = 1: this pack's TCD at one step, eta 1), and the k-step ones also under
+  the other two (DDIM trailing, TCD on TCD's grid) for comparison (the claim is the recipe's row),
   beside the one-segment LoRA with the same training steps (when it exists) sampled both with
   TCD (``--eta``, eta 1 at one step) and with DDIM trailing;
 * ``unified``: the final LoRA of each run with TCD at 1, 2, 4 and 8 steps, and each file of
@@ -261,7 +262,17 @@ def score_label(meta: dict) -> str:
     return f" + {score} score steps" + (f" ({', '.join(notes)})" if notes else "")
 
 
-FEW_STEP_SAMPLERS = ("ddim", "tcd", "euler")  # the bare teacher's few-step candidates
+FEW_STEP_SAMPLERS = ("ddim", "tcd", "tcd_trailing", "euler")  # the bare teacher's few-step candidates
+
+
+def recipe_how(path: Path) -> str:
+    """The sampler a k-step LoRA's metadata recommends, as a ``sampler_for`` name."""
+    from ComfyUI_HyperSD.hypersd_core import lora_file
+
+    info = lora_file.inspect_file(str(path))
+    if info.sampler == "tcd":
+        return "tcd_trailing" if info.schedule == "trailing" else "tcd"
+    return "ddim"
 
 
 class RowCache:
@@ -399,8 +410,13 @@ def quality(args) -> int:
     def sampler_for(how: str, steps: int, eta_table=()):
         """``tcd``: this pack's TCD on the TCD grid (the file's own eta per step count where
         ``eta_table`` gives one, else eta 1 at one step and ``--eta`` above);
-        ``ddim``: core's ddim on the trailing grid (the N-step LoRAs' recipe);
+        ``tcd_trailing``: this pack's TCD (``--eta``) on the DDIM trailing grid (this pack's k-step
+        LoRAs' recipe, ``metadata.TRAINED_NSTEP_ETA``);
+        ``ddim``: core's ddim on the trailing grid (the official N-step LoRAs' recipe);
         ``euler``: core's euler on the ``normal`` schedule (ComfyUI's default)."""
+        if how == "tcd_trailing":
+            return (f"tcd eta {args.eta:g} trailing", sampling.tcd_sampler(args.eta),
+                    schedules.hypersd_sigmas(ms, steps, "trailing"))
         if how == "tcd":
             eta = metadata.tcd_eta(steps, eta_table or ((1, 1.0), (2, args.eta)))
             return f"tcd eta {eta:g}", sampling.tcd_sampler(eta), schedules.hypersd_sigmas(ms, steps, "tcd")
@@ -469,9 +485,11 @@ def quality(args) -> int:
         by_k[int(meta["hypersd.stages"].split(",")[-1])] = (trained, path, meta["hypersd.stages"].replace(",", "-"))
     for k in sorted(by_k):
         trained, path, stages = by_k[k]
-        r = add("N-step", f"TSCD {stages}", k, 1.0, "tcd" if k == 1 else "ddim", lora=path, trained=trained)
-        if k > 1:  # the same LoRA under TCD (eta --eta), beside its recipe: not the recipe, so not the claim
-            add("N-step", f"TSCD {stages}", k, 1.0, "tcd", lora=path, trained=trained)
+        own = recipe_how(path) if k > 1 else "tcd"
+        r = add("N-step", f"TSCD {stages}", k, 1.0, own, lora=path, trained=trained)
+        for other in (("ddim", "tcd") if k > 1 else ()):  # the same LoRA with other samplers: not the claim
+            if other != own:
+                add("N-step", f"TSCD {stages}", k, 1.0, other, lora=path, trained=trained)
         if k in best:
             wins = [a < b for a, b in zip(r["fids"], best[k]["fids"])]
             checks.append((f"{k}-step TSCD FID {r['fid']:.1f} < bare teacher at {k} steps {best[k]['fid']:.1f} "
@@ -534,8 +552,11 @@ def quality(args) -> int:
                   file=sys.stderr)
             return 1
         info = lora_file.inspect_file(str(base))
-        unified_base = info.sampler == "tcd"
-        how = "tcd" if unified_base else "ddim"
+        unified_base = info.sampler == "tcd" and info.schedule == "tcd"
+        # a k-step base: the recipe the feedback was trained and measured with (its own metadata)
+        own = fmeta.get("hypersd.recommended_sampler"), fmeta.get("hypersd.recommended_schedule")
+        how = "tcd" if unified_base else {("ddim", "trailing"): "ddim", ("tcd", "trailing"): "tcd_trailing"}.get(
+            own, recipe_how(base))
         table = tuple((int(k), float(e)) for k, e in info.eta_by_steps) or ((1, 1.0), (2, args.eta))
         steps_list = args.feedback_steps if unified_base else [int(info.steps)]
         for steps in steps_list:

@@ -106,9 +106,11 @@ def describe(recipe: Recipe) -> str:
     r = recipe
     steps = f"1-{UNIFIED_MAX_STEPS} steps" if is_unified(r) else f"{r.steps} step{'s' if r.steps != 1 else ''}"
     sampler = KSAMPLER_NAME.get(r.sampler, r.sampler)
-    if r.sampler == "tcd":
+    if r.sampler == "tcd" and is_unified(r):
         table = r.eta_by_steps or ((1, 1.0), (2, tcd_eta(2)))
-        sampler += " eta " + ", ".join(f"{e:g}@{k}" for k, e in sorted(table)) if len(table) > 1 else f" eta {r.eta:g}"
+        sampler += " eta " + ", ".join(f"{e:g}@{k}" for k, e in sorted(table))
+    elif r.sampler == "tcd":
+        sampler += f" eta {r.eta:g}"
     parts = [steps, sampler, KSCHEDULER_NAME.get(r.schedule, r.schedule), f"cfg {r.cfg:g}", f"strength {r.strength:g}"]
     if r.guidance is not None:
         parts.append(f"guidance {r.guidance:g}")

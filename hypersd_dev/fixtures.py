@@ -173,3 +173,24 @@ def split_checkpoint(api: dict, parts: dict) -> dict:
         if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
             node["inputs"].update(width=64, height=64)
     return api
+
+
+def tscd_train_graph(parts: dict, name: str, **over) -> dict:
+    """A short HyperSDTrainTSCD run (stages 2,1 x 2 steps, batch 2) on the tiny SD1.5 parts, then one
+    KSampler step with the trained model saved as a latent; ``over`` changes the trainer's inputs."""
+    inputs = {"model": ["1", 0], "latents": ["4", 0], "positive": ["3", 0], "negative": ["5", 0],
+              "stages": "2,1", "steps_per_stage": 2, "learning_rate": 1e-4, "rank": 4, "teacher_cfg": 5.0, "seed": 3,
+              "output_name": name, "checkpoint_every": 0, "batch_size": 2, "resume": True}
+    inputs.update(over)
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": parts["clip"], "type": "stable_diffusion"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 7", "clip": ["2", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "6": {"class_type": "HyperSDTrainTSCD", "inputs": inputs},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "ddim", "scheduler": "sgm_uniform",
+            "positive": ["3", 0], "negative": ["5", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"tscd_{name}"}},
+    }

@@ -85,3 +85,10 @@ def open_page(sync_api, srv, viewport=(1280, 900)):
             yield page, errors
         finally:
             browser.close()
+
+
+def load_api(page, graph: dict, name: str = "graph.json", scale: float = 0.9) -> None:
+    """Open the API-form ``graph`` in the page (``app.loadApiJson``), the view at ``scale``."""
+    page.evaluate("""([g, name, scale]) => { window.app.loadApiJson(g, name);
+        window.app.canvas.ds.offset = [20, 60]; window.app.canvas.ds.scale = scale;
+        window.app.graph.setDirtyCanvas(true, true); }""", [graph, name, scale])

@@ -215,9 +215,10 @@ class HyperSDLoraLoader(io.ComfyNode):
                                                             "5.0 for the CFG LoRAs (SD3: 3/5/7)."),
                 io.Float.Output(display_name="eta", tooltip="Recommended TCD eta (gamma) for the unified LoRA: "
                                                             "1.0 at one step, 0.3 at more (or the file's own eta per step "
-                                                            "count); 0 for DDIM files."),
-                io.Sampler.Output(display_name="SAMPLER", tooltip="The matching sampler: TCD for the unified LoRA, "
-                                                                  "DDIM for N-step and CFG LoRAs, Euler for FLUX/SD3."),
+                                                            "count); 0.3 for k-step LoRAs trained with this pack; 0 for DDIM files."),
+                io.Sampler.Output(display_name="SAMPLER", tooltip="The matching sampler: TCD for the unified LoRA "
+                                                                  "and for k-step LoRAs trained with this pack, DDIM for "
+                                                                  "the official N-step and CFG LoRAs, Euler for FLUX/SD3."),
                 io.Sigmas.Output(display_name="SIGMAS", tooltip="The matching schedule for the recommended steps "
                                                                 "(DDIM trailing, TCD grid, or ComfyUI 'simple' for "
                                                                 "FLUX/SD3)."),

@@ -194,23 +194,21 @@ def register() -> None:
             return web.json_response({"error": "no training run of that node since the server started"}, status=404)
         return web.json_response(run)
 
-    @inst.routes.post("/hypersd/check")
-    async def hypersd_check(request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response({"error": "the body is not JSON"}, status=400)
-        status, out = await asyncio.to_thread(check_request, body)
-        return web.json_response(out, status=status)
+    def json_post(path: str, handle, what: str):
+        """POST ``path``: the JSON body to ``handle(body) -> (status, answer)``, off the event loop."""
 
-    @inst.routes.post("/hypersd/convert")
-    async def hypersd_convert(request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response({"error": "the body is not JSON; send the workflow file's text"}, status=400)
-        status, out = await asyncio.to_thread(convert_request, body)
-        return web.json_response(out, status=status)
+        async def route(request):
+            try:
+                body = await request.json()
+            except ValueError:
+                return web.json_response({"error": f"the body is not JSON; send {what}"}, status=400)
+            status, out = await asyncio.to_thread(handle, body)
+            return web.json_response(out, status=status)
+
+        inst.routes.post(path)(route)
+
+    json_post("/hypersd/check", check_request, "the LoRA's name and the samplers' settings")
+    json_post("/hypersd/convert", convert_request, "the workflow file's text")
 
     inst.add_on_prompt_handler(_on_prompt)
 

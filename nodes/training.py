@@ -151,7 +151,7 @@ def _setting_inputs() -> list:
         io.Boolean.Input("save_stages", default=True, optional=True,
                          tooltip="Also save the LoRA of every stage but the last as "
                                  "<output_name>_stage<n>_k<k> (the k-step LoRA: sample it with k steps, "
-                                 "DDIM trailing, cfg 1), as the official release has one file per step "
+                                 "TCD eta 0.3 on the trailing grid, cfg 1), as the official release has one file per step "
                                  "count. The last stage's LoRA is <output_name>."),
         io.Int.Input("score_steps", default=0, min=0, max=1_000_000, optional=True,
                      tooltip="Score distillation after the TSCD stages (0: none): the student learns to draw "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from hypersd_dev import fixtures
-from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
+from hypersd_dev.page import FRONT_ENDS, load_api, open_page, prepare_user, require_browser, server_for
 
 sync_api = require_browser()  # fails, with the install line, where the browser is missing
 
@@ -49,12 +49,6 @@ WIDGETS = """(ids) => Object.fromEntries(ids.map((id) => [id, Object.fromEntries
     window.app.graph.getNodeById(id).widgets.filter((w) => w.serialize !== false).map((w) => [w.name, w.value]))]))"""
 
 
-def _load(page, graph):
-    page.evaluate("""(g) => { window.app.loadApiJson(g, "badges.json");
-        window.app.canvas.ds.offset = [20, 60]; window.app.canvas.ds.scale = 0.8;
-        window.app.graph.setDirtyCanvas(true, true); }""", graph)
-
-
 @pytest.mark.parametrize("front_end", sorted(FRONT_ENDS))
 def test_badge_warning_and_apply_in_the_page(tmp_path, pack, front_end):
     base = tmp_path / "server"
@@ -62,7 +56,7 @@ def test_badge_warning_and_apply_in_the_page(tmp_path, pack, front_end):
     fixtures.example_parts(base)
     with server_for(base, front_end) as srv, open_page(sync_api, srv, viewport=(1600, 1000)) as (page, errors):
         # 1. core LoraLoaderModelOnly -> KSampler: a unified LoRA under euler / normal, 30 steps, cfg 7
-        _load(page, KSAMPLER_GRAPH)
+        load_api(page, KSAMPLER_GRAPH, scale=0.8)
         page.wait_for_selector('[data-hypersd-badge^="Hyper-SD SD1.5 unified 1-step LoRA"]', timeout=20000)
         warn = page.wait_for_selector("[data-hypersd-warning*=\"set sampler to 'tcd'\"]", timeout=20000)
         text = warn.get_attribute("data-hypersd-warning")
@@ -79,7 +73,7 @@ def test_badge_warning_and_apply_in_the_page(tmp_path, pack, front_end):
         page.screenshot(path=str(tmp_path / "ksampler_applied.png"))
 
         # 2. the pack's loader -> SamplerCustom with KSamplerSelect and BasicScheduler: an 8-step LoRA
-        _load(page, CUSTOM_GRAPH)
+        load_api(page, CUSTOM_GRAPH, scale=0.8)
         warn = page.wait_for_selector("[data-hypersd-warning*=\"made for exactly 8\"]", timeout=20000)
         text = warn.get_attribute("data-hypersd-warning")
         assert "euler_ancestral" in text and "karras" in text

@@ -133,7 +133,7 @@ def test_feedback_example_runs_on_the_server_with_the_toy(server, object_info):
     with safe_open(str(loras / "example_feedback.safetensors"), "pt") as f:
         meta = f.metadata()
     assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"], meta["hypersd.feedback_step"]) == (
-        "4", "ddim", "2")
+        "4", "tcd", "2")  # the toy k4 LoRA's recipe: TCD on the trailing grid
     assert (loras / "example_feedback_feedback.safetensors").exists()
 
 

@@ -130,7 +130,8 @@ def test_feedback_raises_the_reward_and_saves_a_merged_lora_that_core_loads(fb, 
     own, own_meta = _read(own_path)
     base, base_meta = _read(loras / BASE_LORA)
     # the merged file keeps the 4-step LoRA's recipe and says what was trained
-    assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"]) == ("4", "ddim")
+    assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"],
+            meta["hypersd.recommended_schedule"]) == ("4", "tcd", "trailing")
     assert meta["hypersd.feedback_ratio"] == "0.5" and meta["hypersd.feedback_on"].startswith(BASE_LORA + "@")
     assert meta["hypersd.feedback_rewards"] == "hypersd_toy_reward:0:1" and "feedback_only" in "".join(own_meta)
     # core's loader: every key matched

@@ -147,36 +147,24 @@ def test_input_model_unchanged_after_graph(server, example_parts):
     assert not torch.equal(la, lw), "the LoRA had no effect"
 
 
-def test_checkpoint_loader_given_a_unet_points_to_the_right_node(server, example_parts):
-    """'Load Checkpoint' on the diffusers one-step UNet: the log names HyperSDUNetLoader before it runs."""
+@pytest.mark.parametrize("name, folder, says", [
+    ("Hyper-SDXL-1step-Unet.safetensors", "diffusion_models", ("Hyper-SD UNet Loader", "your SDXL base checkpoint")),
+    ("Hyper-SD15-8steps-lora.safetensors", "loras", ("is a LoRA for SD1.5, not a checkpoint", "Hyper-SD LoRA Loader",
+                                                     "your SD1.5 base checkpoint")),
+])
+def test_checkpoint_loader_given_a_unet_or_a_lora_points_to_the_right_node(server, example_parts, name, folder, says):
+    """'Load Checkpoint' on the diffusers one-step UNet or an SD1.5 Hyper-SD LoRA: before it runs, the
+    log names the node to use and the file's own family (an SD1.5 LoRA is not sent to an SDXL base)."""
     server.expect_pack_errors = True
-    ck = server.base / "models" / "checkpoints" / "Hyper-SDXL-1step-Unet.safetensors"
+    ck = server.base / "models" / "checkpoints" / name
     if not ck.exists():
-        ck.symlink_to(server.base / "models" / "diffusion_models" / "Hyper-SDXL-1step-Unet.safetensors")
+        ck.symlink_to(server.base / "models" / folder / name)
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ck.name}},
          "9": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     try:
         server.run(g)
     except ExecutionFailed:
         pass
-    log = server.new_log()
-    assert "Hyper-SD UNet Loader" in log and "your SDXL base checkpoint" in log
-    assert server.alive()
-
-
-def test_checkpoint_loader_given_an_sd15_lora_names_its_family(server, example_parts):
-    """'Load Checkpoint' on an SD1.5 Hyper-SD LoRA: the advice names SD1.5 (not SDXL) and the LoRA loader."""
-    server.expect_pack_errors = True
-    ck = server.base / "models" / "checkpoints" / "Hyper-SD15-8steps-lora.safetensors"
-    if not ck.exists():
-        ck.symlink_to(server.base / "models" / "loras" / "Hyper-SD15-8steps-lora.safetensors")
-    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ck.name}},
-         "9": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
-    try:
-        server.run(g)
-    except ExecutionFailed:
-        pass
-    log = server.new_log()
-    assert "is a LoRA for SD1.5, not a checkpoint" in log and "your SD1.5 base checkpoint" in log
-    assert "SDXL" not in log.split("is a LoRA for SD1.5")[1].split("\n")[0]
+    advice = next(line for line in server.new_log().splitlines() if name in line and "Hyper-SD:" in line)
+    assert all(s in advice for s in says) and ("SDXL" in name or "SDXL" not in advice), advice
     assert server.alive()

@@ -150,7 +150,7 @@ def test_tscd_then_score_distillation_gives_one_unified_lora(pack, tmp_path):
     assert (meta["hypersd.recommended_sampler"], meta["hypersd.recommended_steps"],
             meta["hypersd.recommended_eta"]) == ("tcd", "1", "1.0")
     with safe_open(str(tmp_path / "hypersd_toy_outside_comfyui_stage1_k2.safetensors"), "pt") as f:
-        assert f.metadata()["hypersd.recommended_sampler"] == "ddim"  # the TSCD stage keeps its own recipe
+        assert f.metadata()["hypersd.recommended_schedule"] == "trailing"  # the TSCD stage keeps its own recipe
     unified, stage = load_file(str(path)), load_file(str(tmp_path / "hypersd_toy_outside_comfyui_stage1_k2.safetensors"))
     assert set(unified) == set(stage)
     assert any(not torch.equal(unified[k], stage[k]) for k in unified)  # the score stage changed the student

@@ -11,31 +11,11 @@ from __future__ import annotations
 import pytest
 
 from hypersd_dev import fixtures
-from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
+from hypersd_dev.page import FRONT_ENDS, load_api, open_page, prepare_user, require_browser, server_for
 
 sync_api = require_browser()  # fails, with the install line, where the browser is missing
 
 CHART = "[data-hypersd-chart]"
-
-
-def _graph(parts: dict) -> dict:
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": parts["clip"], "type": "stable_diffusion"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 7", "clip": ["2", 0]}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
-        "6": {"class_type": "HyperSDTrainTSCD", "inputs": {
-            "model": ["1", 0], "latents": ["4", 0], "positive": ["3", 0], "negative": ["5", 0], "stages": "2,1",
-            "steps_per_stage": 3, "learning_rate": 1e-4, "rank": 4, "teacher_cfg": 5.0, "seed": 3,
-            "output_name": "page_chart", "checkpoint_every": 0, "batch_size": 2, "resume": False}},
-    }
-
-
-def _load(page, graph):
-    page.evaluate("""(g) => { window.app.loadApiJson(g, "train.json");
-        window.app.canvas.ds.offset = [20, 60]; window.app.canvas.ds.scale = 0.9;
-        window.app.graph.setDirtyCanvas(true, true); }""", graph)
 
 
 @pytest.mark.parametrize("front_end", sorted(FRONT_ENDS))
@@ -43,9 +23,9 @@ def test_a_training_run_draws_its_chart_and_it_survives_a_reload(front_end, tmp_
     base = tmp_path / "server"
     prepare_user(base)
     parts = fixtures.sd15_parts(base)
-    graph = _graph(parts)
+    graph = fixtures.tscd_train_graph(parts, "page_chart", steps_per_stage=3, resume=False)
     with server_for(base, front_end) as srv, open_page(sync_api, srv, viewport=(1600, 1000)) as (page, errors):
-        _load(page, graph)
+        load_api(page, graph)
         page.evaluate("() => window.app.queuePrompt(0, 1)")
         page.wait_for_selector(f'{CHART}[data-hypersd-status="done"]', timeout=300000)
         chart = page.locator(CHART)
@@ -62,7 +42,7 @@ def test_a_training_run_draws_its_chart_and_it_survives_a_reload(front_end, tmp_
 
         page.reload()
         page.wait_for_function("window.app && window.app.graph && window.__hypersd_loaded === true", timeout=60000)
-        _load(page, graph)  # the same workflow opened again (node 6)
+        load_api(page, graph)  # the same workflow opened again (node 6)
         page.wait_for_selector(f'{CHART}[data-hypersd-chart="6"][data-hypersd-status="done"]', timeout=30000)
         page.screenshot(path=str(tmp_path / "chart_after_reload.png"))
         assert not errors, errors

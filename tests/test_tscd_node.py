@@ -141,7 +141,8 @@ def test_short_run_lowers_the_error_and_saves_a_loadable_lora(training, loras, c
     assert meta["hypersd.trained_by"] == "ComfyUI-HyperSD" and meta["hypersd.method"] == "tscd"
     assert meta["hypersd.family"] == "SD1.5" and meta["hypersd.stages"] == "2"
     assert (meta["hypersd.steps_per_stage"], meta["hypersd.rank"], meta["hypersd.step"]) == ("30", "8", "30")
-    assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"]) == ("2", "ddim")
+    assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"]) == ("2", "tcd")
+    assert meta["hypersd.recommended_eta"] == "0.3"  # TCD on the trailing grid (metadata.TRAINED_NSTEP_ETA)
     assert meta["hypersd.recommended_schedule"] == "trailing" and meta["hypersd.recommended_cfg"] == "1.0"
     assert all(k.startswith("lora_unet_") for k in sd)
     assert any(k.endswith(".alpha") for k in sd)
@@ -251,13 +252,14 @@ def test_each_stage_saves_its_own_k_step_lora(training, loras, caplog):
     assert (meta["hypersd.stages"], meta["hypersd.run_stages"], meta["hypersd.step"]) == ("2", "2,1", str(STEPS))
     assert meta["hypersd.complete"] == "true" and meta["hypersd.total_steps"] == str(STEPS)
     assert (meta["hypersd.recommended_steps"], meta["hypersd.recommended_sampler"],
-            meta["hypersd.recommended_schedule"]) == ("2", "ddim", "trailing")
+            meta["hypersd.recommended_schedule"]) == ("2", "tcd", "trailing")
     final_sd, final_meta = _read(loras / "prog.safetensors")
     assert final_meta["hypersd.stages"] == "2,1" and final_meta["hypersd.recommended_sampler"] == "tcd"
     assert any(not torch.equal(stage_sd[k], final_sd[k]) for k in final_sd)  # stage 2 trained on
     _assert_loads_cleanly(_model(), stage_sd, caplog)
     info = lora_file.inspect_file(str(loras / "prog_stage1_k2.safetensors"))
-    assert (info.variant, info.steps, info.sampler, info.stages) == ("hypersd_trained", 2, "ddim", [2])
+    assert (info.variant, info.steps, info.sampler, info.schedule, info.stages) == ("hypersd_trained", 2, "tcd",
+                                                                                   "trailing", [2])
     assert not info.warnings
     # The stage file is exactly what a run of that stage alone ends with (same seed, same steps).
     _train(training, name="alone", stages="2", lora_scope="all", save_stages=False)
@@ -392,7 +394,7 @@ def test_tscd_then_score_distillation_in_the_node_cancels_and_resumes_exactly(tr
     assert meta["hypersd.recommended_eta_by_steps"] == "1:1.0,2:1.0,4:1.0,8:0.6"  # the unified eta per step count
     _assert_loads_cleanly(_model(), a, caplog)
     stage, stage_meta = _read(loras / "sd_stage1_k2.safetensors")  # the TSCD result before score distillation
-    assert stage_meta["hypersd.recommended_sampler"] == "ddim" and set(stage) == set(a)
+    assert stage_meta["hypersd.recommended_schedule"] == "trailing" and set(stage) == set(a)
 
 
 def test_a_finished_tscd_run_continues_with_score_distillation(training, loras):
@@ -408,7 +410,7 @@ def test_a_finished_tscd_run_continues_with_score_distillation(training, loras):
     _, _, straight = _train(training, name="cont_straight", resume=False, **tscd_only, **score)
     assert continued.step == straight.step == 3 and continued.history == straight.history
     kept, kept_meta = _read(loras / "cont_stage1_k2.safetensors")
-    assert kept_meta["hypersd.recommended_sampler"] == "ddim" and all(torch.equal(kept[k], tscd_lora[k]) for k in kept)
+    assert kept_meta["hypersd.recommended_schedule"] == "trailing" and all(torch.equal(kept[k], tscd_lora[k]) for k in kept)
     a, meta = _read(loras / "cont.safetensors")
     b, _ = _read(loras / "cont_straight.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

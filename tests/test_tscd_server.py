@@ -5,26 +5,8 @@ import pytest
 from safetensors import safe_open
 
 from ComfyUI_HyperSD.hypersd_core import lora_file
+from hypersd_dev.fixtures import tscd_train_graph as _train_graph
 from hypersd_dev.server import Client, ExecutionFailed
-
-
-def _train_graph(parts, name, **over):
-    inputs = {"model": ["1", 0], "latents": ["4", 0], "positive": ["3", 0], "negative": ["5", 0],
-              "stages": "2,1", "steps_per_stage": 2, "learning_rate": 1e-4, "rank": 4, "teacher_cfg": 5.0, "seed": 3,
-              "output_name": name, "checkpoint_every": 0, "batch_size": 2, "resume": True}
-    inputs.update(over)
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": parts["unet"], "weight_dtype": "default"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": parts["clip"], "type": "stable_diffusion"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 7", "clip": ["2", 0]}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
-        "6": {"class_type": "HyperSDTrainTSCD", "inputs": inputs},
-        "7": {"class_type": "KSampler", "inputs": {
-            "model": ["6", 0], "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "ddim", "scheduler": "sgm_uniform",
-            "positive": ["3", 0], "negative": ["5", 0], "latent_image": ["4", 0], "denoise": 1.0}},
-        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"tscd_{name}"}},
-    }
 
 
 def test_train_through_the_server_then_load_with_core_and_pack_loaders(server, sd15_parts):
@@ -100,12 +82,12 @@ def test_demo_runs_each_trained_lora_with_the_recipe_its_metadata_gives(server, 
     server.run(_train_graph(sd15_parts, name, steps_per_stage=1, teacher_cfg=1.5), timeout=600)
     client = Client(server.url)
     stage = client.inspect(f"{name}_stage1_k2.safetensors")
-    assert (stage["variant"], stage["steps"], stage["sampler"], stage["schedule"]) == ("hypersd_trained", 2, "ddim",
+    assert (stage["variant"], stage["steps"], stage["sampler"], stage["schedule"]) == ("hypersd_trained", 2, "tcd",
                                                                                         "trailing")
     assert client.inspect("no_such_file.safetensors") is None
     rows = {r["name"]: r for r in demo.variants(server.get("/object_info"), client.inspect)}
-    k2 = rows[f"{name}_stage1_k2 ddim trailing 2 steps cfg 1"]
-    assert (k2["sampler"], k2["scheduler"], k2["steps"], k2["cfg"]) == ("ddim", "hypersd_trailing", 2, 1.0)
+    k2 = rows[f"{name}_stage1_k2 tcd eta 0.3 trailing 2 steps cfg 1"]
+    assert (k2["sampler"], k2["scheduler"], k2["steps"], k2["cfg"]) == ("tcd", "hypersd_trailing", 2, 1.0)
     unified = {}  # the final (k = 1) LoRA at each step count, through the Hyper-SD LoRA Loader with its eta
     for steps in demo.UNIFIED_STEPS:
         (r,) = [r for r in rows.values() if r.get("lora") == f"{name}.safetensors" and r["steps"] == steps]

@@ -53,7 +53,7 @@ def variants(object_info: dict, inspect=None) -> list[dict]:
 
     ``inspect(lora_name)``: the pack's ``/hypersd/inspect`` answer for a LoRA (or None). A
     toy LoRA trained by the pack runs with the recipe its metadata recommends: a k-step
-    LoRA at k steps with DDIM trailing, the unified (last stage k = 1) one with TCD at 1, 2,
+    LoRA at k steps with its sampler (TCD eta 0.3, or DDIM for older files) on the trailing grid, the unified (last stage k = 1) one with TCD at 1, 2,
     4 and 8 steps, through the Hyper-SD LoRA Loader where the server has it (its sampler and
     schedule for that step count, the eta the file recommends there; else core's loader and
     the ``tcd`` KSampler sampler). Every step count a LoRA runs at is preceded by its control: the bare teacher
@@ -77,9 +77,11 @@ def variants(object_info: dict, inspect=None) -> list[dict]:
         if meta.get("hypersd.feedback_only"):
             continue  # a feedback LoRA alone belongs on top of its few-step LoRA: its merged file is drawn
         label = os.path.splitext(os.path.basename(lora))[0]
-        if info and info.get("variant") == "hypersd_trained" and info.get("sampler") != "tcd":
-            k = int(info["steps"])  # a k-step LoRA (a stage that ended with k segments)
-            by_steps.setdefault(k, []).append({"name": f"{label} ddim trailing {k} steps cfg 1", "sampler": "ddim",
+        if info and info.get("variant") == "hypersd_trained" and info.get("schedule") != "tcd":
+            k = int(info["steps"])  # a k-step LoRA (a stage that ended with k segments), with its recipe
+            sampler = info.get("sampler") if info.get("sampler") in samplers else "ddim"
+            tag = f"tcd eta {float(info.get('eta', 0.3)):g}" if sampler == "tcd" else sampler  # KSampler's tcd: eta 0.3
+            by_steps.setdefault(k, []).append({"name": f"{label} {tag} trailing {k} steps cfg 1", "sampler": sampler,
                                                "scheduler": trailing, "steps": k, "cfg": 1.0, "lora": lora})
             continue
         for steps in UNIFIED_STEPS:
