@@ -459,7 +459,10 @@ def quality(args) -> int:
     tscd_files = {t: v for t, v in tscd_files.items() if v[0] not in scored}
     unified = scored + [p for p in args.unified if p not in scored]
     base_files = stage_files(baseline) if baseline.exists() and tscd_files else {}
-    student_meta = tscd_files[max(tscd_files)][1] if tscd_files else {}
+    # the run's final file: the one with the most stages (a stage of its own run, such as the toy's
+    # 2000-step k=8 LoRA, may have more training steps)
+    final_key = max(tscd_files, key=lambda key: (key[1], key[0])) if tscd_files else None
+    student_meta = tscd_files[final_key][1] if tscd_files else {}
     # the teacher at the guidance the student was distilled from (its metadata), the fair reference
     teacher_cfg = float(student_meta.get("hypersd.teacher_cfg", args.teacher_cfg))
     ref = add("teacher", "teacher", 50, teacher_cfg, "euler")["fid"]
@@ -502,8 +505,8 @@ def quality(args) -> int:
                 checks.append((f"{k}-step TSCD FID {r['fid']:.1f} < one-segment {b:.1f} (best of its samplers, "
                                f"{trained} training steps each)", r["fid"] < b))
     # 2. The final LoRA of each run as a unified LoRA: TCD at 1 to 8 steps.
-    finals = ([("TSCD " + student_meta["hypersd.stages"].replace(",", "-"), max(tscd_files)[0],
-                tscd_files[max(tscd_files)][0])] if tscd_files else [])
+    finals = ([("TSCD " + student_meta["hypersd.stages"].replace(",", "-"), final_key[0],
+                tscd_files[final_key][0])] if tscd_files else [])
     if base_files:
         finals.append(("one-segment k=1", max(base_files)[0], base_files[max(base_files)][0]))
     for name, trained, path in finals:

@@ -94,27 +94,27 @@ def test_teacher_draws_the_prompted_digit_through_the_server(server, toy, toy_ck
 
 
 # The committed toy LoRAs (toy/train_student.py), each at the step count and with the recipe
-# its metadata recommends (the demo's first row for it: k steps DDIM trailing for a k-step
-# LoRA; the unified and TSCD-final ones: TCD at 8 steps, their eta), cfg 1, 10 images per digit (seeds
+# its metadata recommends (the demo's first row for it: k steps TCD eta 0.3 on the trailing grid
+# for a k-step LoRA; the unified and TSCD-final ones: TCD at 8 steps, their eta), cfg 1, 10 images per digit (seeds
 # 1000-1009), through the server. Measured on the committed files (accuracy, FID); a run must
 # keep the accuracy within 0.1 and the FID within 1.3x, room for other CPUs' float differences.
 LORA_MEASURED = {
     "hypersd_toy_tscd_lora.safetensors": (0.93, 87.1),  # unified (300 score steps), TCD 8 steps, eta 0.6
     "hypersd_toy_tscd_lora_stage4_k1.safetensors": (0.84, 80.8),  # TSCD final, TCD 8 steps, eta 0.3
-    "hypersd_toy_tscd_lora_stage1_k8.safetensors": (0.82, 121.4),  # its own 1000-step run (README)
-    "hypersd_toy_tscd_lora_stage2_k4.safetensors": (0.77, 166.6),
-    "hypersd_toy_tscd_lora_stage3_k2.safetensors": (0.74, 228.1),
+    "hypersd_toy_tscd_lora_stage1_k8.safetensors": (0.96, 86.1),  # its own 2000-step run (README)
+    "hypersd_toy_tscd_lora_stage2_k4.safetensors": (0.72, 141.4),
+    "hypersd_toy_tscd_lora_stage3_k2.safetensors": (0.67, 201.9),
     # the k4 LoRA with its feedback LoRA merged at 0.75 (toy/train_feedback.py), DDIM trailing 4 steps
     "hypersd_toy_feedback_lora_k4.safetensors": (0.95, 122.0),
     # the unified LoRA with its feedback LoRA merged at 0.25, TCD 8 steps (the demo's first row), eta 0.6
     "hypersd_toy_feedback_lora_unified.safetensors": (0.94, 87.4),
 }
 # The k-step LoRAs that beat the bare teacher at their own step count with their own recipe
-# (bench_tscd --quality, 500 images x 3 seed sets), with the measured FID ratio LoRA / control at
-# 10 images per digit here: k2 228.1 against 537.9 (0.42; the control is TCD at 2 steps). The k8
-# and k4 LoRAs do not with their recipe (DDIM trailing; the README's benchmark table has the
-# 500-image numbers: k4 1.11x, k8 1.49x), so they are not claimed.
-CONTROL_MEASURED = {"hypersd_toy_tscd_lora_stage3_k2.safetensors": 0.42}
+# (bench_tscd --quality, 500 images x 3 seed sets: all three, in every seed set), with the measured
+# FID ratio LoRA / control at 10 images per digit here: k2 201.9 against 537.9 (0.38). At this
+# size the k4 (141.4 against 170.0, 0.83) and k8 (86.1 against 97.4, 0.88) ratios are too close to
+# the margin to hold on other machines' floats, so CI checks k2 and the bench carries the claim.
+CONTROL_MEASURED = {"hypersd_toy_tscd_lora_stage3_k2.safetensors": 0.38}
 CONTROL_MARGIN = 0.85  # the ratio a run must stay under
 
 

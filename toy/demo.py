@@ -29,12 +29,14 @@ from . import data, install, quality
 
 TEACHER_STEPS = 25
 TEACHER_CFG = 2.0  # the toy teacher's guidance, the one its LoRAs were distilled from
-# The bare teacher's best few-step sampler at each step count (lowest FID of DDIM trailing, TCD
-# and euler in ``python -m bench.bench_tscd --quality --repeats 3``): the control row beside
-# every distilled LoRA, so a LoRA is shown against what lowering the steps alone gives.
-CONTROL_SAMPLER = {1: "tcd", 2: "tcd", 4: "tcd", 8: "tcd"}
+# The bare teacher's best few-step sampler at each step count (lowest FID of DDIM trailing, TCD on
+# TCD's grid and on the trailing grid, and euler in ``python -m bench.bench_tscd --quality
+# --repeats 3``; at 1 and 2 steps the two TCD grids are the same): the control row beside every
+# distilled LoRA, so a LoRA is shown against what lowering the steps alone gives.
+CONTROL_SAMPLER = {1: "tcd", 2: "tcd", 4: "tcd_trailing", 8: "tcd_trailing"}
 UNIFIED_STEPS = (1, 2, 4, 8)  # the step counts the unified LoRA is drawn at
-_KSAMPLER_RECIPE = {"ddim": ("ddim", "hypersd_trailing"), "tcd": ("tcd", "hypersd_tcd"), "euler": ("euler", "normal")}
+_KSAMPLER_RECIPE = {"ddim": ("ddim", "hypersd_trailing"), "tcd": ("tcd", "hypersd_tcd"),
+                    "tcd_trailing": ("tcd", "hypersd_trailing"), "euler": ("euler", "normal")}
 
 
 def control_row(steps: int, cfg: float, samplers: list, schedulers: list) -> dict:

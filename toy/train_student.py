@@ -29,8 +29,10 @@ the step number, and puts a captioned dataset in a canonical order, so the same 
 and library versions give the same files.
 
 The committed 8-step LoRA (``_stage1_k8``) comes from a run of its own, ``--stages 8
---steps-per-stage 1000 --score-steps 0 --name hypersd_toy_k8long``, 32 minutes on one core,
-copied over the 8,4,2,1 run's first stage: four times the training, and made after the TSCD
+--steps-per-stage 2000 --score-steps 0 --name hypersd_toy_k8x2000``, 62 minutes on one core
+beside other jobs, copied over the 8,4,2,1 run's first stage (its ``recommended_*`` metadata set
+to today's k-step recipe, TCD eta 0.3 on the trailing grid, as the k4 and k2 files'): eight times
+the training, and made after the TSCD
 stages began to train at the times their recipe samples at (``tscd.stage_timesteps``), so a
 rerun of the 8,4,2,1 run today draws other timesteps than the committed 4- and 2-step files
 saw. The other committed LoRAs were made with the defaults: stages 8,4,2,1 x 250 steps, batch 32, rank 8
