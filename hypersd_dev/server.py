@@ -3,7 +3,7 @@
 * :class:`Client`: any running ComfyUI (``/object_info``, ``/prompt``, ``/history``,
   ``/view``, ``/free``, the pack's ``/hypersd/inspect``); the demo uses it on the main
   job's server.
-* :class:`ComfyServer`: starts ``main.py --cpu`` on a free port with its own base folder
+* :class:`ComfyServer`: starts ``main.py`` (``--cpu`` where torch sees no GPU, ``hypersd_dev.device``) on a free port with its own base folder
   and the pack linked into ``custom_nodes``, and reads its log for the pack's failures
   (``IMPORT FAILED``, a failing entry point, tracebacks through the pack's files).
 """
@@ -165,7 +165,7 @@ SERVER_FOLDERS = ("custom_nodes", "input", "output", "temp", "user", "models/che
 
 
 class ComfyServer(Client):
-    """A real ComfyUI server process (``main.py --cpu``) with the pack linked in, in ``base``."""
+    """A real ComfyUI server process (``main.py``, on the GPU where there is one) with the pack linked in, in ``base``."""
 
     def __init__(self, base: Path, env: dict | None = None, front_end_root: Path | None = None):
         self.base = Path(base)
@@ -186,7 +186,9 @@ class ComfyServer(Client):
         comfy = comfy_dir()
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
                    **self.extra_env)
-        cmd = [sys.executable, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        from .device import server_args
+
+        cmd = [sys.executable, str(comfy / "main.py"), *server_args(), "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--database-url", f"sqlite:///{self.base / 'comfy.db'}",
                "--disable-auto-launch", "--disable-metadata"]
         if self.front_end_root is not None:

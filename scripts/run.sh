@@ -29,8 +29,11 @@ if [ -n "$MODELS_DIR" ]; then
   (cd "$HYPERSD_REPO" && "$HYPERSD_PYTHON" -m scripts.user_models "$MODELS_DIR" "$YAML") || exit 1
   EXTRA=(--extra-model-paths-config "$YAML")
 fi
+# --cpu only where torch sees no GPU (or HYPERSD_DEVICE=cpu): a machine with one serves on it
+DEVICE_ARGS="$(cd "$HYPERSD_REPO" && "$HYPERSD_PYTHON" -m hypersd_dev.device)" || exit 1
+read -r -a DEVICE <<< "$DEVICE_ARGS"
 cd "$HYPERSD_COMFYUI"
-"$HYPERSD_PYTHON" main.py --cpu --listen 127.0.0.1 --port "$PORT" --disable-auto-launch \
+"$HYPERSD_PYTHON" main.py ${DEVICE[@]+"${DEVICE[@]}"} --listen 127.0.0.1 --port "$PORT" --disable-auto-launch \
   --database-url "sqlite:///$HYPERSD_COMFYUI/user/comfy.db" ${EXTRA[@]+"${EXTRA[@]}"} ${ARGS[@]+"${ARGS[@]}"} &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null' INT TERM EXIT

@@ -160,3 +160,22 @@ def test_registry_metadata_reads_in_the_hosts_own_parser(comfy):
     assert (p.supported_comfyui_version, p.supported_comfyui_frontend_version) == (">=0.3.48", ">=1.32.9")
     assert p.supported_os == ["OS Independent"] and p.supported_accelerators == ["GPU :: NVIDIA CUDA"]
     assert cfg.tool_comfy.display_name == "Hyper-SD" and cfg.tool_comfy.publisher_id
+
+
+def test_servers_run_on_the_cpu_only_where_torch_sees_no_gpu(monkeypatch, comfy):
+    """``scripts/run.sh`` and the test servers pass ComfyUI ``--cpu`` only where torch has no
+    accelerator (or ``HYPERSD_DEVICE=cpu`` asks for it); a bad value names the variable."""
+    import pytest
+    import torch
+
+    from hypersd_dev import device
+
+    monkeypatch.delenv("HYPERSD_DEVICE", raising=False)
+    assert device.has_accelerator() == (torch.cuda.is_available() or torch.backends.mps.is_available()
+                                        or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    assert device.server_args() == ([] if device.has_accelerator() else ["--cpu"])
+    monkeypatch.setenv("HYPERSD_DEVICE", "cpu")
+    assert device.server_args() == ["--cpu"]
+    monkeypatch.setenv("HYPERSD_DEVICE", "tpu")
+    with pytest.raises(SystemExit, match="HYPERSD_DEVICE"):
+        device.server_args()
