@@ -31,6 +31,15 @@ class Batch:
     cond: Any = None  # passed through to the eps function
     step: int = 0
     backward_scale: float = 1.0  # the weight of the term being called (set by the trainer)
+    rows: slice | None = None  # data-parallel: this process's rows of the global batch
+    global_size: int | None = None  # data-parallel: the global batch size (every process's rows)
+
+    def draw(self, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """A term's random numbers: ``make(n)`` (first dimension n) for the whole global batch, and
+        this process's rows of it, so that every process draws what one process with the global
+        batch would (the step's generator is the same everywhere)."""
+        out = make(self.global_size or self.x0.shape[0])
+        return out if self.rows is None else out[self.rows]
 
     def backward_now(self, part: torch.Tensor) -> torch.Tensor:
         """Backpropagate ``part`` of a term's loss at once (times the term's weight), so that its
@@ -120,9 +129,28 @@ class Trainer:
     def __init__(self, adapters, stages: Sequence[Stage], data, *, lr: float, batch_size: int,
                  seed: int, device=None, dtype=torch.float32, ema_decay: float = 0.95, grad_clip: float = 1.0,
                  weight_decay: float = 0.0, callbacks: Sequence[Callback] = (), signature: dict | None = None,
-                 lr_schedule: str = "constant"):
+                 lr_schedule: str = "constant", shard: tuple[int, int] = (0, 1),
+                 all_reduce: Callable[[torch.Tensor], None] | None = None):
         self.adapters = adapters
+        # Data parallel (``shard`` = (rank, world)): each process takes its ``batch_size`` rows of
+        # a global batch of ``batch_size * world`` drawn from the step's seed, and the LoRA
+        # gradients are averaged over processes (``all_reduce``: sums a tensor in place over
+        # them; torch.distributed's by default) before the optimizer step, so every process
+        # holds the same weights, equal to one process with the global batch.
+        self.rank, self.world = int(shard[0]), int(shard[1])
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"shard {shard}: the rank must be in 0..world-1")
+        if self.world > 1 and all_reduce is None:
+            import torch.distributed as dist
+
+            all_reduce = dist.all_reduce
+        self.all_reduce = all_reduce
         self.stages = list(stages)
+        unsharded = sorted({type(t).__name__ for s in self.stages for _, t in s.terms
+                            if not getattr(t, "data_parallel", False)})
+        if self.world > 1 and unsharded:
+            raise ValueError(f"{', '.join(unsharded)} cannot be split over processes yet (its random numbers "
+                             "are drawn per process); run it in one process")
         if not self.stages or any(s.steps < 0 for s in self.stages):
             raise ValueError("stages must be non-empty with non-negative step counts")
         self.data = data
@@ -187,9 +215,13 @@ class Trainer:
         computed (gradients add up; one term's activations are held at a time); 3. check, clip and
         step; 4. EMA."""
         gen = torch.Generator().manual_seed(step_seed(self.seed, step))
-        x0, cond = self.data.sample(self.batch_size, gen, self.device, self.dtype)
-        batch = Batch(x0=x0, cond=cond, step=step)
+        b, world = self.batch_size, self.world
+        x0, cond = self.data.sample(b * world, gen, self.device, self.dtype)
+        rows = slice(self.rank * b, (self.rank + 1) * b) if world > 1 else None
+        batch = Batch(x0=x0 if rows is None else x0[rows], cond=cond, step=step, rows=rows,
+                      global_size=b * world if world > 1 else None)
         total = None
+        bad = False  # data parallel: a non-finite loss on any process stops them all, together
         logs: dict = {"stage": stage.name, "segments": stage.segments}
         self.optimizer.zero_grad(set_to_none=True)  # before the terms: they may backpropagate parts early
         for weight, term in stage.terms:
@@ -199,10 +231,15 @@ class Trainer:
             part = value * weight
             self.adapters.set_mode("student")  # the mode a recomputing (checkpointed) backward needs
             if not torch.isfinite(part.detach()).all():
-                raise NonFiniteLossError(step, stage, "loss")
+                if world == 1:
+                    raise NonFiniteLossError(step, stage, "loss")
+                bad = True
+                continue
             if part.requires_grad:  # each term's graph is freed before the next term builds its own
                 part.backward()
             total = part.detach() if total is None else total + part.detach()
+        if world > 1:
+            total = self._average(step, stage, total, bad)
         if total is None:
             raise ValueError(f"stage {stage.name} has no loss term")
         lr = learning_rate_at(self.lr, self.lr_schedule, step - stage_start, stage.steps)
@@ -223,6 +260,21 @@ class Trainer:
         logs["grad_norm"] = float(norm)
         logs["lr"] = lr
         return float(total.detach()), logs
+
+    def _average(self, step: int, stage: Stage, total, bad: bool) -> torch.Tensor:
+        """Data parallel: the loss and the LoRA gradients averaged over the processes (every
+        process sums the same tensors in the same order); a non-finite loss anywhere stops all."""
+        flags = torch.tensor([1.0 if bad or total is None else 0.0, float(total) if total is not None else 0.0],
+                             dtype=torch.float64)
+        self.all_reduce(flags)
+        if flags[0] > 0:
+            raise NonFiniteLossError(step, stage, "loss")
+        for p in self.adapters.student_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self.all_reduce(p.grad)
+            p.grad /= self.world
+        return (flags[1] / self.world).to(torch.float32)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

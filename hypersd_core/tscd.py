@@ -149,6 +149,8 @@ class TSCDLoss:
         self.loss = loss
         self.huber_c = huber_c
 
+    data_parallel = True  # draws its random numbers for the global batch (``Batch.draw``)
+
     def sample_times(self, batch_size: int, k: int, generator: torch.Generator):
         grid = self.grids.setdefault(k, stage_timesteps(k, self.solver_steps, self.T))
         idx = torch.randint(0, len(grid), (batch_size,), generator=generator)
@@ -159,10 +161,12 @@ class TSCDLoss:
 
     def __call__(self, batch: Batch, stage: Stage, generator: torch.Generator):
         x0 = batch.x0
-        B = x0.shape[0]
         dev = x0.device
-        t_n, t_prev, t_end = self.sample_times(B, stage.segments, generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(dev, x0.dtype)
+        # drawn for the global batch (data parallel: every process draws the same, keeps its rows)
+        times = self.sample_times(batch.global_size or x0.shape[0], stage.segments, generator)
+        t_n, t_prev, t_end = (v if batch.rows is None else v[batch.rows] for v in times)
+        noise = batch.draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator, dtype=torch.float32))
+        noise = noise.to(dev, x0.dtype)
         ab = self.alphas_cumprod
         a_n, a_prev, a_end = ab[t_n], ab[t_prev], ab[t_end]
         x_n = add_noise(x0, noise, a_n)

@@ -8,6 +8,7 @@ import torch
 
 from ComfyUI_HyperSD.hypersd_core import lora_train, metadata, schedules, train, tscd
 from ComfyUI_HyperSD.hypersd_core.data import LatentData
+from hypersd_dev.tiny_tscd import TinyEps, setup as _setup  # noqa: F401  (TinyEps: test_dmd_core imports it here)
 
 
 # ---------------------------------------------------------------------- math by hand
@@ -104,49 +105,6 @@ def test_learning_rate_schedules_by_hand():
 
 
 # ---------------------------------------------------------------------- a plain-torch denoiser
-
-
-class TinyEps(torch.nn.Module):
-    """A small conditional eps predictor: conv net with a timestep and condition embedding."""
-
-    def __init__(self, ch=4, width=16, cond_dim=8):
-        super().__init__()
-        self.t_emb = torch.nn.Linear(1, width)
-        self.c_emb = torch.nn.Linear(cond_dim, width)
-        self.conv_in = torch.nn.Conv2d(ch, width, 3, padding=1)
-        self.mid = torch.nn.Linear(width, width)
-        self.conv_out = torch.nn.Conv2d(width, ch, 3, padding=1)
-
-    def forward(self, x, t, c):
-        h = self.conv_in(x)
-        e = self.t_emb((t.float() / 1000.0)[:, None]) + self.c_emb(c)
-        h = torch.nn.functional.silu(h + e[:, :, None, None])
-        h = self.mid(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.conv_out(torch.nn.functional.silu(h))
-
-
-def _setup(seed=0, stages=(2, 1), steps=3, lr=1e-3, callbacks=()):
-    torch.manual_seed(1234)  # the toy network's own init (the adapters do not use the global RNG)
-    net = TinyEps()
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
-    ab = torch.cumprod(1 - betas, 0)
-    uncond = torch.zeros(1, 8)
-
-    def eps_fn(x, t, cfg, cond):
-        c = cond.expand(x.shape[0], -1)
-        e = net(x, t, c)
-        if cfg == 1.0:
-            return e
-        eu = net(x, t, uncond.expand(x.shape[0], -1))
-        return eu + cfg * (e - eu)
-
-    adapters = lora_train.LoraAdapters(net, lora_train.select_targets(net, "all"), rank=2, seed=seed)
-    term = tscd.TSCDLoss(eps_fn, adapters, ab, teacher_cfg=3.0)
-    gen = torch.Generator().manual_seed(5)
-    data = LatentData([(torch.randn(6, 4, 8, 8, generator=gen), torch.randn(1, 8, generator=gen))])
-    trainer = train.Trainer(adapters, tscd.progressive_stages(stages, steps, lambda k: [(1.0, term)]), data,
-                           lr=lr, batch_size=3, seed=seed, callbacks=list(callbacks), signature={"t": 1})
-    return net, adapters, trainer, eps_fn
 
 
 def test_adapters_modes_and_detach_restore_the_module():
@@ -278,3 +236,35 @@ def test_stage_grid_trains_every_time_the_k_step_recipe_samples_at():
     at = t_n == 874
     assert 30 < int(at.sum()) < 120  # about 4000 / 56
     assert set(t_prev[at].tolist()) == {854} and int(t_end[at].min()) >= 750 and int(t_end[at].max()) <= 854
+
+
+def test_two_processes_equal_one_with_the_doubled_batch(tmp_path):
+    """Data parallel over ``torch.distributed`` (gloo, 2 processes, batch 3 each) ends with the same
+    LoRA and losses as one process with batch 6 and the same data order; both processes agree."""
+    import torch.multiprocessing as mp
+
+    from hypersd_dev import tiny_tscd
+
+    mp.spawn(tiny_tscd.data_parallel_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    _, adapters, trainer, _ = _setup(stages=(2, 1), steps=2, batch_size=6)
+    trainer.run()
+    single = adapters.weights(lora_train.STUDENT)
+    assert set(ranks[0]["weights"]) == set(single)
+    for k in single:
+        assert torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]), k
+        torch.testing.assert_close(ranks[0]["weights"][k], single[k], rtol=1e-4, atol=1e-6)
+    assert ranks[0]["history"] == pytest.approx(trainer.history, rel=1e-5)
+    assert any(not torch.equal(single[k], _setup()[1].weights(lora_train.STUDENT)[k]) for k in single)  # it trained
+
+
+def test_terms_that_draw_per_process_refuse_to_be_split():
+    class Local:
+        def __call__(self, batch, stage, gen):
+            return batch.x0.mean(), {}
+
+    net, adapters, _, _ = _setup()
+    data = LatentData([(torch.randn(6, 4, 8, 8), torch.randn(1, 8))])
+    stages = [train.Stage(segments=1, steps=1, terms=[(1.0, Local())])]
+    with pytest.raises(ValueError, match="Local cannot be split over processes"):
+        train.Trainer(adapters, stages, data, lr=1e-3, batch_size=3, seed=0, shard=(0, 2), all_reduce=lambda t: None)
