@@ -313,6 +313,10 @@ class TrainingRun:
     resume_state: dict | None = None
     lora: dict | None = None  # the trained LoRA (kohya keys), once train() has finished
     parts: FeedbackParts | None = None  # a feedback run's decoder, rewards and frozen LoRA
+    # data parallel (torchrun): (rank, world). ``settings.batch_size`` is the global batch, split
+    # evenly; every process trains the same weights and only rank 0 writes files, so a run
+    # resumes with another number of processes.
+    shard: tuple[int, int] = (0, 1)
 
     def __post_init__(self):
         self.resume_state = self.files.resume_state(self.resume)
@@ -328,9 +332,13 @@ class TrainingRun:
             try:
                 stages = METHODS[s.method](s, eps_fn, adapters, self.alphas_cumprod.to(device or "cpu"), data,
                                            parts=self.parts)
-                trainer = Trainer(adapters, stages, data, lr=s.learning_rate, batch_size=s.batch_size, seed=s.seed,
-                                  device=device, ema_decay=s.ema_decay, signature=s.signature(self.prompts),
-                                  lr_schedule=s.lr_schedule)
+                world = int(self.shard[1])
+                if s.batch_size % world:
+                    raise ValueError(f"batch_size {s.batch_size} does not split over {world} processes: make it a "
+                                     f"multiple of {world}")
+                trainer = Trainer(adapters, stages, data, lr=s.learning_rate, batch_size=s.batch_size // world,
+                                  seed=s.seed, device=device, ema_decay=s.ema_decay,
+                                  signature=s.signature(self.prompts), lr_schedule=s.lr_schedule, shard=self.shard)
                 checkpointer = Checkpointer(s.checkpoint_every, self.save, saved_step=self._resume(trainer))
                 trainer.callbacks = [checkpointer, *([StageSaver(self.save_stage)] if s.save_stages and s.method == "tscd" else []),
                                      *callbacks]
@@ -452,7 +460,9 @@ class TrainingRun:
 
     def save(self, trainer: Trainer) -> None:
         """The LoRA and the training state that resumes it, each written atomically (a feedback
-        run: the merged LoRA and the feedback LoRA alone)."""
+        run: the merged LoRA and the feedback LoRA alone). Data parallel: rank 0 only."""
+        if self.shard[0] != 0:
+            return
         fileio.save_torch(self.files.state, trainer.state_dict())
         if self.files.legacy_state.exists():  # the run's state now lives under the new name
             self.files.legacy_state.unlink()
@@ -469,6 +479,8 @@ class TrainingRun:
         log.info("HyperSD TSCD: saved %s at step %d/%d", self.files.lora, trainer.step, trainer.total_steps)
 
     def save_stage(self, trainer: Trainer, index: int) -> None:
+        if self.shard[0] != 0:
+            return
         k = self.settings.stages[index]
         path = self.files.stage_lora(index, k)
         fileio.save_safetensors(path, trainer.adapters.kohya_state_dict(self.key_prefix), self.metadata(trainer, index))

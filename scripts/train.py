@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Distil a checkpoint into a Hyper-SD TSCD LoRA outside ComfyUI, on one process or many.
+
+    .venv/bin/python -m scripts.train CONFIG.toml                                  (one process)
+    .venv/bin/torchrun --nproc-per-node 2 -m scripts.train CONFIG.toml            (one machine)
+    .venv/bin/torchrun --nnodes 2 --node-rank R --nproc-per-node 8 \\
+        --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m scripts.train CONFIG.toml (several)
+
+The config (TOML; ``hypersd_core.train_config`` lists its keys) is checked before any process
+starts work: an unknown key, a value out of range or a missing path is refused with the key
+named. The checkpoint is loaded with ComfyUI's own loader used as a library, the same model
+objects the node trains; a folder of captioned images is encoded once by rank 0 and cached
+beside the output (``<output>.latents.pt``). Under ``torchrun`` every process takes its share
+of each step's global batch (``batch_size``) and the LoRA gradients are averaged
+(``torch.distributed``: ``nccl`` on GPUs, ``gloo`` on CPUs); rank 0 writes the LoRA, the stage
+LoRAs and the training state atomically, the same files the ComfyUI node writes. With
+``resume`` on, a run continues from its state, with any number of processes (the global batch
+and the data order do not depend on it).
+
+For now: SD1.x/SD2.x checkpoints (SDXL needs the pooled text conditioning the node gives it:
+train it with the node), and the TSCD stages (score distillation and feedback run in the node).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import hypersd_dev
+from ComfyUI_HyperSD.hypersd_core import files, metadata, schedules, train_config
+from ComfyUI_HyperSD.hypersd_core.data import LatentData
+from ComfyUI_HyperSD.hypersd_core.pipeline import RunFiles, TrainingRun, TrainSettings
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def captioned_images(folder: Path) -> list[tuple[Path, str]]:
+    """(image, caption) pairs: every image with a same-name ``.txt`` beside it."""
+    pairs = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            cap = p.with_suffix(".txt")
+            if not cap.is_file():
+                raise SystemExit(f"data: {p.name} has no caption file {cap.name} beside it")
+            pairs.append((p, cap.read_text().strip()))
+    if not pairs:
+        raise SystemExit(f"data: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) with captions")
+    return pairs
+
+
+def encode_folder(folder: Path, model, clip, vae):
+    """(latent groups by caption, caption contexts, empty context): one group per caption."""
+    import numpy as np
+    from PIL import Image
+
+    pairs = captioned_images(folder)
+    captions = sorted({c for _, c in pairs})
+    by_caption: dict[str, list[torch.Tensor]] = {c: [] for c in captions}
+    size = None
+    with torch.no_grad():
+        for path, cap in pairs:
+            im = Image.open(path).convert("RGB")
+            if size is None:
+                size = im.size
+            elif im.size != size:
+                raise SystemExit(f"data: {path.name} is {im.size[0]}x{im.size[1]}, the others {size[0]}x{size[1]}: "
+                                 "give the images one size")
+            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None]  # ComfyUI IMAGE layout
+            by_caption[cap].append(model.model.process_latent_in(vae.encode(pixels)).float())
+        contexts = torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in captions]).float()
+        empty = clip.encode_from_tokens(clip.tokenize("")).float()
+    groups = [(torch.cat(by_caption[c]), i) for i, c in enumerate(captions)]
+    return groups, contexts, empty
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        cfg = train_config.load(args[0])
+    except train_config.ConfigError as e:
+        print(f"config refused: {e}", file=sys.stderr)
+        return 2
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: dict, rank: int, world: int, device) -> int:
+    hypersd_dev.import_comfy(cpu=device.type == "cpu")
+    import comfy.sd
+
+    from scripts.train_outside_comfyui import UNetEps, load_toy, toy_dataset
+
+    if cfg["checkpoint"] == "toy":
+        model, clip, vae = load_toy(hypersd_dev.comfy_dir() / "models")
+    else:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(cfg["checkpoint"], output_vae=True,
+                                                                 output_clip=True)[:3]
+    family = metadata.model_family(model.model.model_config)
+    if family not in ("SD1.5", "SD2"):
+        raise SystemExit(f"checkpoint: a {family} model; this command trains SD1.x/SD2.x for now (train {family} "
+                         "with the HyperSDTrainTSCD node)")
+    out_dir = Path(cfg["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg["data"] == "toy":
+        data, contexts, empty = toy_dataset(model, clip, vae, cfg["per_digit"])
+    else:
+        data, contexts, empty = cached_latents(cfg, out_dir, model, clip, vae, rank, world)
+    unet = model.model.diffusion_model.to(device)
+    settings = TrainSettings(stages=cfg["stages"], steps_per_stage=cfg["steps_per_stage"],
+                             learning_rate=cfg["learning_rate"], rank=cfg["rank"], teacher_cfg=cfg["teacher_cfg"],
+                             seed=cfg["seed"], batch_size=cfg["batch_size"], lora_scope=cfg["lora_scope"],
+                             checkpoint_every=cfg["checkpoint_every"], lr_schedule=cfg["lr_schedule"])
+    run = TrainingRun(settings, RunFiles.create(out_dir, cfg["output"]), resume=cfg["resume"], family=family,
+                      alphas_cumprod=schedules.DiscreteSchedule().alphas_cumprod, prompts=len(contexts),
+                      shard=(rank, world))
+    trainer = run.train(unet, UNetEps(unet, contexts.to(device), empty.to(device)), data, device=device)
+    if rank == 0:
+        print(json.dumps({"lora": str(run.files.lora), "steps": trainer.step, "processes": world,
+                          "losses": [round(x, 6) for x in trainer.history], "family": family}))
+    return 0
+
+
+def cached_latents(cfg: dict, out_dir: Path, model, clip, vae, rank: int, world: int):
+    """The data folder's latents: encoded once (rank 0) into ``<output>.latents.pt``, keyed by the
+    images, their captions and the checkpoint; every process reads the cache."""
+    folder = Path(cfg["data"])
+    h = hashlib.sha256(cfg["checkpoint"].encode())
+    for p in sorted(folder.iterdir()):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    key = h.hexdigest()[:16]
+    cache = out_dir / f"{cfg['output']}.latents.pt"
+    if rank == 0 and not (cache.exists() and torch.load(cache, weights_only=True).get("key") == key):
+        groups, contexts, empty = encode_folder(folder, model, clip, vae)
+        files.save_torch(cache, {"key": key, "latents": [g for g, _ in groups], "contexts": contexts, "empty": empty})
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    saved = torch.load(cache, weights_only=True)
+    return LatentData([(lat, i) for i, lat in enumerate(saved["latents"])]), saved["contexts"], saved["empty"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The training command outside ComfyUI (``scripts/train.py``, issue 17): a config file checked
+before any process starts, and the same run on one process or on two under ``torchrun`` (gloo):
+the same losses and, to float tolerance, the same LoRA, which core's loader takes with every key
+matched and the pack's inspector reads with its recipe."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hypersd_dev import REPO
+
+CONFIG = """checkpoint = "toy"
+data = "toy"
+output = "{output}"
+out_dir = "out"
+stages = "2,1"
+steps_per_stage = 2
+batch_size = 4
+learning_rate = 1e-3
+rank = 4
+teacher_cfg = 1.5
+checkpoint_every = 0
+per_digit = 2
+resume = false
+"""
+
+
+def _run(cmd, cwd, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("key, line, says", [
+    ("colour", 'colour = "red"', "unknown key 'colour'"),
+    ("checkpoint", 'checkpoint = "no/such/model.safetensors"', "model.safetensors does not exist"),
+    ("rank", "rank = 999", "rank: 999 must be between 1 and 256"),
+    ("output", 'output = "../escape"', "output: '../escape' must be a file name without folders"),
+    ("learning_rate", 'learning_rate = "fast"', "learning_rate: 'fast' is not a number"),
+])
+def test_a_bad_config_is_refused_before_any_work_with_the_key_named(tmp_path, key, line, says):
+    lines = [ln for ln in CONFIG.format(output="bad").splitlines() if ln.split("=")[0].strip() != key]
+    (tmp_path / "bad.toml").write_text("\n".join(lines + [line]) + "\n")
+    r = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "bad.toml")], tmp_path)
+    assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_two_processes_under_torchrun_train_the_same_lora_as_one(tmp_path, comfy, caplog):
+    from safetensors.torch import load_file
+
+    from ComfyUI_HyperSD.hypersd_core import lora_file
+
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.toml").write_text(CONFIG.format(output=name))
+    one = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "one.toml")], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "scripts.train",
+                str(tmp_path / "two.toml")], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, two))
+    assert (s1["processes"], s2["processes"], s1["steps"], s2["steps"]) == (1, 2, 4, 4)
+    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
+    a, b = load_file(s1["lora"]), load_file(s2["lora"])
+    assert set(a) == set(b) and all(float((a[k] - b[k]).abs().max()) < 1e-4 for k in a)
+    assert (tmp_path / "out" / "two_stage1_k2.safetensors").exists()  # rank 0 wrote the stage LoRA too
+
+    # the file is the node's: core's loader maps every key; the inspector reads its recipe
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.sd
+
+    from toy import install
+
+    import hypersd_dev
+
+    ckpt = install.install(hypersd_dev.comfy_dir() / "models")["checkpoint"]
+    model = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=False, output_clip=False)[0]
+    with caplog.at_level(logging.WARNING):
+        comfy.sd.load_lora_for_models(model, None, b, 1.0, 0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(b)), comfy.lora.model_lora_keys_unet(model.model, {}),
+                                  log_missing=False)
+    assert len(loaded) == sum(1 for k in b if k.endswith(".lora_down.weight")) > 0
+    info = lora_file.inspect_file(s2["lora"])
+    assert (info.variant, info.family, info.sampler, info.steps) == ("hypersd_trained", "SD1.5", "tcd", 1)
+
+
+def test_a_folder_of_captioned_images_is_encoded_once_and_trained_on(tmp_path):
+    import hypersd_dev  # noqa: F401
+    from toy import data
+
+    data.write_dataset(tmp_path / "imgs", 1)  # one page per digit, "a handwritten digit N" beside each
+    (tmp_path / "run.toml").write_text(CONFIG.format(output="folder").replace('data = "toy"', 'data = "imgs"'))
+    r = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "run.toml")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cache = tmp_path / "out" / "folder.latents.pt"
+    assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 4 and cache.exists()
+    stamp = cache.stat().st_mtime_ns
+    assert _run([sys.executable, "-m", "scripts.train", str(tmp_path / "run.toml")], tmp_path).returncode == 0
+    assert cache.stat().st_mtime_ns == stamp  # encoded once: the second run read the cache
+    (tmp_path / "imgs" / "extra.png").write_bytes((tmp_path / "imgs" / sorted(
+        p.name for p in (tmp_path / "imgs").glob("*.png"))[0]).read_bytes())
+    r = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "run.toml")], tmp_path)
+    assert r.returncode != 0 and "extra.png has no caption file extra.txt" in r.stderr
