@@ -26,7 +26,7 @@ rank = 4
 teacher_cfg = 1.5
 checkpoint_every = 0
 per_digit = 2
-resume = false
+resume = true
 """
 
 
@@ -107,3 +107,43 @@ def test_a_folder_of_captioned_images_is_encoded_once_and_trained_on(tmp_path):
         p.name for p in (tmp_path / "imgs").glob("*.png"))[0]).read_bytes())
     r = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "run.toml")], tmp_path)
     assert r.returncode != 0 and "extra.png has no caption file extra.txt" in r.stderr
+
+
+def test_a_killed_process_stops_the_run_and_a_restart_with_another_count_finishes_it(tmp_path):
+    """Two processes under torchrun; one is killed (SIGKILL) after the first checkpoint: the run
+    stops with the last checkpoint intact. Queued again with one process and resume on, it
+    continues from that checkpoint and ends where an uninterrupted run ends."""
+    import signal
+    import time
+
+    import psutil
+    from safetensors.torch import load_file
+
+    slow = CONFIG.replace("steps_per_stage = 2", "steps_per_stage = 30").replace("checkpoint_every = 0",
+                                                                               "checkpoint_every = 5")
+    (tmp_path / "cut.toml").write_text(slow.format(output="cut"))
+    (tmp_path / "whole.toml").write_text(slow.format(output="whole"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                             "scripts.train", str(tmp_path / "cut.toml")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "out" / "cut.hypersd-state"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert state.exists(), "no checkpoint was written"
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "scripts.train" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[1].pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0  # the run stopped; it did not hang
+    cut_lora = load_file(str(tmp_path / "out" / "cut.safetensors"))  # the last checkpoint, whole
+    assert cut_lora
+
+    resumed = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "cut.toml")], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "whole.toml")], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "out" / "cut.safetensors")), load_file(str(tmp_path / "out" / "whole.safetensors"))
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == 60
+    assert set(a) == set(b) and all(float((a[k] - b[k]).abs().max()) < 1e-4 for k in a)
