@@ -30,7 +30,7 @@ from bench import results as bench_results
 
 FIGURES = ("quality_vs_steps.png", "sampler_overhead.png", "lora_load.png", "training_cost.png",
            "preference_curve.png", "feedback_curve.png")
-ORDER = ("quality", "demo", "sampling", "lora_load", "training_cost", "preference")
+ORDER = ("quality", "demo", "sampling", "lora_load", "training_cost", "distributed", "preference")
 
 
 def _plt():
@@ -235,7 +235,19 @@ def preference_section(doc: dict, out: Path) -> list[str]:
     return lines
 
 
-SECTIONS = {"quality": quality_section, "demo": demo_section, "sampling": sampling_section,
+def distributed_section(doc: dict, out: Path) -> list[str]:
+    rows = doc["figures"]["rows"]
+    s = doc["settings"]
+    lines = ["## Training on several processes (`bench_distributed`)", "",
+             f"`scripts.train` on the toy under torchrun (gloo), global batch {s['batch']}, {s['steps']} steps; "
+             "the time is the training alone. The LoRA difference is against the one-process run.", ""]
+    lines += _table(["processes", "steps/s", "images/s", "speed / 1 process", "LoRA max abs diff vs 1"],
+                    [[r["processes"], _num(r["steps_per_second"], ".2f"), _num(r["images_per_second"], ".1f"),
+                      _num(r["speed_vs_1"], ".2f") + "x", f"{r['max_lora_difference_vs_1']:.1e}"] for r in rows])
+    return lines
+
+
+SECTIONS = {"distributed": distributed_section, "quality": quality_section, "demo": demo_section, "sampling": sampling_section,
             "lora_load": lora_load_section, "training_cost": training_cost_section, "preference": preference_section}
 
 

@@ -29,6 +29,7 @@ run() {
 run sampling bench.bench_sampling
 run lora_load bench.bench_lora_load
 run training_cost bench.bench_tscd
+run distributed bench.bench_distributed
 run quality bench.bench_tscd --quality --repeats 3
 run preference bench.bench_preference --grid "$OUT/preference_grid.png"
 run demo bench.bench_demo --out "$OUT/demo"

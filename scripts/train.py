@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -130,9 +131,11 @@ def _train(cfg: dict, rank: int, world: int, device) -> int:
     run = TrainingRun(settings, RunFiles.create(out_dir, cfg["output"]), resume=cfg["resume"], family=family,
                       alphas_cumprod=schedules.DiscreteSchedule().alphas_cumprod, prompts=len(contexts),
                       shard=(rank, world))
+    t0 = time.perf_counter()
     trainer = run.train(unet, UNetEps(unet, contexts.to(device), empty.to(device)), data, device=device)
     if rank == 0:
         print(json.dumps({"lora": str(run.files.lora), "steps": trainer.step, "processes": world,
+                          "train_seconds": round(time.perf_counter() - t0, 3), "batch_size": cfg["batch_size"],
                           "losses": [round(x, 6) for x in trainer.history], "family": family}))
     return 0
 
