@@ -265,14 +265,19 @@ def score_label(meta: dict) -> str:
 FEW_STEP_SAMPLERS = ("ddim", "tcd", "tcd_trailing", "euler")  # the bare teacher's few-step candidates
 
 
+def how_for(sampler: str, schedule: str) -> str:
+    """A k-step recipe (sampler, schedule) as a ``sampler_for`` name."""
+    if sampler == "tcd":
+        return "tcd_trailing" if schedule == "trailing" else "tcd"
+    return "ddim"
+
+
 def recipe_how(path: Path) -> str:
     """The sampler a k-step LoRA's metadata recommends, as a ``sampler_for`` name."""
     from ComfyUI_HyperSD.hypersd_core import lora_file
 
     info = lora_file.inspect_file(str(path))
-    if info.sampler == "tcd":
-        return "tcd_trailing" if info.schedule == "trailing" else "tcd"
-    return "ddim"
+    return how_for(info.sampler, info.schedule)
 
 
 class RowCache:
@@ -557,9 +562,8 @@ def quality(args) -> int:
         info = lora_file.inspect_file(str(base))
         unified_base = info.sampler == "tcd" and info.schedule == "tcd"
         # a k-step base: the recipe the feedback was trained and measured with (its own metadata)
-        own = fmeta.get("hypersd.recommended_sampler"), fmeta.get("hypersd.recommended_schedule")
-        how = "tcd" if unified_base else {("ddim", "trailing"): "ddim", ("tcd", "trailing"): "tcd_trailing"}.get(
-            own, recipe_how(base))
+        how = "tcd" if unified_base else how_for(fmeta.get("hypersd.recommended_sampler", info.sampler),
+                                                 fmeta.get("hypersd.recommended_schedule", info.schedule))
         table = tuple((int(k), float(e)) for k, e in info.eta_by_steps) or ((1, 1.0), (2, args.eta))
         steps_list = args.feedback_steps if unified_base else [int(info.steps)]
         for steps in steps_list:

@@ -200,9 +200,11 @@ def _convert_ui(wf: dict, id_from: dict | None = None) -> list[str]:
     return notes
 
 
-def _retype(node: dict, new_type: str, widgets: list, outputs: list[tuple[str, str]], keep_inputs=()) -> None:
+def _retype(node: dict, new_type: str, widgets: list, outputs: list[tuple[str, str]], keep_inputs=(),
+            out_links: list[list] | None = None) -> None:
     """Make ``node`` a ``new_type`` node with ``widgets`` and ``outputs`` (name, type), keeping
-    the links of its first ``len(outputs)`` outputs and of the inputs named in ``keep_inputs``."""
+    the links of the inputs named in ``keep_inputs`` and, per new output, ``out_links`` (by
+    default those of the old output at the same index)."""
     if node.get("title") in (node.get("type"), *TITLES.get(node.get("type"), ())):
         node.pop("title")  # the other pack's default title: the new node shows its own
     node["type"] = new_type
@@ -211,9 +213,10 @@ def _retype(node: dict, new_type: str, widgets: list, outputs: list[tuple[str, s
     if isinstance(props, dict):
         props["Node name for S&R"] = new_type
     node["inputs"] = [dict(i) for i in node.get("inputs") or [] if isinstance(i, Mapping) and i.get("name") in keep_inputs]
-    old_outputs = node.get("outputs") or []
-    node["outputs"] = [{"name": name, "type": t, "links": list((old_outputs[k] or {}).get("links") or [])
-                        if k < len(old_outputs) else [], "slot_index": k}
+    if out_links is None:
+        old = node.get("outputs") or []
+        out_links = [list((old[k] or {}).get("links") or []) if k < len(old) else [] for k in range(len(outputs))]
+    node["outputs"] = [{"name": name, "type": t, "links": out_links[k], "slot_index": k}
                        for k, (name, t) in enumerate(outputs)]
 
 
@@ -274,8 +277,8 @@ def _split_tcd_model_sampling(wf: dict, node: dict, by_id: dict, links: _Links, 
             if src["outputs"][src_slot]["links"] is None:
                 src["outputs"][src_slot]["links"] = []
             src["outputs"][src_slot]["links"].append(lid)
-    node["outputs"] = [{"name": "SIGMAS", "type": "SIGMAS", "links": out_links[2]}]
-    _retype(node, SCHEDULER, [steps, "tcd", denoise], [("SIGMAS", "SIGMAS")], keep_inputs=("model",))
+    _retype(node, SCHEDULER, [steps, "tcd", denoise], [("SIGMAS", "SIGMAS")], keep_inputs=("model",),
+            out_links=[out_links[2]])
     if "last_node_id" in ids or not isinstance(ids.get("state"), dict):
         ids["last_node_id"] = max(int(ids.get("last_node_id") or 0), new_id)
     if isinstance(ids.get("state"), dict) and "lastNodeId" in ids["state"]:  # the newer file format's counter

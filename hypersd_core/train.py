@@ -34,12 +34,16 @@ class Batch:
     rows: slice | None = None  # data-parallel: this process's rows of the global batch
     global_size: int | None = None  # data-parallel: the global batch size (every process's rows)
 
-    def draw(self, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """A term's random numbers: ``make(n)`` (first dimension n) for the whole global batch, and
-        this process's rows of it, so that every process draws what one process with the global
-        batch would (the step's generator is the same everywhere)."""
-        out = make(self.global_size or self.x0.shape[0])
-        return out if self.rows is None else out[self.rows]
+    @property
+    def draw_size(self) -> int:
+        """How many rows a term draws random numbers for: the global batch (data parallel: every
+        process draws what one process with the global batch would; the step's generator is the
+        same everywhere), of which :meth:`mine` keeps this process's rows."""
+        return self.global_size or self.x0.shape[0]
+
+    def mine(self, drawn: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a tensor drawn for :attr:`draw_size` rows."""
+        return drawn if self.rows is None else drawn[self.rows]
 
     def backward_now(self, part: torch.Tensor) -> torch.Tensor:
         """Backpropagate ``part`` of a term's loss at once (times the term's weight), so that its

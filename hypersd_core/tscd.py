@@ -149,7 +149,7 @@ class TSCDLoss:
         self.loss = loss
         self.huber_c = huber_c
 
-    data_parallel = True  # draws its random numbers for the global batch (``Batch.draw``)
+    data_parallel = True  # draws its random numbers for the global batch (``Batch.draw_size``)
 
     def sample_times(self, batch_size: int, k: int, generator: torch.Generator):
         grid = self.grids.setdefault(k, stage_timesteps(k, self.solver_steps, self.T))
@@ -163,9 +163,9 @@ class TSCDLoss:
         x0 = batch.x0
         dev = x0.device
         # drawn for the global batch (data parallel: every process draws the same, keeps its rows)
-        times = self.sample_times(batch.global_size or x0.shape[0], stage.segments, generator)
-        t_n, t_prev, t_end = (v if batch.rows is None else v[batch.rows] for v in times)
-        noise = batch.draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator, dtype=torch.float32))
+        n = batch.draw_size
+        t_n, t_prev, t_end = map(batch.mine, self.sample_times(n, stage.segments, generator))
+        noise = batch.mine(torch.randn((n, *x0.shape[1:]), generator=generator, dtype=torch.float32))
         noise = noise.to(dev, x0.dtype)
         ab = self.alphas_cumprod
         a_n, a_prev, a_end = ab[t_n], ab[t_prev], ab[t_end]

@@ -10,11 +10,10 @@ import json
 import os
 from pathlib import Path
 
-from scripts.setup_host import NEWEST_FRONT_END
+from scripts.setup_host import CHROMIUM, NEWEST_FRONT_END
 
 from . import REPO
 
-CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 

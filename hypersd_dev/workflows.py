@@ -65,18 +65,18 @@ def api_to_ui(api: dict, object_info: dict, titles: dict | None = None, notes: l
     """Lay out an API-format graph as a UI-format workflow (columns by depth)."""
     titles = titles or {}
     ids = list(api)
-    depth = {}
+    place: dict[str, tuple[int, int]] = {}
 
-    raw = {}
-
-    def d(nid):
+    def d(nid) -> tuple[int, int]:
         """(column, depth): a decode/save/preview node stands below the node it follows, in its column."""
-        if nid not in depth:
+        if nid not in place:
             ups = [v[0] for v in api[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)]
-            raw[nid] = 0 if not ups else 1 + max(d(u) and raw[u] for u in ups)
-            tail = api[nid]["class_type"] in _TAILS and ups
-            depth[nid] = 0 if not ups else max(depth[u] for u in ups) + (0 if tail else 1)
-        return True
+            if not ups:
+                place[nid] = (0, 0)
+            else:
+                cols, depths = zip(*(d(u) for u in ups))
+                place[nid] = (max(cols) + (0 if api[nid]["class_type"] in _TAILS else 1), 1 + max(depths))
+        return place[nid]
 
     for nid in ids:
         d(nid)
@@ -94,7 +94,7 @@ def api_to_ui(api: dict, object_info: dict, titles: dict | None = None, notes: l
     note_h = max((_note_height(t) for t in notes or []), default=0)
     top = 40 + (note_h + 50 if notes else 0)
     col_y: dict[int, int] = {}
-    for order, nid in enumerate(sorted(ids, key=lambda n: (depth[n], raw[n]))):
+    for order, nid in enumerate(sorted(ids, key=lambda n: place[n])):
         node = api[nid]
         info = object_info[node["class_type"]]
         inputs, widgets, tall = [], [], 0
@@ -112,7 +112,7 @@ def api_to_ui(api: dict, object_info: dict, titles: dict | None = None, notes: l
                     tall += 1
             elif name in node["inputs"]:
                 inputs.append({"name": name, "type": spec[0], "link": None})
-        col = depth[nid]
+        col = place[nid][0]
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, (n, t) in enumerate(zip(info["output_name"], info["output"]))]
         sockets = max(sum(1 for i in inputs if "widget" not in i), len(outputs))

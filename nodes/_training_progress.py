@@ -13,6 +13,8 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import comfy.model_management
 import comfy.utils
@@ -28,6 +30,7 @@ MAX_POINTS = 4000  # per run; a longer run keeps every other point when it gets 
 MAX_RUNS = 16
 
 RUNS: "OrderedDict[str, RunLog]" = OrderedDict()
+T = TypeVar("T")
 _lock = threading.Lock()
 
 
@@ -77,7 +80,7 @@ def run_json(node_id) -> dict | None:
 
 def runs_json() -> dict:
     with _lock:
-        return {k: {**r.to_json(), "points": []} for k, r in RUNS.items()}
+        return {k: r.to_json(since=r.step) for k, r in RUNS.items()}  # without their points
 
 
 class ComfyProgress(Callback):
@@ -151,6 +154,14 @@ class ComfyProgress(Callback):
             srv.send_sync(PROGRESS_EVENT, event)
         except Exception as e:  # no server in this process, or the page went away: training goes on
             log.debug("%s: progress message failed: %s", self.label, e)
+
+    def watch(self, train: Callable[[], T]) -> T:
+        """``train()``, the run marked cancelled or failed on the chart where it raises."""
+        try:
+            return train()
+        except BaseException as e:
+            self.fail(e)
+            raise
 
     def finish(self, files) -> None:
         """The run ended and saved ``files``: the page says where."""

@@ -295,11 +295,8 @@ def train_feedback(model, lora_name, vae, reward_terms, latents, positive, capti
                                  for g, c in groups])
     # the feedback samples at cfg 1, so the guider's negative is never evaluated: the prompt stands in
     progress = ComfyProgress(node_id, "HyperSD feedback")
-    try:
-        trainer = _comfy_training.train_in_comfy(patcher, run, data, prompts, prompts[0], [progress, *callbacks])
-    except BaseException as e:
-        progress.fail(e)
-        raise
+    trainer = progress.watch(lambda: _comfy_training.train_in_comfy(patcher, run, data, prompts, prompts[0],
+                                                                    [progress, *callbacks]))
     out_model, _ = comfy.sd.load_lora_for_models(model, None, run.lora, 1.0, 0)
     progress.finish([files.lora, files.feedback_lora])
     return out_model, str(files.lora), str(files.feedback_lora), trainer

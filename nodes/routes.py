@@ -68,9 +68,18 @@ def inspect_request(query: dict) -> tuple[int, dict]:
     body["summary"] = info.summary()
     body["folder"] = _FOLDERS[kind]
     body["use_node"] = _advice(info)
-    body["hypersd"] = info.kind == "lora" and info.variant != "unknown"
-    body["badge"] = f"Hyper-SD {info.family} {info.describe_variant()}: {advice.describe(info.recipe)}"
+    body["hypersd"] = _is_hypersd_lora(info)
+    body["badge"] = _badge(info)
     return 200, body
+
+
+def _is_hypersd_lora(info: LoraInfo) -> bool:
+    return info.kind == "lora" and info.variant != "unknown"
+
+
+def _badge(info: LoraInfo) -> str:
+    """The line the page's badge shows for a Hyper-SD file."""
+    return f"Hyper-SD {info.family} {info.describe_variant()}: {advice.describe(info.recipe)}"
 
 
 def check_request(body) -> tuple[int, dict]:
@@ -85,11 +94,10 @@ def check_request(body) -> tuple[int, dict]:
     samplers = body.get("samplers") or []
     if not isinstance(samplers, list) or len(samplers) > 64:
         return 400, {"error": "'samplers' must be a list (at most 64)"}
-    if info.kind != "lora" or info.variant == "unknown":
+    if not _is_hypersd_lora(info):
         return 200, {"hypersd": False, "badge": "", "apply": None, "warnings": {}, "strength_warnings": []}
     recipe, variant = info.recipe, info.variant
-    out = {"hypersd": True, "badge": f"Hyper-SD {info.family} {info.describe_variant()}: {advice.describe(recipe)}",
-           "warnings": {}}
+    out = {"hypersd": True, "badge": _badge(info), "warnings": {}}
     try:
         strength = body.get("strength")
         out["strength_warnings"] = advice.check(recipe, variant, advice.Settings.from_json({"strength": strength}))

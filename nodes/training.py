@@ -76,13 +76,10 @@ def train_tscd(model, latents, positive, negative, *, output_name: str = "hypers
     data = core_data.LatentData([(patcher.model.process_latent_in(g), c if len(prompts) > 1 else None)
                                  for g, c in groups])
     progress = ComfyProgress(node_id)
-    try:
-        trainer = _comfy_training.train_in_comfy(patcher, run, data, prompts, negative, [progress, *callbacks])
-    except BaseException as e:
-        progress.fail(e)
-        raise
+    trainer = progress.watch(lambda: _comfy_training.train_in_comfy(patcher, run, data, prompts, negative,
+                                                                    [progress, *callbacks]))
     out_model, _ = comfy.sd.load_lora_for_models(model, None, run.lora, 1.0, 0)
-    stage_files = sorted(files.lora.parent.glob(f"{files.lora.stem}_stage*_k*.safetensors"))
+    stage_files = [p for i, k in enumerate(settings.stages) if (p := files.stage_lora(i, k)).exists()]
     progress.finish([files.lora, *stage_files])
     return out_model, str(files.lora), trainer
 

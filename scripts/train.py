@@ -150,14 +150,19 @@ def cached_latents(cfg: dict, out_dir: Path, model, clip, vae, rank: int, world:
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     key = h.hexdigest()[:16]
     cache = out_dir / f"{cfg['output']}.latents.pt"
-    if rank == 0 and not (cache.exists() and torch.load(cache, weights_only=True).get("key") == key):
-        groups, contexts, empty = encode_folder(folder, model, clip, vae)
-        files.save_torch(cache, {"key": key, "latents": [g for g, _ in groups], "contexts": contexts, "empty": empty})
+    saved = None
+    if rank == 0:
+        saved = torch.load(cache, weights_only=True) if cache.exists() else None
+        if saved is None or saved.get("key") != key:
+            groups, contexts, empty = encode_folder(folder, model, clip, vae)
+            saved = {"key": key, "latents": [g for g, _ in groups], "contexts": contexts, "empty": empty}
+            files.save_torch(cache, saved)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    saved = torch.load(cache, weights_only=True)
+    if saved is None:  # the other processes read what rank 0 wrote
+        saved = torch.load(cache, weights_only=True)
     return LatentData([(lat, i) for i, lat in enumerate(saved["latents"])]), saved["contexts"], saved["empty"]
 
 

@@ -197,6 +197,14 @@ function imageRef(im) {
   return { filename: im.filename, subfolder: im.subfolder || "", type: im.type || "output" };
 }
 
+// A widget of `node` that holds the element `box`: shown in the node, never a value of it
+// (neither saved with the workflow nor queued).
+function boxWidget(node, name, box, getMinHeight) {
+  const w = node.addDOMWidget(name, name, box, { serialize: false, hideOnZoom: false, getMinHeight });
+  w.serialize = false;
+  return w;
+}
+
 function el(tag, props = {}, children = []) {
   const e = Object.assign(document.createElement(tag), props);
   e.append(...children);
@@ -282,15 +290,11 @@ app.registerExtension({
         return r;
       }
       // one widget per node: a re-run replaces its contents
-      let widget = this.widgets && this.widgets.find((w) => w.name === RATE_WIDGET);
+      let widget = findWidget(this, RATE_WIDGET);
       if (!widget) {
         const box = el("div", { className: "hypersd-rating" });
         box.style.cssText = "display:flex;flex-direction:column;gap:2px;font-size:11px;overflow:auto";
-        widget = this.addDOMWidget(RATE_WIDGET, "hypersd_rating", box, {
-          serialize: false, hideOnZoom: false,
-          getMinHeight: () => 26 * box.childElementCount + 8,
-        });
-        widget.serialize = false;  // not a value of the node: neither saved nor queued
+        widget = boxWidget(this, RATE_WIDGET, box, () => 26 * box.childElementCount + 8);
       }
       widget.element.replaceChildren(...ratingControls(images, context));
       const min = this.computeSize();
@@ -433,16 +437,11 @@ function applyToSampler(node, v) {
 
 // A text box widget on `node` (created once; hidden while empty).
 function infoWidget(node, name, color) {
-  let w = findWidget(node, name);
+  const w = findWidget(node, name);
   if (w || typeof node.addDOMWidget !== "function") return w;
   const box = el("div", {});
   box.style.cssText = `font-size:11px;line-height:1.35;color:${color};padding:2px 4px;white-space:normal;overflow:hidden`;
-  w = node.addDOMWidget(name, name, box, {
-    serialize: false, hideOnZoom: false,
-    getMinHeight: () => (box.style.display === "none" ? 0 : box.hypersdHeight || 20),
-  });
-  w.serialize = false;
-  return w;
+  return boxWidget(node, name, box, () => (box.style.display === "none" ? 0 : box.hypersdHeight || 20));
 }
 
 // Show `children` (lines of text, buttons) in the box widget `w` of `node`, the node sized to
@@ -600,10 +599,7 @@ function chartWidget(node) {
   const box = el("div", {}, [head, canvas, foot]);
   box.style.cssText = "font-size:11px;line-height:1.35;color:#ccc;padding:2px 4px;overflow:hidden";
   box.dataset.hypersdChart = "0";
-  w = node.addDOMWidget(CHART_WIDGET, CHART_WIDGET, box, {
-    serialize: false, hideOnZoom: false, getMinHeight: () => CHART_HEIGHT + 40 + 16 * foot.childElementCount,
-  });
-  w.serialize = false;
+  w = boxWidget(node, CHART_WIDGET, box, () => CHART_HEIGHT + 40 + 16 * foot.childElementCount);
   w.parts = { head, canvas, foot, box };
   return w;
 }
