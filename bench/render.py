@@ -30,7 +30,7 @@ from bench import results as bench_results
 
 FIGURES = ("quality_vs_steps.png", "sampler_overhead.png", "lora_load.png", "training_cost.png",
            "preference_curve.png", "feedback_curve.png")
-ORDER = ("quality", "demo", "sampling", "lora_load", "training_cost", "distributed", "preference")
+ORDER = ("quality", "demo", "sampling", "lora_load", "training_cost", "distributed", "preference", "soak", "crash")
 
 
 def _plt():
@@ -247,7 +247,39 @@ def distributed_section(doc: dict, out: Path) -> list[str]:
     return lines
 
 
-SECTIONS = {"distributed": distributed_section, "quality": quality_section, "demo": demo_section, "sampling": sampling_section,
+def soak_section(doc: dict, out: Path) -> list[str]:
+    from bench import soak
+
+    f = doc["figures"]
+    lines = ["## Soak: many prompts on one server (`bench.soak`)", "",
+             f"{f['prompts']} prompts on one server, valid and invalid ones interleaved ({f['valid']} valid: "
+             f"{f['valid_ok']} succeeded; {f['invalid']} invalid: {f['invalid_refused_cleanly']} refused with a "
+             f"message), {f['route_calls']} route calls between them ({f['route_failures']} unexpected answers, "
+             f"{f['ratings_stored']} ratings stored). Resident memory (median over a quarter of the run): "
+             f"{_num(f['rss_after_warmup_mb'])} MB after warm-up, {_num(f['rss_end_mb'])} MB at the end "
+             f"({100 * f['rss_growth']:+.1f} %); peak {_num(f['rss_peak_mb'])} MB. Drift: a kind's median time in "
+             "the second half of the run against the first.", ""]
+    return lines + soak.markdown_rows(f["kinds"])
+
+
+def crash_section(doc: dict, out: Path) -> list[str]:
+    s = doc["figures"]["summary"]
+    lines = ["## Crash safety: SIGKILL during saves (`bench.crash`)", "",
+             f"A real server killed {s['trials']} times in a training run that saves every step "
+             f"({s['killed_in_a_write']} kills inside a write, {s['killed_in_a_save']} between a save's files, "
+             f"{s['killed_between_saves']} between saves), then resumed; and {s['ratings_trials']} times in a "
+             "stream of ratings.", ""]
+    return lines + _table(
+        ["files checked", "partial files", "temporary files listed as LoRAs", "LoRA = a complete version",
+         "resumed", "= the uninterrupted run", "replayed kills: resumed / equal", "ratings acknowledged / kept",
+         "database integrity"],
+        [[s["files_checked"], s["partial_files"], s["temp_files_listed"], f"{s['lora_a_complete_version']}/{s['trials']}",
+          f"{s['resumes_ok']}/{s['trials']}", f"{s['equal_to_uninterrupted']}/{s['trials']}",
+          f"{s['replayed_resumes_ok']} / {s['replayed_equal']} of {s['replayed']}",
+          f"{s['ratings_acknowledged']} / {s['ratings_kept']}", f"{s['ratings_integrity_ok']}/{s['ratings_trials']}"]])
+
+
+SECTIONS = {"crash": crash_section, "soak": soak_section, "distributed": distributed_section, "quality": quality_section, "demo": demo_section, "sampling": sampling_section,
             "lora_load": lora_load_section, "training_cost": training_cost_section, "preference": preference_section}
 
 

@@ -11,18 +11,25 @@ weights, benchmark reports, example workflows) is written through :func:`atomic_
    by another user or in a container cannot read);
 3. ``os.replace`` it over the target, then ``fsync`` the folder, so a crash leaves the old
    file or the new one, never a partial one. On any failure the temporary file is removed
-   and the old file is left as it was.
+   and the old file is left as it was;
+4. remove the temporary files of earlier writes of the same target that a killed process
+   left behind (older than :data:`STALE_TMP_S`, so no write still under way is touched).
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import stat
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 PathLike = str | os.PathLike
+
+
+STALE_TMP_S = 3600.0  # a temporary file this old is a killed write's, not one still being written
 
 
 class FileSaveError(RuntimeError):
@@ -72,6 +79,7 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
         os.chmod(tmp, plain_mode(path))
         os.replace(tmp, path)
         _fsync_folder(folder)
+        _remove_stale_tmp(path)
     except BaseException as e:
         try:
             tmp.unlink(missing_ok=True)
@@ -83,6 +91,17 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
                                 f"any earlier file there is unchanged") from e
         raise
     return path
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Step 4: the ``.<name>.<random>.tmp`` files of ``path`` older than :data:`STALE_TMP_S`."""
+    now = time.time()
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - old.stat().st_mtime > STALE_TMP_S:
+                old.unlink()
+        except OSError:  # gone already, or not ours to remove
+            pass
 
 
 def _fsync_folder(folder: Path) -> None:

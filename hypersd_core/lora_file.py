@@ -80,11 +80,12 @@ def read_safetensors_header(path: str) -> tuple[dict, dict, int]:
             raise LoraFileError(f"'{name}' is not a valid safetensors file: it is a pickle/zip (.ckpt/.pt) file "
                                 "with a .safetensors name. Use the real .safetensors release.")
         if n > MAX_HEADER_BYTES or n == 0:
-            raise LoraFileError(f"'{name}' is not a valid safetensors file (header length {n}); "
-                                "it may be a .ckpt/.pt renamed to .safetensors, or corrupt.")
+            # the message never quotes the number: it is the file's first bytes (a linked file's content)
+            raise LoraFileError(f"'{name}' is not a valid safetensors file (its first 8 bytes are no header "
+                                "length); it may be a .ckpt/.pt renamed to .safetensors, or corrupt.")
         if 8 + n > size:
-            raise LoraFileError(f"'{name}' is truncated: its header needs {8 + n} bytes but the file has {size}. "
-                                "Download it again.")
+            raise LoraFileError(f"'{name}' is truncated: its header says it is longer than the whole file "
+                                f"({size} bytes). Download it again.")
         raw = _read_exact(f, n)
     try:
         header = json.loads(raw.decode("utf-8"))

@@ -374,6 +374,7 @@ class TrainingRun:
         if s.method == "feedback":  # files written again at the end: a finished run queued with another
             return None             # merge_ratio re-merges (the ratio is not part of the state)
         if saved_sig == trainer.signature:
+            self._rewrite_step_files(trainer)
             return trainer.step
         log.info("HyperSD TSCD: %s continues its TSCD stages with new score-distillation settings", self.files.name)
         if s.save_stages:  # the TSCD result this continues from, if no stage file holds it yet
@@ -381,6 +382,19 @@ class TrainingRun:
                 if end == trainer.step and end < trainer.total_steps and not self.files.stage_lora(i, s.stages[i]).exists():
                     self.save_stage(trainer, i)
         return None
+
+    def _rewrite_step_files(self, trainer: Trainer) -> None:
+        """The LoRA of the step a run resumes at and, at a stage's end, that stage's LoRA, written
+        again from the state. A save writes the state first, so a process killed in the middle of
+        one (SIGKILL, power loss) can leave that step's LoRA a step older, or its stage LoRA
+        missing; resumed at that step, the run would not write them again (at its last step, not
+        at all). They equal what the save was writing: the resumed weights are that step's."""
+        if self.shard[0] != 0:
+            return
+        fileio.save_safetensors(self.files.lora, trainer.adapters.kohya_state_dict(self.key_prefix),
+                                self.metadata(trainer))
+        if self.settings.save_stages:
+            StageSaver(self.save_stage).on_step_end(trainer, trainer.last_loss, {})
 
     def _run(self, trainer: Trainer, checkpointer: Checkpointer, interrupts, free_memory, data: LatentData) -> None:
         try:

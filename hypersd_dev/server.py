@@ -39,6 +39,7 @@ class ExecutionFailed(RuntimeError):
     """The graph ran and failed; ``error`` holds the server's execution_error message."""
 
     def __init__(self, entry: dict):
+        self.entry = entry  # the prompt's history entry
         msgs = entry.get("status", {}).get("messages", [])
         err = [m[1] for m in msgs if m[0] == "execution_error"]
         self.error = err[0] if err else {}

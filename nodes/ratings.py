@@ -31,6 +31,7 @@ from .feedback import REWARDS_FOLDER, ClipFeatures, Reward, _reward_path, load_r
 
 log = logging.getLogger("HyperSD")
 
+_SQL_INT_MAX = 2 ** 63 - 1  # SQLite's largest integer: a larger id, limit or offset is refused before the query
 CONTEXT_KEY = "hypersd_rating"  # the node's UI output the page reads the graph's settings from
 _SAMPLER_KEYS = ("steps", "cfg", "sampler_name", "scheduler", "denoise", "eta")
 
@@ -117,6 +118,9 @@ def _parse_body(raw: bytes):
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ratings.RatingError(f"the body is not JSON ({e}); send one rating as a JSON object") from None
+    except RecursionError:
+        raise ratings.RatingError("the body is nested too deeply to be a rating; send one rating as a JSON "
+                                  "object") from None
 
 
 def _store_call(fn):
@@ -159,10 +163,11 @@ def register() -> None:
         try:
             limit = int(q["limit"]) if q.get("limit") else None
             offset = int(q.get("offset") or 0)
-            if offset < 0 or (limit is not None and limit < 0):
+            if not 0 <= offset <= _SQL_INT_MAX or (limit is not None and not 0 <= limit <= _SQL_INT_MAX):
                 raise ValueError
         except ValueError:
-            return web.json_response({"error": "limit and offset are whole numbers, 0 or more"}, status=400)
+            return web.json_response({"error": "limit and offset are whole numbers, 0 or more (at most 2^63 - 1)"},
+                                     status=400)
         db = database()
         status, out = await asyncio.to_thread(
             _store_call, lambda: {"count": db.count(), "ratings": db.rows(limit, offset)})
@@ -184,6 +189,8 @@ def register() -> None:
             rid = int(request.match_info["rating_id"])
         except ValueError:
             return web.json_response({"error": "give the rating's number: DELETE /hypersd/ratings/<id>"}, status=400)
+        if abs(rid) > _SQL_INT_MAX:  # no rating has it (SQLite's integers are 64-bit)
+            return web.json_response({"error": f"no rating {rid}"}, status=404)
         status, out = await asyncio.to_thread(_store_call, lambda: {"deleted": database().delete(rid)})
         if status == 200 and not out["deleted"]:
             return web.json_response({"error": f"no rating {rid}"}, status=404)

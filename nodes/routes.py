@@ -32,6 +32,7 @@ from .lora import inspect_lora_name
 log = logging.getLogger("HyperSD")
 
 _SAFE_NAME = re.compile(r"^[^\x00]+$")
+MAX_NAME = 4096  # the longest path Linux takes
 _FOLDERS = {"lora": "loras", "unet": "diffusion_models", "checkpoint": "checkpoints"}
 
 
@@ -42,6 +43,8 @@ def _named_file(kind: str, name) -> tuple[int, dict | LoraInfo]:
     folder = _FOLDERS[kind]
     if not isinstance(name, str) or not name:
         return 400, {"error": f"give the file's name from the {folder} list"}
+    if len(name) > MAX_NAME:  # longer than any path; never quoted back
+        return 400, {"error": f"refused: a name of {len(name)} characters is no file name from the {folder} list"}
     norm = name.replace("\\", "/")
     if (not _SAFE_NAME.match(name) or os.path.isabs(name) or norm.startswith("/") or re.match(r"^[A-Za-z]:", name)
             or any(part in ("..", ".") for part in norm.split("/"))):
@@ -106,7 +109,7 @@ def check_request(body) -> tuple[int, dict]:
             s = advice.Settings.from_json({k: v for k, v in (item or {}).items() if k != "id"})
             steps = s.steps if steps is None else steps
             out["warnings"][str(item.get("id"))] = advice.check(recipe, variant, s)
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, OverflowError) as e:  # OverflowError: a step count of 1e400 (infinity)
         return 400, {"error": f"bad sampler settings: {e}"}
     out["apply"] = advice.apply_values(recipe, steps)
     return 200, out
@@ -116,9 +119,15 @@ def convert_request(body) -> tuple[int, dict]:
     """(HTTP status, JSON body) for POST /hypersd/convert."""
     try:
         workflow, notes = convert.convert_workflow(body)
+        types = convert.foreign_types(body)
     except convert.ConvertError as e:
         return 400, {"error": f"Hyper-SD could not convert this workflow: {e}"}
-    return 200, {"workflow": workflow, "converted": notes, "types": convert.foreign_types(body)}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
+        # a value of the wrong type or shape that convert does not look for (a damaged or hostile file)
+        log.debug("Hyper-SD: convert refused a workflow", exc_info=True)
+        return 400, {"error": f"Hyper-SD could not convert this workflow: a value in it has the wrong type or shape "
+                              f"({e.__class__.__name__}); the file is damaged"}
+    return 200, {"workflow": workflow, "converted": notes, "types": types}
 
 
 def _advice(info: LoraInfo) -> str:
@@ -202,20 +211,24 @@ def register() -> None:
             return web.json_response({"error": "no training run of that node since the server started"}, status=404)
         return web.json_response(run)
 
-    def json_post(path: str, handle, what: str):
-        """POST ``path``: the JSON body to ``handle(body) -> (status, answer)``, off the event loop."""
+    def json_post(path: str, handle, what: str, max_body: int | None = None):
+        """POST ``path``: the JSON body to ``handle(body) -> (status, answer)``, off the event loop;
+        a body over ``max_body`` bytes is refused unread (otherwise the host's upload limit holds)."""
 
         async def route(request):
+            if max_body is not None and (request.content_length or 0) > max_body:
+                return web.json_response({"error": f"the body is larger than {max_body} bytes; send {what}"},
+                                         status=413)
             try:
                 body = await request.json()
-            except ValueError:
+            except (ValueError, LookupError, RecursionError):  # not JSON, an unknown charset, nested too deep to parse
                 return web.json_response({"error": f"the body is not JSON; send {what}"}, status=400)
             status, out = await asyncio.to_thread(handle, body)
             return web.json_response(out, status=status)
 
         inst.routes.post(path)(route)
 
-    json_post("/hypersd/check", check_request, "the LoRA's name and the samplers' settings")
+    json_post("/hypersd/check", check_request, "the LoRA's name and the samplers' settings", max_body=1 << 20)
     json_post("/hypersd/convert", convert_request, "the workflow file's text")
 
     inst.add_on_prompt_handler(_on_prompt)

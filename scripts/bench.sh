@@ -33,5 +33,7 @@ run distributed bench.bench_distributed
 run quality bench.bench_tscd --quality --repeats 3
 run preference bench.bench_preference --grid "$OUT/preference_grid.png"
 run demo bench.bench_demo --out "$OUT/demo"
+run soak bench.soak
+run crash bench.crash
 "$HYPERSD_PYTHON" -m bench.render "$OUT"
 if [ ${#FAILED[@]} -gt 0 ]; then echo "[bench] failed: ${FAILED[*]}" >&2; exit 1; fi

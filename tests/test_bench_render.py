@@ -59,6 +59,21 @@ FIXED = {
         "after": {"0.5": {"ink_mass": 0.0463, "accuracy": 0.952, "fid": 65.9, "n": 500},
                   "1": {"ink_mass": 0.0548, "accuracy": 0.94, "fid": 81.5, "n": 500}},
         "seconds": 300.0, "grid": "preference_grid.png"}, {"per_digit": 20}),
+    "soak": _doc("soak", {"prompts": 45, "valid": 31, "valid_ok": 31, "invalid": 14, "invalid_refused_cleanly": 14,
+                          "route_calls": 258, "route_failures": 0, "ratings_stored": 33, "rss_after_warmup_mb": 1420.0,
+                          "rss_end_mb": 1430.0, "rss_growth": 0.007, "rss_peak_mb": 1500.0, "kinds": [
+                              {"kind": "TSCD training (2 steps)", "valid": True, "prompts": 3, "as_expected": 3,
+                               "how": {"success": 3}, "median_s": 1.5, "median_cpu_s": 1.4, "drift": 1.02,
+                               "wall_drift": 1.1, "rss_delta_mb": 0.3, "refusal": ""},
+                              {"kind": "invalid: corrupt LoRA file", "valid": False, "prompts": 2, "as_expected": 2,
+                               "how": {"pack error": 2}, "median_s": 0.1, "median_cpu_s": 0.08, "drift": None,
+                               "refusal": "Hyper-SD: 'x' has a corrupt safetensors header"}]}, {"prompts": 45}),
+    "crash": _doc("crash", {"summary": {
+        "trials": 3, "killed_in_a_write": 1, "killed_in_a_save": 1, "killed_between_saves": 1, "files_checked": 9,
+        "partial_files": 0, "temp_files_left": 1, "temp_files_listed": 0, "lora_a_complete_version": 3,
+        "states_load": 3, "resumes_ok": 3, "equal_to_uninterrupted": 3, "replayed": 2, "replayed_resumes_ok": 2,
+        "replayed_equal": 2, "ratings_trials": 2, "ratings_acknowledged": 300, "ratings_kept": 300,
+        "ratings_integrity_ok": 2}}, {"trials": 3}),
     "demo": _doc("demo", {"grid": "demo/grid.png", "results": {"meta": {}, "rows": [
         {"name": "teacher euler 25 steps cfg 2", "steps": 25, "cfg": 2.0, "seconds_per_image": 0.29,
          "accuracy": 0.875, "fid": 128.6}]}}, {"per_digit": 2}),
@@ -85,6 +100,10 @@ def test_the_page_names_every_figure_and_every_png_opens(tmp_path, pack):
         with Image.open(tmp_path / rel) as im:
             im.verify()
     assert "Test CPU (2 cores" in text and "2026-12-03" in text and "quick run" in text
+    assert "| invalid: corrupt LoRA file | no | 2 | 2 | pack error (2) | 0.10 / 0.08 | - / - | - | Hyper-SD: 'x' has" in text
+    assert "| TSCD training (2 steps) | yes | 3 | 3 | success (3) | 1.50 / 1.40 | 1.02x / 1.10x | +0.3 MB |" in text
+    assert "| 9 | 0 | 0 | 3/3 | 3/3 | 3/3 | 2 / 2 of 2 | 300 / 300 | 2/2 |" in text
+    assert "45 prompts on one server" in text and "(+0.7 %)" in text
     assert "merged at 0.5" in text and "660 pairs" in text and "| TSCD 8-4 | 4 | tcd eta 0.3 | 0.740 | 97.9 |" in text
 
 

@@ -51,6 +51,26 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert old.read_text() == "before" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
 
 
+def test_a_write_removes_the_temporary_files_a_killed_write_left(tmp_path):
+    """A process killed in a write leaves its ``.<name>.<random>.tmp``; the next write of the same
+    file removes it once it is older than any write could take, and leaves a fresh one (a write
+    still under way) and other files' alone."""
+    import os
+    import time
+
+    target = tmp_path / "lora.safetensors"
+    stale, fresh = tmp_path / ".lora.safetensors.dead0001.tmp", tmp_path / ".lora.safetensors.live0002.tmp"
+    other = tmp_path / ".other.safetensors.dead0003.tmp"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"half a file")
+    old = time.time() - files.STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    files.write_text(target, "new")
+    assert target.read_text() == "new"
+    assert not stale.exists() and fresh.exists() and other.exists()
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(stages="8,x"), "whole numbers"), (dict(steps_per_stage=0), "steps_per_stage"),
     (dict(learning_rate=float("nan")), "learning_rate"), (dict(rank=0), "rank"), (dict(batch_size=0), "batch_size"),

@@ -64,6 +64,7 @@ from ComfyUI_HyperSD.hypersd_core import files
 
 from . import data, install
 from .data import write_dataset
+from .train_reward import REWARD_FILE
 WEIGHTS = REPO / "toy" / "weights"
 LORA_FILE = "hypersd_toy_tscd_lora.safetensors"
 DATASET_FOLDER = data.DATASET_FOLDER
@@ -73,7 +74,7 @@ log = logging.getLogger("hypersd.toy.train_student")
 
 
 def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
-    return {
+    graph = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "data": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": folder}},
         "dataset": {"class_type": "MakeTrainingDataset", "inputs": {
@@ -89,6 +90,12 @@ def training_graph(ckpt: str, folder: str, name: str, args) -> dict:
             "regression_weight": args.regression_weight, "score_tscd_weight": args.score_tscd_weight,
             "generator_t": args.generator_t}},
     }
+    if args.score_feedback_weight:  # the score stage's feedback term: the toy reward on the one-step pictures
+        graph["reward"] = {"class_type": "HyperSDRewardLoader", "inputs": {
+            "reward_name": REWARD_FILE, "margin": args.margin, "weight": 1.0}}
+        graph["train"]["inputs"].update({"score_feedback_weight": args.score_feedback_weight, "vae": ["ckpt", 2],
+                                         "rewards": ["reward", 0], "captions": ["data", 1]})
+    return graph
 
 
 def toy_checkpoint(models_dir: Path, unet: Path | None, scratch: Path) -> Path:
@@ -124,6 +131,10 @@ def main(argv=None) -> int:
     ap.add_argument("--regression-weight", type=float, default=0.0, help="score distillation's regression weight")
     ap.add_argument("--score-tscd-weight", type=float, default=1.0,
                     help="weight of the TSCD term kept in the score-distillation stage (0: distribution matching alone)")
+    ap.add_argument("--score-feedback-weight", type=float, default=0.0,
+                    help="weight of the feedback term in the score stage (the toy reward, hypersd_toy_reward, on "
+                         "the one-step generator's pictures; 0: none)")
+    ap.add_argument("--margin", type=float, default=-0.05, help="the toy reward's hinge margin (log-probability)")
     ap.add_argument("--per-digit", type=int, default=50, help="training images per digit (one CLIP encode each)")
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--name", default=Path(LORA_FILE).stem, help="output_name given to the node")
@@ -147,6 +158,10 @@ def main(argv=None) -> int:
     link = base / "models" / "checkpoints" / ckpt.name
     if not link.exists():
         link.symlink_to(ckpt.resolve())
+    if args.score_feedback_weight:
+        (base / "models" / "hypersd_rewards").mkdir(parents=True, exist_ok=True)
+        if not (link := base / "models" / "hypersd_rewards" / REWARD_FILE).exists():
+            link.symlink_to((WEIGHTS / REWARD_FILE).resolve())
     n = write_dataset(base / "input" / DATASET_FOLDER, args.per_digit)
     log.info("dataset: %d captioned digits in %s", n, base / "input" / DATASET_FOLDER)
 
