@@ -391,8 +391,7 @@ class TrainingRun:
         at all). They equal what the save was writing: the resumed weights are that step's."""
         if self.shard[0] != 0:
             return
-        fileio.save_safetensors(self.files.lora, trainer.adapters.kohya_state_dict(self.key_prefix),
-                                self.metadata(trainer))
+        self.save_lora(trainer)
         if self.settings.save_stages:
             StageSaver(self.save_stage).on_step_end(trainer, trainer.last_loss, {})
 
@@ -480,6 +479,11 @@ class TrainingRun:
         fileio.save_torch(self.files.state, trainer.state_dict())
         if self.files.legacy_state.exists():  # the run's state now lives under the new name
             self.files.legacy_state.unlink()
+        self.save_lora(trainer)
+        log.info("HyperSD TSCD: saved %s at step %d/%d", self.files.lora, trainer.step, trainer.total_steps)
+
+    def save_lora(self, trainer: Trainer) -> None:
+        """The LoRA of the trainer's step (a feedback run: the merged LoRA and the feedback alone)."""
         if self.settings.method == "feedback":
             own = trainer.adapters.kohya_state_dict(self.key_prefix)
             fileio.save_safetensors(self.files.feedback_lora, own, self.feedback_metadata(trainer, merged=False))
@@ -490,7 +494,6 @@ class TrainingRun:
         else:
             fileio.save_safetensors(self.files.lora, trainer.adapters.kohya_state_dict(self.key_prefix),
                                     self.metadata(trainer))
-        log.info("HyperSD TSCD: saved %s at step %d/%d", self.files.lora, trainer.step, trainer.total_steps)
 
     def save_stage(self, trainer: Trainer, index: int) -> None:
         if self.shard[0] != 0:

@@ -59,6 +59,7 @@ import time
 from pathlib import Path
 
 from hypersd_dev import REPO, comfy_dir
+from hypersd_dev.fixtures import place
 from hypersd_dev.server import ComfyServer
 from ComfyUI_HyperSD.hypersd_core import files
 
@@ -154,14 +155,9 @@ def main(argv=None) -> int:
     base = args.work_dir or Path(tempfile.mkdtemp(prefix="hypersd-student-"))
     base.mkdir(parents=True, exist_ok=True)
     ckpt = toy_checkpoint(args.models_dir, args.unet, base / "scratch")
-    (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
-    link = base / "models" / "checkpoints" / ckpt.name
-    if not link.exists():
-        link.symlink_to(ckpt.resolve())
+    place(base, "checkpoints", ckpt.resolve())
     if args.score_feedback_weight:
-        (base / "models" / "hypersd_rewards").mkdir(parents=True, exist_ok=True)
-        if not (link := base / "models" / "hypersd_rewards" / REWARD_FILE).exists():
-            link.symlink_to((WEIGHTS / REWARD_FILE).resolve())
+        place(base, "hypersd_rewards", (WEIGHTS / REWARD_FILE).resolve())
     n = write_dataset(base / "input" / DATASET_FOLDER, args.per_digit)
     log.info("dataset: %d captioned digits in %s", n, base / "input" / DATASET_FOLDER)
 
