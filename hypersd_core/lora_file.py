@@ -89,33 +89,57 @@ def read_safetensors_header(path: str) -> tuple[dict, dict, int]:
         raw = _read_exact(f, n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, ints past 4300 digits
         raise LoraFileError(f"'{name}' has a corrupt safetensors header ({e.__class__.__name__}): "
                             "the file is damaged. Download it again.") from None
     if not isinstance(header, dict):
         raise LoraFileError(f"'{name}' has a corrupt safetensors header (not a JSON object).")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LoraFileError(f"'{name}' has a corrupt safetensors header (its metadata is not text: "
+                            "safetensors would refuse to load it). The file is damaged; download it again.")
+    # 1. Every entry as safetensors itself checks it (so a file passed here also loads): a known
+    #    dtype, a shape and two offsets of non-negative integers, a size that matches the shape.
     data_len = size - 8 - n
-    need = 0
+    spans = []
     for key, t in header.items():
         try:
-            begin, end = (int(v) for v in t["data_offsets"])
-            shape = [int(s) for s in t["shape"]]
+            begin, end = t["data_offsets"]
+            shape = list(t["shape"])
             width = _DTYPE_BYTES[t["dtype"]]
         except (KeyError, TypeError, ValueError):
-            raise LoraFileError(f"'{name}' has a corrupt safetensors header (entry '{key}').") from None
+            raise LoraFileError(f"'{name}' has a corrupt safetensors header (entry '{_short(key)}').") from None
+        if not all(type(v) is int and v >= 0 for v in (begin, end, *shape)):  # no floats, bools, infinities
+            raise LoraFileError(f"'{name}' has a corrupt safetensors header (entry '{_short(key)}').")
         count = 1
         for s in shape:
             count *= s
-        if end < begin or (t["dtype"] != "F4" and end - begin != count * width):
-            raise LoraFileError(f"'{name}' has a corrupt safetensors header (size of '{key}').")
-        need = max(need, end)
+        nbytes = count // 2 if t["dtype"] == "F4" else count * width  # F4: two values a byte
+        if end < begin or end - begin != nbytes or t["dtype"] == "F4" and count % 2:
+            raise LoraFileError(f"'{name}' has a corrupt safetensors header (size of '{_short(key)}').")
+        spans.append((begin, end, key))
+    need = max((end for _, end, _ in spans), default=0)
     if need > data_len:
         raise LoraFileError(f"'{name}' is truncated: its tensors need {need + 8 + n} bytes but the file has {size} "
                             f"({100.0 * size / (need + 8 + n):.0f}%). Download it again.")
-    return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+    # 2. The tensors tile the data exactly, as safetensors requires: in offset order each begins
+    #    where the one before ended, none overlaps another, and the last ends at the file's end.
+    at = 0
+    for begin, end, key in sorted(spans, key=lambda s: (s[0], s[1])):
+        if begin != at:
+            raise LoraFileError(f"'{name}' has a corrupt safetensors header ('{_short(key)}' "
+                                f"{'overlaps another tensor' if begin < at else 'leaves a gap before it'}).")
+        at = end
+    if at != data_len:
+        raise LoraFileError(f"'{name}' is not a valid safetensors file: {data_len - at} bytes follow its last "
+                            "tensor. It is damaged; download it again.")
+    return header, metadata, 8 + n
+
+
+def _short(key, limit: int = 80) -> str:
+    """A header key for a message: at most ``limit`` characters (a key may be megabytes long)."""
+    key = str(key)
+    return key if len(key) <= limit else key[:limit] + "..."
 
 
 def _read_exact(f, n: int) -> bytes:
