@@ -258,7 +258,8 @@ def score_label(meta: dict) -> str:
     notes = ([f"t {t}"] if t != dmd.GENERATOR_T_UNIFIED else []) + \
         ([f"{fake} fake update{'s' if fake > 1 else ''}"] if fake != dmd.DEFAULT_FAKE_UPDATES else []) + \
         (["no regression" if reg == 0 else f"regression {reg:g}"] if reg != dmd.DEFAULT_REGRESSION_WEIGHT else []) + \
-        (["no TSCD term" if tscd_w == 0 else f"TSCD term {tscd_w:g}"] if tscd_w != dmd.DEFAULT_SCORE_TSCD_WEIGHT else [])
+        (["no TSCD term" if tscd_w == 0 else f"TSCD term {tscd_w:g}"] if tscd_w != dmd.DEFAULT_SCORE_TSCD_WEIGHT else []) + \
+        ([f"feedback {fb:g}"] if (fb := float(meta.get("hypersd.score_feedback_weight", 0) or 0)) else [])
     return f" + {score} score steps" + (f" ({', '.join(notes)})" if notes else "")
 
 

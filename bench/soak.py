@@ -337,16 +337,7 @@ def setup(srv: ComfyServer, toy: bool = True) -> dict:
     parts = fixtures.example_parts(srv.base)
     (srv.base / "models" / "loras" / CORRUPT_LORA).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     if toy:
-        from toy import data, install
-
-        installed = install.install(fixtures.FILE_CACHE / "toy-models")
-        weights = REPO / "toy" / "weights"
-        for folder, src in (("checkpoints", installed["checkpoint"]), ("loras", weights / example_graphs.TOY_UNIFIED_LORA),
-                            ("loras", weights / example_graphs.TOY_K4_LORA),
-                            ("hypersd_rewards", weights / example_graphs.TOY_REWARD)):
-            (srv.base / "models" / folder).mkdir(parents=True, exist_ok=True)
-            fixtures.place(srv.base, folder, src)
-        data.write_dataset(srv.base / "input" / example_graphs.TOY_DATASET, 1)
+        fixtures.place_toy(srv.base, (example_graphs.TOY_UNIFIED_LORA, example_graphs.TOY_K4_LORA))
     return parts
 
 

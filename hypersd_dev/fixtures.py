@@ -47,6 +47,24 @@ def place(base: Path, folder: str, src: Path, name: str | None = None) -> str:
     return dest.name
 
 
+def place_toy(base: Path, loras: tuple[str, ...]) -> dict:
+    """The toy family where the toy's example workflows look for it under ``base``: its checkpoint,
+    the named LoRAs of ``toy/weights``, the toy reward, and the captioned digits in ``input/``.
+    Returns ``toy.install.install``'s answer (the installed files)."""
+    from toy import data, install
+
+    from . import example_graphs
+
+    installed = install.install(FILE_CACHE / "toy-models")
+    weights = REPO / "toy" / "weights"
+    place(base, "checkpoints", installed["checkpoint"])
+    for name in loras:
+        place(base, "loras", weights / name)
+    place(base, "hypersd_rewards", weights / example_graphs.TOY_REWARD)
+    data.write_dataset(Path(base) / "input" / example_graphs.TOY_DATASET, 1)
+    return installed
+
+
 @contextlib.contextmanager
 def registered_folder(kind: str, path, first: bool = True) -> Iterator[Path]:
     """``path`` registered as a ComfyUI ``kind`` folder (first by default) for the ``with`` block."""

@@ -19,6 +19,11 @@ and the data order do not depend on it).
 
 For now: SD1.x/SD2.x checkpoints (SDXL needs the pooled text conditioning the node gives it:
 train it with the node), and the TSCD stages (score distillation and feedback run in the node).
+The files are the node's: with ``out_dir`` = ComfyUI's ``models/loras`` and the same settings,
+the node resumes a run this command trained (adding score distillation to a finished TSCD run)
+and this command finishes a run the node began; a state with other settings is refused, the
+setting named. The last line printed (rank 0) is JSON: the LoRA, ``steps``, ``resumed_from``
+(the step this invocation began at), the losses.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import hypersd_dev
 from ComfyUI_HyperSD.hypersd_core import files, metadata, schedules, train_config
 from ComfyUI_HyperSD.hypersd_core.data import LatentData
 from ComfyUI_HyperSD.hypersd_core.pipeline import RunFiles, TrainingRun, TrainSettings
+from ComfyUI_HyperSD.hypersd_core.train import Callback
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -97,6 +103,9 @@ def main(argv=None) -> int:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
     try:
         return _train(cfg, rank, world, device)
+    except ValueError as e:  # the pipeline's sentences: a state it cannot resume, a batch that does not split
+        print(f"training refused: {e}", file=sys.stderr)
+        return 2
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -132,12 +141,25 @@ def _train(cfg: dict, rank: int, world: int, device) -> int:
                       alphas_cumprod=schedules.DiscreteSchedule().alphas_cumprod, prompts=len(contexts),
                       shard=(rank, world))
     t0 = time.perf_counter()
-    trainer = run.train(unet, UNetEps(unet, contexts.to(device), empty.to(device)), data, device=device)
+    first = FirstStep()
+    trainer = run.train(unet, UNetEps(unet, contexts.to(device), empty.to(device)), data, device=device,
+                        callbacks=[first])
     if rank == 0:
         print(json.dumps({"lora": str(run.files.lora), "steps": trainer.step, "processes": world,
+                          "resumed_from": first.step if first.step is not None else trainer.step,
                           "train_seconds": round(time.perf_counter() - t0, 3), "batch_size": cfg["batch_size"],
                           "losses": [round(x, 6) for x in trainer.history], "family": family}))
     return 0
+
+
+class FirstStep(Callback):
+    """The step a run began at this time: 0, or where it resumed (the total when nothing was left)."""
+
+    step = None
+
+    def on_step_start(self, trainer):
+        if self.step is None:
+            self.step = trainer.step
 
 
 def cached_latents(cfg: dict, out_dir: Path, model, clip, vae, rank: int, world: int):

@@ -107,20 +107,11 @@ def test_feedback_example_runs_on_the_server_with_the_toy(server, object_info):
     """The feedback example, as shipped, shortened (2 steps, batch 2, 10 captioned digits), on the toy
     files it names (set-up installs them): the merged and the feedback LoRA land in models/loras, the
     merged one keeps the 4-step recipe, and the 4-step pictures are made."""
-    import tempfile
-    from pathlib import Path
-
     from safetensors import safe_open
 
-    from hypersd_dev.fixtures import place
-    from toy import data, install
+    from hypersd_dev.fixtures import place_toy
 
-    installed = install.install(Path(tempfile.gettempdir()) / "hypersd-test-files" / "toy-models")
-    for folder, src in (("checkpoints", installed["checkpoint"]), ("loras", REPO / "toy" / "weights" / example_graphs.TOY_K4_LORA),
-                        ("hypersd_rewards", REPO / "toy" / "weights" / example_graphs.TOY_REWARD)):
-        (server.base / "models" / folder).mkdir(parents=True, exist_ok=True)
-        place(server.base, folder, src)
-    data.write_dataset(server.base / "input" / example_graphs.TOY_DATASET, 1)
+    place_toy(server.base, (example_graphs.TOY_K4_LORA,))
     api = workflows.ui_to_api(workflows.load(EXAMPLES / "hypersd_toy_train_feedback.json"), object_info)
     train = api["5"]["inputs"]
     assert (train["lora_name"], train["captions"], train["output_name"]) == (example_graphs.TOY_K4_LORA, ["2", 1],
@@ -142,22 +133,12 @@ def test_rating_and_preference_examples_close_the_loop_on_the_toy(server, object
     rates its pictures through the page's route; then the preference example, shortened (2
     feedback steps, batch 2): the head is saved with its pairs, the feedback LoRA keeps the
     unified recipe, the 4-step pictures are made."""
-    import tempfile
-    from pathlib import Path
-
     from safetensors import safe_open
 
     from bench.bench_preference import ink_mass
-    from hypersd_dev.fixtures import place
-    from toy import data, install
+    from hypersd_dev.fixtures import place_toy
 
-    installed = install.install(Path(tempfile.gettempdir()) / "hypersd-test-files" / "toy-models")
-    weights = REPO / "toy" / "weights"
-    for folder, src in (("checkpoints", installed["checkpoint"]), ("loras", weights / example_graphs.TOY_UNIFIED_LORA),
-                        ("hypersd_rewards", weights / example_graphs.TOY_REWARD)):
-        (server.base / "models" / folder).mkdir(parents=True, exist_ok=True)
-        place(server.base, folder, src)
-    data.write_dataset(server.base / "input" / example_graphs.TOY_DATASET, 1)
+    place_toy(server.base, (example_graphs.TOY_UNIFIED_LORA,))
     rate = workflows.ui_to_api(workflows.load(EXAMPLES / "hypersd_toy_rate_images.json"), object_info)
     rated = 0
     for seed in (42, 43):

@@ -147,3 +147,105 @@ def test_a_killed_process_stops_the_run_and_a_restart_with_another_count_finishe
     a, b = load_file(str(tmp_path / "out" / "cut.safetensors")), load_file(str(tmp_path / "out" / "whole.safetensors"))
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == 60
     assert set(a) == set(b) and all(float((a[k] - b[k]).abs().max()) < 1e-4 for k in a)
+
+
+def _node_inputs(model, clip, vae, per_digit: int):
+    """The toy's training digits as the node takes them: raw latents, one per digit group, with
+    one positive each ("a handwritten digit N") and the empty prompt as negative."""
+    import torch
+
+    from toy import data
+
+    split = data.split()
+    latents, positive = [], []
+    with torch.no_grad():
+        for d in range(10):
+            pages = split["train_x"][split["train_y"] == d][:per_digit]
+            latents.append({"samples": vae.encode(pages.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous())})
+            positive.append(clip.encode_from_tokens_scheduled(clip.tokenize(data.PROMPT.format(d))))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return latents, positive, negative
+
+
+def test_a_run_moves_between_the_command_and_the_node(tmp_path, training, loras):
+    """Same settings, same files: a TSCD run trained by the command continues in the node with
+    score distillation (the command trains the TSCD stages; the unified LoRA's score stage runs in
+    the node), and a node run cancelled half-way is finished by the command. A command whose
+    settings differ from the node's state is refused with the setting named, the file untouched."""
+    import comfy.model_management as mm
+    import torch
+    from safetensors import safe_open
+
+    import hypersd_dev
+    from ComfyUI_HyperSD.hypersd_core import train
+    from scripts.train_outside_comfyui import load_toy
+
+    def config(output, **over):
+        text = CONFIG.format(output=output).replace('out_dir = "out"', f'out_dir = "{loras}"')
+        for k, v in over.items():
+            text = "\n".join(ln for ln in text.splitlines() if ln.split("=")[0].strip() != k) + f"\n{k} = {v}\n"
+        (tmp_path / f"{output}.toml").write_text(text)
+        return _run([sys.executable, "-m", "scripts.train", str(tmp_path / f"{output}.toml")], tmp_path)
+
+    def meta(name):
+        with safe_open(str(loras / f"{name}.safetensors"), "pt") as f:
+            return f.metadata()
+
+    class Steps(train.Callback):
+        def __init__(self, cancel_at=None):
+            self.started, self.cancel_at = [], cancel_at
+
+        def on_step_start(self, trainer):
+            self.started.append(trainer.step)
+
+        def on_step_end(self, trainer, loss, logs):
+            if trainer.step == self.cancel_at:
+                mm.interrupt_current_processing(True)
+
+    model, clip, vae = load_toy(hypersd_dev.comfy_dir() / "models")
+    latents, positive, negative = _node_inputs(model, clip, vae, per_digit=2)
+    same = dict(stages="2,1", steps_per_stage=2, batch_size=4, learning_rate=1e-3, rank=4, teacher_cfg=1.5, seed=0,
+                checkpoint_every=0, lora_scope="transformer", lr_schedule="constant")
+
+    def node(name, callbacks=(), **over):
+        with torch.inference_mode():  # as ComfyUI's executor runs nodes
+            return training.train_tscd(model, latents, positive, negative, positive_per_latent=True, output_name=name,
+                                       resume=True, callbacks=tuple(callbacks), **{**same, **over})
+
+    # 1. command -> node: the command's finished TSCD run gets its score stage in the node
+    r = config("c2n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert meta("c2n")["hypersd.step"] == "4" and (loras / "c2n_stage1_k2.safetensors").exists()
+    steps = Steps()
+    _, path, trainer = node("c2n", [steps], score_steps=2, fake_updates=1)
+    assert steps.started == [4, 5] and trainer.step == 6  # the TSCD stages were not trained again
+    m = meta("c2n")
+    assert (m["hypersd.step"], m["hypersd.score_steps"], m["hypersd.complete"]) == ("6", "2", "true")
+    assert (loras / "c2n_stage2_k1.safetensors").exists()  # the TSCD result it continued from, kept
+
+    # 2. node -> command: a node run cancelled after step 2 is finished by the command
+    steps = Steps(cancel_at=2)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node("n2c", [steps])
+    finally:
+        mm.interrupt_current_processing(False)
+    assert steps.started == [0, 1] and meta("n2c")["hypersd.step"] == "2"
+    r = config("n2c")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (out["resumed_from"], out["steps"]) == (2, 4)
+    assert (meta("n2c")["hypersd.step"], meta("n2c")["hypersd.complete"]) == ("4", "true")
+
+    # 3. settings that differ: refused, the setting named, nothing written
+    steps = Steps(cancel_at=2)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node("other", [steps])
+    finally:
+        mm.interrupt_current_processing(False)
+    before = (loras / "other.safetensors").read_bytes(), (loras / "other.hypersd-state").read_bytes()
+    r = config("other", batch_size=8)
+    assert r.returncode == 2 and "cannot resume" in r.stderr and "batch_size" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert ((loras / "other.safetensors").read_bytes(), (loras / "other.hypersd-state").read_bytes()) == before
