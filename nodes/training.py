@@ -45,20 +45,22 @@ def training_data(latents, positive, negative, positive_per_latent: bool):
 
 def train_tscd(model, latents, positive, negative, *, output_name: str = "hypersd_tscd", resume: bool = True,
                node_id=None, callbacks: tuple = (), positive_per_latent: bool = False, vae=None, rewards=(),
-               captions=None, **settings) -> tuple:
+               captions=None, folder=None, shard: tuple[int, int] = (0, 1), **settings) -> tuple:
     """Train a TSCD LoRA for ``model``; returns ``(model_with_lora, lora_path, trainer)``.
 
     ``settings`` are :class:`~hypersd_core.pipeline.TrainSettings` fields (stages,
     steps_per_stage, learning_rate, rank, ...). ``positive`` is one CONDITIONING for every
     latent, or with ``positive_per_latent`` a list with one per item of ``latents``.
     ``callbacks`` (``hypersd_core.train.Callback``) run after the progress/Cancel one.
+    ``folder`` (default: ComfyUI's first ``loras`` folder) and ``shard`` (this process's
+    ``(rank, world)`` under ``torch.distributed``) are the training command's (``scripts/train.py``).
     """
     from . import feedback as fb_nodes  # the score stage's feedback term shares the feedback node's parts
 
     if settings.get("score_feedback_weight") and rewards:
         settings["feedback_rewards"] = fb_nodes.rewards_setting(rewards)
     settings = TrainSettings(**settings)
-    files = RunFiles.create(_comfy_model.loras_dir(), output_name)
+    files = RunFiles.create(folder or _comfy_model.loras_dir(), output_name)
     groups, prompts = training_data(latents, positive, negative, positive_per_latent)
     patcher = model.clone()
     parts = None
@@ -72,7 +74,7 @@ def train_tscd(model, latents, positive, negative, *, output_name: str = "hypers
     run = TrainingRun(settings, files, family=_comfy_model.model_family(patcher),
                       alphas_cumprod=_comfy_model.discrete_alphas_cumprod(model_sampling),
                       key_prefix=lora_train.kohya_prefix(_comfy_model.key_prefix_map(patcher.model)),
-                      resume=resume, prompts=len(prompts), parts=parts)
+                      resume=resume, prompts=len(prompts), parts=parts, shard=shard)
     data = core_data.LatentData([(patcher.model.process_latent_in(g), c if len(prompts) > 1 else None)
                                  for g, c in groups])
     progress = ComfyProgress(node_id)

@@ -8,20 +8,21 @@
 
 The config (TOML; ``hypersd_core.train_config`` lists its keys) is checked before any process
 starts work: an unknown key, a value out of range or a missing path is refused with the key
-named. The checkpoint is loaded with ComfyUI's own loader used as a library, the same model
-objects the node trains; a folder of captioned images is encoded once by rank 0 and cached
-beside the output (``<output>.latents.pt``). Under ``torchrun`` every process takes its share
-of each step's global batch (``batch_size``) and the LoRA gradients are averaged
-(``torch.distributed``: ``nccl`` on GPUs, ``gloo`` on CPUs); rank 0 writes the LoRA, the stage
-LoRAs and the training state atomically, the same files the ComfyUI node writes. With
-``resume`` on, a run continues from its state, with any number of processes (the global batch
-and the data order do not depend on it).
+named. The checkpoint is loaded with ComfyUI's own loader used as a library and trained by the
+node's own function (``nodes.training.train_tscd``: ComfyUI's sampling machinery, so SD1.x,
+SD2.x and SDXL with its pooled text and size conditioning, as in the node); a folder of
+captioned images is encoded once by rank 0 and cached beside the output
+(``<output>.latents.pt``). Under ``torchrun`` every process takes its share of each step's
+global batch (``batch_size``) and the LoRA gradients are averaged (``torch.distributed``:
+``nccl`` on GPUs, ``gloo`` on CPUs); rank 0 writes the LoRA, the stage LoRAs and the training
+state atomically, the same files the ComfyUI node writes. With ``resume`` on, a run continues
+from its state, with any number of processes (the global batch and the data order do not
+depend on it).
 
-For now: SD1.x/SD2.x checkpoints (SDXL needs the pooled text conditioning the node gives it:
-train it with the node), and the TSCD stages (score distillation and feedback run in the node).
-The files are the node's: with ``out_dir`` = ComfyUI's ``models/loras`` and the same settings,
-the node resumes a run this command trained (adding score distillation to a finished TSCD run)
-and this command finishes a run the node began; a state with other settings is refused, the
+The command trains the TSCD stages (score distillation and feedback run in the node). The
+files are the node's: with ``out_dir`` = ComfyUI's ``models/loras`` and the same settings, the
+node resumes a run this command trained (adding score distillation to a finished TSCD run) and
+this command finishes a run the node began; a state with other settings is refused, the
 setting named. The last line printed (rank 0) is JSON: the LoRA, ``steps``, ``resumed_from``
 (the step this invocation began at), the losses.
 """
@@ -37,9 +38,7 @@ from pathlib import Path
 import torch
 
 import hypersd_dev
-from ComfyUI_HyperSD.hypersd_core import files, metadata, schedules, train_config
-from ComfyUI_HyperSD.hypersd_core.data import LatentData
-from ComfyUI_HyperSD.hypersd_core.pipeline import RunFiles, TrainingRun, TrainSettings
+from ComfyUI_HyperSD.hypersd_core import files, lora_file, train_config
 from ComfyUI_HyperSD.hypersd_core.train import Callback
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -59,8 +58,10 @@ def captioned_images(folder: Path) -> list[tuple[Path, str]]:
     return pairs
 
 
-def encode_folder(folder: Path, model, clip, vae):
-    """(latent groups by caption, caption contexts, empty context): one group per caption."""
+def encode_folder(folder: Path, clip, vae):
+    """The folder's images and captions as the node takes them: ``(latents, positives, negative)``,
+    one LATENT per caption (its images, VAE-encoded) with that caption's CONDITIONING, and the
+    empty prompt's as negative."""
     import numpy as np
     from PIL import Image
 
@@ -77,11 +78,16 @@ def encode_folder(folder: Path, model, clip, vae):
                 raise SystemExit(f"data: {path.name} is {im.size[0]}x{im.size[1]}, the others {size[0]}x{size[1]}: "
                                  "give the images one size")
             pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None]  # ComfyUI IMAGE layout
-            by_caption[cap].append(model.model.process_latent_in(vae.encode(pixels)).float())
-        contexts = torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in captions]).float()
-        empty = clip.encode_from_tokens(clip.tokenize("")).float()
-    groups = [(torch.cat(by_caption[c]), i) for i, c in enumerate(captions)]
-    return groups, contexts, empty
+            by_caption[cap].append(vae.encode(pixels).float())
+        positives = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in captions]
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latents = [{"samples": torch.cat(by_caption[c])} for c in captions]
+    return latents, positives, negative
+
+
+def _plain(cond) -> list:
+    """A CONDITIONING with only its tensors (what ``torch.load(weights_only=True)`` reads back)."""
+    return [[c, {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}] for c, extra in cond]
 
 
 def main(argv=None) -> int:
@@ -101,6 +107,8 @@ def main(argv=None) -> int:
 
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # before ComfyUI is imported: its model management takes the current device
     try:
         return _train(cfg, rank, world, device)
     except ValueError as e:  # the pipeline's sentences: a state it cannot resume, a batch that does not split
@@ -115,37 +123,33 @@ def _train(cfg: dict, rank: int, world: int, device) -> int:
     hypersd_dev.import_comfy(cpu=device.type == "cpu")
     import comfy.sd
 
-    from scripts.train_outside_comfyui import UNetEps, load_toy, toy_dataset
-
     if cfg["checkpoint"] == "toy":
-        model, clip, vae = load_toy(hypersd_dev.comfy_dir() / "models")
-    else:
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(cfg["checkpoint"], output_vae=True,
-                                                                 output_clip=True)[:3]
-    family = metadata.model_family(model.model.model_config)
-    if family not in ("SD1.5", "SD2"):
-        raise SystemExit(f"checkpoint: a {family} model; this command trains SD1.x/SD2.x for now (train {family} "
-                         "with the HyperSDTrainTSCD node)")
+        from toy import install
+
+        cfg = dict(cfg, checkpoint=str(install.install(hypersd_dev.comfy_dir() / "models")["checkpoint"]))
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(cfg["checkpoint"], output_vae=True, output_clip=True)[:3]
     out_dir = Path(cfg["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg["data"] == "toy":
-        data, contexts, empty = toy_dataset(model, clip, vae, cfg["per_digit"])
-    else:
-        data, contexts, empty = cached_latents(cfg, out_dir, model, clip, vae, rank, world)
-    unet = model.model.diffusion_model.to(device)
-    settings = TrainSettings(stages=cfg["stages"], steps_per_stage=cfg["steps_per_stage"],
-                             learning_rate=cfg["learning_rate"], rank=cfg["rank"], teacher_cfg=cfg["teacher_cfg"],
-                             seed=cfg["seed"], batch_size=cfg["batch_size"], lora_scope=cfg["lora_scope"],
-                             checkpoint_every=cfg["checkpoint_every"], lr_schedule=cfg["lr_schedule"])
-    run = TrainingRun(settings, RunFiles.create(out_dir, cfg["output"]), resume=cfg["resume"], family=family,
-                      alphas_cumprod=schedules.DiscreteSchedule().alphas_cumprod, prompts=len(contexts),
-                      shard=(rank, world))
+    latents, positives, negative = cached_data(cfg, out_dir, clip, vae, rank, world)
+    return train_loaded(cfg, model, latents, positives, negative, rank, world)
+
+
+def train_loaded(cfg: dict, model, latents, positives, negative, rank: int = 0, world: int = 1) -> int:
+    """The node's training (``nodes.training.train_tscd``: ComfyUI's sampling machinery, every
+    family it supports) on a loaded model, this process's share of each step, into ``out_dir``."""
+    from ComfyUI_HyperSD.nodes import training
+
+    settings = {k: cfg[k] for k in ("stages", "steps_per_stage", "learning_rate", "rank", "teacher_cfg", "seed",
+                                    "batch_size", "lora_scope", "checkpoint_every", "lr_schedule")}
     t0 = time.perf_counter()
     first = FirstStep()
-    trainer = run.train(unet, UNetEps(unet, contexts.to(device), empty.to(device)), data, device=device,
-                        callbacks=[first])
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        _, lora, trainer = training.train_tscd(model, latents, positives, negative, positive_per_latent=True,
+                                               output_name=cfg["output"], resume=cfg["resume"], folder=cfg["out_dir"],
+                                               shard=(rank, world), callbacks=(first,), **settings)
     if rank == 0:
-        print(json.dumps({"lora": str(run.files.lora), "steps": trainer.step, "processes": world,
+        family = lora_file.inspect_file(lora).family
+        print(json.dumps({"lora": lora, "steps": trainer.step, "processes": world,
                           "resumed_from": first.step if first.step is not None else trainer.step,
                           "train_seconds": round(time.perf_counter() - t0, 3), "batch_size": cfg["batch_size"],
                           "losses": [round(x, 6) for x in trainer.history], "family": family}))
@@ -162,11 +166,20 @@ class FirstStep(Callback):
             self.step = trainer.step
 
 
-def cached_latents(cfg: dict, out_dir: Path, model, clip, vae, rank: int, world: int):
-    """The data folder's latents: encoded once (rank 0) into ``<output>.latents.pt``, keyed by the
-    images, their captions and the checkpoint; every process reads the cache."""
+def cached_data(cfg: dict, out_dir: Path, clip, vae, rank: int, world: int):
+    """The data folder's latents and caption conditionings: encoded once (rank 0) into
+    ``<output>.latents.pt``, keyed by the images, their captions and the checkpoint; every
+    process reads the cache. ``data = "toy"``: the toy's training digits, written as such a folder
+    beside the output first."""
     folder = Path(cfg["data"])
-    h = hashlib.sha256(cfg["checkpoint"].encode())
+    if cfg["data"] == "toy":
+        from toy import data as toy_data
+
+        folder = out_dir / f"{cfg['output']}.toy-digits-{cfg['per_digit']}"
+        if rank == 0:
+            toy_data.write_dataset(folder, cfg["per_digit"])
+        _barrier(world)
+    h = hashlib.sha256(f"v2:{cfg['checkpoint']}".encode())  # v2: LATENTs and CONDITIONINGs, as the node takes them
     for p in sorted(folder.iterdir()):
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -176,16 +189,21 @@ def cached_latents(cfg: dict, out_dir: Path, model, clip, vae, rank: int, world:
     if rank == 0:
         saved = torch.load(cache, weights_only=True) if cache.exists() else None
         if saved is None or saved.get("key") != key:
-            groups, contexts, empty = encode_folder(folder, model, clip, vae)
-            saved = {"key": key, "latents": [g for g, _ in groups], "contexts": contexts, "empty": empty}
+            latents, positives, negative = encode_folder(folder, clip, vae)
+            saved = {"key": key, "latents": latents, "positives": [_plain(c) for c in positives],
+                     "negative": _plain(negative)}
             files.save_torch(cache, saved)
+    _barrier(world)
+    if saved is None:  # the other processes read what rank 0 wrote
+        saved = torch.load(cache, weights_only=True)
+    return saved["latents"], saved["positives"], saved["negative"]
+
+
+def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    if saved is None:  # the other processes read what rank 0 wrote
-        saved = torch.load(cache, weights_only=True)
-    return LatentData([(lat, i) for i, lat in enumerate(saved["latents"])]), saved["contexts"], saved["empty"]
 
 
 if __name__ == "__main__":

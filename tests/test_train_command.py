@@ -249,3 +249,39 @@ def test_a_run_moves_between_the_command_and_the_node(tmp_path, training, loras)
     assert r.returncode == 2 and "cannot resume" in r.stderr and "batch_size" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     assert ((loras / "other.safetensors").read_bytes(), (loras / "other.hypersd-state").read_bytes()) == before
+
+
+def test_the_command_trains_sdxl_through_the_nodes_path(tmp_path, comfy, caplog):
+    """SDXL (which needs the pooled text and the size conditioning): the command's training function on
+    a loaded SDXL model (a tiny one built in memory: ComfyUI detects SDXL files only at full size)
+    writes a LoRA that the inspector reads as SDXL and core's loader takes with every key."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.sd
+    import torch
+
+    from ComfyUI_HyperSD.hypersd_core import lora_file, train_config
+    from scripts.train import train_loaded
+    from toy import arch
+
+    model = arch.tiny_sdxl_patcher()
+    gen = torch.Generator().manual_seed(0)
+
+    def cond():
+        return [[torch.randn(1, 77, 2048, generator=gen), {"pooled_output": torch.randn(1, 1280, generator=gen)}]]
+
+    latents = [{"samples": torch.randn(3, 4, 8, 8, generator=gen)} for _ in range(2)]
+    cfg = train_config.check({"checkpoint": "toy", "data": "toy", "output": "xl", "out_dir": str(tmp_path),
+                              "stages": "2,1", "steps_per_stage": 1, "batch_size": 2, "rank": 4,
+                              "checkpoint_every": 0}, tmp_path)
+    assert train_loaded(cfg, model, latents, [cond(), cond()], cond()) == 0
+    path = tmp_path / "xl.safetensors"
+    info = lora_file.inspect_file(str(path))
+    assert (info.family, info.variant, info.steps) == ("SDXL", "hypersd_trained", 1)
+    sd = comfy.utils.load_torch_file(str(path))
+    with caplog.at_level(logging.WARNING):
+        comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(sd)),
+                                  comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    assert len(loaded) == sum(1 for k in sd if k.endswith(".lora_down.weight")) > 0

@@ -4,7 +4,8 @@
   ``context_dim=768`` ComfyUI's model detection recognises it as SD1.5 (about 15-26 M
   parameters); smaller widths can only be built in memory.
 * ``tiny_sd15_patcher``: a real ``comfy.model_base.BaseModel`` (eps prediction,
-  scaled-linear betas) inside a real ``ModelPatcher`` on the CPU.
+  scaled-linear betas) inside a real ``ModelPatcher`` on the CPU; ``tiny_sdxl_patcher`` the same
+  for SDXL (``comfy.model_base.SDXL``: pooled text and size conditioning).
 """
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ def sd15_unet_config(model_channels: int = 320, num_res_blocks: int = 1, transfo
         "transformer_depth_output": [transformer_depth] * (num_res_blocks + 1),
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
+
+
+def sdxl_unet_config(model_channels: int = 64) -> dict:
+    """A one-level SDXL-shaped UNet: 2048-wide text context, the pooled-text and size embedding
+    (``adm_in_channels`` 2816), linear transformer projections, 64-channel heads (SDXL's). Built in
+    memory only (ComfyUI detects SDXL files by the full depth)."""
+    return dict(sd15_unet_config(model_channels), context_dim=2048, adm_in_channels=2816, num_classes="sequential",
+                use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
 
 
 def init_weights_(module: torch.nn.Module, seed: int = 0, scheme: str = "scaled_normal",
@@ -61,11 +70,12 @@ def init_weights_(module: torch.nn.Module, seed: int = 0, scheme: str = "scaled_
                 p.zero_()
 
 
-def build_sd15_model(unet_config: dict, seed: int = 0):
-    """A real SD1.5 ``BaseModel`` (float32, CPU) with deterministic weights."""
+def build_sd15_model(unet_config: dict, seed: int = 0, family: str = "SD15"):
+    """A real SD1.5 ``BaseModel`` (float32, CPU) with deterministic weights (``family="SDXL"``: an
+    SDXL one, from :func:`sdxl_unet_config`)."""
     import comfy.supported_models
 
-    model_config = comfy.supported_models.SD15(dict(unet_config))
+    model_config = getattr(comfy.supported_models, family)(dict(unet_config))
     model_config.set_inference_dtype(torch.float32, torch.float32)
     model = model_config.get_model({}, device="cpu")
     model.diffusion_model.to(torch.float32)
@@ -85,3 +95,9 @@ def wrap_patcher(model):
 def tiny_sd15_patcher(model_channels: int = 32, seed: int = 0):
     """A tiny (about 0.3 M parameters at 32 channels) SD1.5-shaped model in a ModelPatcher."""
     return wrap_patcher(build_sd15_model(sd15_unet_config(model_channels), seed=seed))
+
+
+def tiny_sdxl_patcher(model_channels: int = 64, seed: int = 0):
+    """A tiny (about 2 M parameters at 64 channels) SDXL-shaped model in a ModelPatcher: it takes
+    conditioning with a ``pooled_output`` of 1280 as SDXL does."""
+    return wrap_patcher(build_sd15_model(sdxl_unet_config(model_channels), seed=seed, family="SDXL"))
