@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from .lora_train import FAKE
-from .train import NonFiniteLossError, _to_cpu
+from .train import Batch, NonFiniteLossError, _to_cpu
 from .tscd import EpsFn, ModeSwitch, add_noise, ddim_jump, predict_x0
 
 GENERATOR_T_UNIFIED = 999  # the unified LoRA: one step from t = 999
@@ -177,10 +177,12 @@ class DMDLoss:
         eps = self.eps_fn(z, t, 1.0, cond)
         return predict_x0(z, eps, self.ab[self.generator_t].expand(z.shape[0]))
 
-    def fake_step(self, x: torch.Tensor, cond, gen: torch.Generator) -> float:
-        """One noise-prediction step of the fake score on detached generator samples ``x``."""
-        t = torch.randint(0, self.T, (x.shape[0],), generator=gen)
-        n = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+    def fake_step(self, x: torch.Tensor, cond, gen: torch.Generator, batch: Batch | None = None) -> float:
+        """One noise-prediction step of the fake score on detached generator samples ``x`` (data
+        parallel: ``batch`` draws for the global batch and averages the fake score's gradients)."""
+        batch = batch or Batch(x0=x)
+        t = batch.randint(0, self.T, gen)
+        n = batch.randn(gen, x)
         x_t = add_noise(x, n, self.ab[t])
         self.adapters.set_mode("fake")
         with torch.enable_grad():
@@ -189,18 +191,20 @@ class DMDLoss:
             self.fake_optimizer.zero_grad(set_to_none=True)
             loss.backward()
         params = self.adapters.fake_parameters()
+        value = batch.average(params, float(loss.detach()))
         norm = torch.nn.utils.clip_grad_norm_(params, self.fake_grad_clip) if self.fake_grad_clip > 0 else None
-        if not math.isfinite(float(loss.detach())) or (norm is not None and not math.isfinite(float(norm))):
+        if not math.isfinite(value) or (norm is not None and not math.isfinite(float(norm))):
             self.fake_optimizer.zero_grad(set_to_none=True)
             return math.nan  # the caller stops the run (NonFiniteLossError), nothing was stepped
         self.fake_optimizer.step()
-        return float(loss.detach())
+        return value
 
-    def distribution_matching(self, x: torch.Tensor, cond, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def distribution_matching(self, x: torch.Tensor, cond, gen: torch.Generator,
+                              batch: Batch | None = None) -> tuple[torch.Tensor, dict]:
         """``L_dm`` for generator samples ``x`` (with gradient) and its logs."""
-        B = x.shape[0]
-        t = torch.randint(self.t_min, self.t_max + 1, (B,), generator=gen)
-        n = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+        batch = batch or Batch(x0=x)
+        t = batch.randint(self.t_min, self.t_max + 1, gen)
+        n = batch.randn(gen, x)
         a_t = self.ab[t]
         with torch.no_grad():
             xd = x.detach()
@@ -216,16 +220,18 @@ class DMDLoss:
         loss = 0.5 * torch.nn.functional.mse_loss(x.float(), (xd - grad).float())
         return loss, {"dmd_grad_norm": float(grad.float().pow(2).mean().sqrt()), "dmd_t_mean": float(t.float().mean())}
 
+    data_parallel = True  # draws for the global batch; the fake score's gradients averaged (``Batch.average``)
+
     # ------------------------------------------------------------------ the term
     def __call__(self, batch, stage, generator: torch.Generator):
         cond = batch.cond
-        z = torch.randn(batch.x0.shape, generator=generator, dtype=torch.float32).to(batch.x0.device, batch.x0.dtype)
+        z = batch.randn(generator, batch.x0)  # data parallel: drawn for the global batch, this process's rows
         # 1-2. the fake score catches up with the generator's current samples
         with torch.no_grad():
             x_now = self.generate(z, cond)
         fake_losses = []
         for _ in range(self.fake_updates):
-            fake_losses.append(self.fake_step(x_now, cond, generator))
+            fake_losses.append(self.fake_step(x_now, cond, generator, batch))
             if not math.isfinite(fake_losses[-1]):
                 self.adapters.set_mode("student")
                 raise NonFiniteLossError(batch.step, stage, "fake score's loss or gradient")
@@ -233,17 +239,17 @@ class DMDLoss:
         #    freed before the generator's own forward, so a step holds one generator graph at a time
         reg = None
         if self.regression_weight > 0:
-            e = self.bank.entry(batch.step)
+            e = self.bank.entry(batch.step)  # built for the global batch: this process takes its rows
             dev = batch.x0.device
-            x_reg = self.generate(e.noise.to(dev, batch.x0.dtype), e.cond)
-            reg = torch.nn.functional.mse_loss(x_reg.float(), e.target.to(dev).float())
-            if not torch.isfinite(reg.detach()):
+            x_reg = self.generate(batch.mine(e.noise).to(dev, batch.x0.dtype), e.cond)
+            reg = torch.nn.functional.mse_loss(x_reg.float(), batch.mine(e.target).to(dev).float())
+            if not torch.isfinite(reg.detach()) and not batch.parallel:  # in parallel the trainer stops all
                 raise NonFiniteLossError(batch.step, stage, "regression loss")
             reg = batch.backward_now(self.regression_weight * reg)
             del x_reg
         # 4. the generator, with gradient, and the distribution-matching loss
         x = self.generate(z, cond)
-        loss, logs = self.distribution_matching(x, cond, generator)
+        loss, logs = self.distribution_matching(x, cond, generator, batch)
         logs["fake_loss"] = sum(fake_losses) / len(fake_losses)
         logs["dmd_loss"] = float(loss.detach())
         if reg is not None:

@@ -43,7 +43,7 @@ import torch
 
 from .dmd import trailing_grid
 from .rewards import hinge
-from .train import NonFiniteLossError
+from .train import Batch, NonFiniteLossError
 from .tscd import EpsFn, add_noise, predict_x0
 
 LATE_FRACTION = 0.5  # the late steps: the later half of the student's schedule
@@ -84,16 +84,17 @@ def late_index(steps: int, gen: torch.Generator, late_fraction: float = LATE_FRA
 
 
 def sampler_move(x_t: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, t: int, s: int, eta: float,
-                 gen: torch.Generator) -> torch.Tensor:
+                 gen: torch.Generator, batch: Batch | None = None) -> torch.Tensor:
     """Step 2's move from ``t`` to ``s < t``: DDIM at ``eta = 0``; else TCD's (to ``s' = (1 - eta) s``
-    along the prediction, then forward noise from ``s'`` back to ``s``)."""
+    along the prediction, then forward noise from ``s'`` back to ``s``; data parallel: ``batch``
+    draws that noise for the global batch)."""
     x0 = predict_x0(x_t, eps, ab[t].expand(x_t.shape[0]))
     s_prime = int(math.floor((1.0 - eta) * s)) if eta > 0 else s
     a_sp = ab[s_prime].expand(x_t.shape[0])
     x = add_noise(x0, eps, a_sp)
     if s_prime != s:
         ratio = (ab[s] / ab[s_prime]).expand(x_t.shape[0])
-        n = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+        n = (batch or Batch(x0=x)).randn(gen, x)
         x = add_noise(x, n, ratio)  # x_s = sqrt(a_s/a_s') x_s' + sqrt(1 - a_s/a_s') n
     return x
 
@@ -144,11 +145,12 @@ class FeedbackLoss:
         return self.eps_fn(x_t, tt, 1.0, cond)
 
     @torch.no_grad()
-    def run_to(self, z: torch.Tensor, j: int, cond, gen: torch.Generator) -> torch.Tensor:
+    def run_to(self, z: torch.Tensor, j: int, cond, gen: torch.Generator, batch: Batch | None = None) -> torch.Tensor:
         """Step 2: the student's schedule from ``z`` (at ``t_0``) to ``x_{t_j}``, without gradient."""
         x = z
         for i in range(j):
-            x = sampler_move(x, self.eps(x, self.grid[i], cond), self.ab, self.grid[i], self.grid[i + 1], self.eta, gen)
+            x = sampler_move(x, self.eps(x, self.grid[i], cond), self.ab, self.grid[i], self.grid[i + 1], self.eta, gen,
+                             batch)
         return x
 
     def one_step_x0(self, x_t: torch.Tensor, t: int, cond) -> torch.Tensor:
@@ -165,17 +167,19 @@ class FeedbackLoss:
             logs[f"reward_{getattr(term.reward, 'name', 'reward')}"] = float(r.detach().float().mean())
         return total, logs
 
-    def structure(self, x0_real: torch.Tensor, cond, gen: torch.Generator) -> torch.Tensor:
+    def structure(self, x0_real: torch.Tensor, cond, gen: torch.Generator, batch: Batch | None = None) -> torch.Tensor:
         """The structure term's loss (before its weight) on real latents ``x0_real``."""
         B = x0_real.shape[0]
         t = int(torch.randint(self.structure_t[0], self.structure_t[1] + 1, (1,), generator=gen))
-        n = torch.randn(x0_real.shape, generator=gen, dtype=torch.float32).to(x0_real.device, x0_real.dtype)
+        n = (batch or Batch(x0=x0_real)).randn(gen, x0_real)
         x_t = add_noise(x0_real, n, self.ab[t].expand(B))
         images = self.decode(self.one_step_x0(x_t, t, cond))
         labels = self.labels(cond, B, x0_real.device)
         parts = [term.reward.supervised_loss(images, labels) for term in self.rewards
                  if hasattr(term.reward, "supervised_loss")]
         return sum(parts) / len(parts)
+
+    data_parallel = True  # every draw for the global batch (``Batch.randn``); the means average over processes
 
     # ------------------------------------------------------------------ the term
     def __call__(self, batch, stage, generator: torch.Generator):
@@ -184,16 +188,16 @@ class FeedbackLoss:
         self.adapters.set_mode("student")
         structure = None
         if self.structure_weight > 0:  # backpropagated at once: one decoder graph held at a time
-            s = self.structure(batch.x0, cond, generator)
-            if not torch.isfinite(s.detach()):
+            s = self.structure(batch.x0, cond, generator, batch)
+            if not torch.isfinite(s.detach()) and not batch.parallel:  # in parallel the trainer stops all
                 raise NonFiniteLossError(batch.step, stage, "structure loss")
             structure = batch.backward_now(self.structure_weight * s)
             logs["structure_loss"] = float(s.detach())
         # 1. noise and a late step of the student's schedule
-        z = torch.randn(batch.x0.shape, generator=generator, dtype=torch.float32).to(batch.x0.device, batch.x0.dtype)
+        z = batch.randn(generator, batch.x0)
         j = late_index(len(self.grid), generator, self.late_fraction)
         # 2. the schedule to x_{t_j} without gradient; 3. x0 in one step with gradient
-        x_t = self.run_to(z, j, cond, generator)
+        x_t = self.run_to(z, j, cond, generator, batch)
         x0 = self.one_step_x0(x_t, self.grid[j], cond)
         # 4. decode and score
         loss, extra = self.aesthetic(self.decode(x0), self.labels(cond, x0.shape[0], x0.device))

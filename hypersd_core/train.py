@@ -33,6 +33,7 @@ class Batch:
     backward_scale: float = 1.0  # the weight of the term being called (set by the trainer)
     rows: slice | None = None  # data-parallel: this process's rows of the global batch
     global_size: int | None = None  # data-parallel: the global batch size (every process's rows)
+    all_reduce: Callable[[torch.Tensor], None] | None = None  # data-parallel: sums a tensor over the processes
 
     @property
     def draw_size(self) -> int:
@@ -44,6 +45,36 @@ class Batch:
     def mine(self, drawn: torch.Tensor) -> torch.Tensor:
         """This process's rows of a tensor drawn for :attr:`draw_size` rows."""
         return drawn if self.rows is None else drawn[self.rows]
+
+    @property
+    def parallel(self) -> bool:
+        """Several processes share the step (data parallel)."""
+        return self.rows is not None
+
+    def randn(self, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+        """Gaussian noise shaped as ``like`` (this process's rows), drawn for the global batch."""
+        drawn = torch.randn((self.draw_size, *like.shape[1:]), generator=generator, dtype=torch.float32)
+        return self.mine(drawn).to(like.device, like.dtype)
+
+    def randint(self, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
+        """Integers in ``[low, high)``, one per row of this process, drawn for the global batch."""
+        return self.mine(torch.randint(low, high, (self.draw_size,), generator=generator))
+
+    def average(self, params, value: float) -> float:
+        """Data parallel: the gradients of ``params`` and ``value`` (a loss) averaged over the
+        processes, for a term's own optimizer (the student's the trainer averages); the average
+        is the same everywhere, so a non-finite one stops every process alike. One process: as is."""
+        if not self.parallel:
+            return value
+        world = self.draw_size // self.x0.shape[0]
+        flag = torch.tensor([value], dtype=torch.float64)
+        self.all_reduce(flag)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self.all_reduce(p.grad)
+            p.grad /= world
+        return float(flag[0]) / world
 
     def backward_now(self, part: torch.Tensor) -> torch.Tensor:
         """Backpropagate ``part`` of a term's loss at once (times the term's weight), so that its
@@ -223,7 +254,7 @@ class Trainer:
         x0, cond = self.data.sample(b * world, gen, self.device, self.dtype)
         rows = slice(self.rank * b, (self.rank + 1) * b) if world > 1 else None
         batch = Batch(x0=x0 if rows is None else x0[rows], cond=cond, step=step, rows=rows,
-                      global_size=b * world if world > 1 else None)
+                      global_size=b * world if world > 1 else None, all_reduce=self.all_reduce if world > 1 else None)
         total = None
         bad = False  # data parallel: a non-finite loss on any process stops them all, together
         logs: dict = {"stage": stage.name, "segments": stage.segments}

@@ -10,6 +10,7 @@
     learning_rate = 1e-4
     rank = 16
     teacher_cfg = 7.0
+    score_steps = 200                           # optional: score distillation after the stages
     ...
 
 :func:`load` returns the settings with defaults filled in, or raises :class:`ConfigError`
@@ -28,7 +29,9 @@ class ConfigError(ValueError):
     """A config file the command refuses; the message names the key."""
 
 
-# key -> (type, default (None: required), check(value) -> error or "")
+OPTIONAL = object()  # a key's default: left out of the settings when the file leaves it out
+
+# key -> (type, default (None: required; OPTIONAL: the trainer's own), check(value) -> error or "")
 def _range(lo, hi):
     return lambda v: "" if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
 
@@ -66,7 +69,14 @@ KEYS = {
     "lr_schedule": (str, "constant", _choice("constant", "cosine")),
     "resume": (bool, True, lambda v: ""),
     "per_digit": (int, 50, _range(1, 500)),  # data = "toy": training digits per class
+    # score distillation after the TSCD stages (the unified LoRA); left out: the trainer's defaults
+    "score_steps": (int, OPTIONAL, _range(0, 1_000_000)),
+    "generator_t": (int, OPTIONAL, _range(1, 999)),
+    "fake_updates": (int, OPTIONAL, _range(1, 50)),
+    "regression_weight": (float, OPTIONAL, _range(0.0, 100.0)),
+    "score_tscd_weight": (float, OPTIONAL, _range(0.0, 100.0)),
 }
+SCORE_KEYS = ("score_steps", "generator_t", "fake_updates", "regression_weight", "score_tscd_weight")
 
 
 def load(path) -> dict:
@@ -91,7 +101,8 @@ def check(raw: dict, base: Path) -> dict:
         if key not in raw:
             if default is None:
                 raise ConfigError(f"{key}: missing; write {key} = ...")
-            out[key] = default
+            if default is not OPTIONAL:
+                out[key] = default
             continue
         v = raw[key]
         if kind is float and isinstance(v, int) and not isinstance(v, bool):

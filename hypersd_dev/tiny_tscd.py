@@ -29,8 +29,39 @@ class TinyEps(torch.nn.Module):
         return self.conv_out(torch.nn.functional.silu(h))
 
 
-def setup(seed=0, stages=(2, 1), steps=3, lr=1e-3, callbacks=(), batch_size=3, shard=(0, 1)):
-    """(net, adapters, trainer, eps_fn): TSCD on TinyEps over 6 random latents, one condition."""
+class TinyReward:
+    """A differentiable reward of images in [0, 1] (their brightness) with a supervised loss."""
+
+    name = "tiny"
+    needs_labels = False
+
+    def __call__(self, images, labels=None):
+        return images.mean(dim=(1, 2, 3))
+
+    def supervised_loss(self, images, labels=None):
+        return (images - 0.5).pow(2).mean()
+
+
+def score_stage(eps_fn, adapters, ab, data, *, global_batch: int, seed: int, steps: int = 2) -> train.Stage:
+    """A score stage carrying every term the pipeline's may: distribution matching with its fake
+    score (2 updates) and regression bank, the TSCD term, and feedback with the structure term."""
+    from ComfyUI_HyperSD.hypersd_core import dmd, feedback
+
+    bank = dmd.RegressionBank.build(eps_fn, adapters, ab, data, batches=2, batch_size=global_batch,
+                                    teacher_cfg=3.0, ode_steps=3, seed=seed)
+    score = dmd.DMDLoss(eps_fn, adapters, ab, teacher_cfg=3.0, fake_updates=2, fake_lr=1e-3,
+                        regression_weight=0.5, bank=bank)
+    fb = feedback.FeedbackLoss(eps_fn, adapters, ab, decode=lambda lat: torch.sigmoid(lat[:, :3]),
+                               rewards=[feedback.RewardTerm(TinyReward(), margin=0.9)], sample_steps=2, eta=0.5,
+                               structure_weight=0.2)
+    tscd_term = tscd.TSCDLoss(eps_fn, adapters, ab, teacher_cfg=3.0)
+    return train.Stage(segments=1, steps=steps, terms=[(1.0, score), (0.5, tscd_term), (0.3, fb)], name="score",
+                       reset_ema=False)
+
+
+def setup(seed=0, stages=(2, 1), steps=3, lr=1e-3, callbacks=(), batch_size=3, shard=(0, 1), score=False):
+    """(net, adapters, trainer, eps_fn): TSCD on TinyEps over 6 random latents, one condition
+    (``score``: then a score stage with every term, :func:`score_stage`)."""
     torch.manual_seed(1234)  # the toy network's own init (the adapters do not use the global RNG)
     net = TinyEps()
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
@@ -45,25 +76,29 @@ def setup(seed=0, stages=(2, 1), steps=3, lr=1e-3, callbacks=(), batch_size=3, s
         eu = net(x, t, uncond.expand(x.shape[0], -1))
         return eu + cfg * (e - eu)
 
-    adapters = lora_train.LoraAdapters(net, lora_train.select_targets(net, "all"), rank=2, seed=seed)
+    adapters = lora_train.LoraAdapters(net, lora_train.select_targets(net, "all"), rank=2, seed=seed, fake=score)
     term = tscd.TSCDLoss(eps_fn, adapters, ab, teacher_cfg=3.0)
     gen = torch.Generator().manual_seed(5)
     data = LatentData([(torch.randn(6, 4, 8, 8, generator=gen), torch.randn(1, 8, generator=gen))])
-    trainer = train.Trainer(adapters, tscd.progressive_stages(stages, steps, lambda k: [(1.0, term)]), data,
-                           lr=lr, batch_size=batch_size, seed=seed, callbacks=list(callbacks), signature={"t": 1},
-                           shard=shard)
+    all_stages = tscd.progressive_stages(stages, steps, lambda k: [(1.0, term)])
+    if score:
+        all_stages.append(score_stage(eps_fn, adapters, ab, data, global_batch=batch_size * shard[1], seed=seed))
+    trainer = train.Trainer(adapters, all_stages, data, lr=lr, batch_size=batch_size, seed=seed,
+                            callbacks=list(callbacks), signature={"t": 1}, shard=shard)
     return net, adapters, trainer, eps_fn
 
 
-def data_parallel_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    """One process of a ``gloo`` group (``torch.multiprocessing.spawn``): the tiny TSCD run with
-    batch 3 per process; its LoRA and losses saved to ``out/<rank>.pt``."""
+def data_parallel_worker(rank: int, world: int, init_file: str, out: str, score: bool = False) -> None:
+    """One process of a ``gloo`` group (``torch.multiprocessing.spawn``): the tiny TSCD run (and
+    with ``score`` its score stage) with batch 3 per process; its LoRA, fake score and losses
+    saved to ``out/<rank>.pt``."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        _, adapters, trainer, _ = setup(stages=(2, 1), steps=2, batch_size=3, shard=(rank, world))
+        _, adapters, trainer, _ = setup(stages=(2, 1), steps=2, batch_size=3, shard=(rank, world), score=score)
         trainer.run()
-        torch.save({"weights": adapters.weights(lora_train.STUDENT), "history": trainer.history}, f"{out}/{rank}.pt")
+        torch.save({"weights": adapters.weights(lora_train.STUDENT), "history": trainer.history,
+                    "fake": adapters.weights(lora_train.FAKE) if score else {}}, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()

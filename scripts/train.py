@@ -19,8 +19,9 @@ state atomically, the same files the ComfyUI node writes. With ``resume`` on, a 
 from its state, with any number of processes (the global batch and the data order do not
 depend on it).
 
-The command trains the TSCD stages (score distillation and feedback run in the node). The
-files are the node's: with ``out_dir`` = ComfyUI's ``models/loras`` and the same settings, the
+The command trains the TSCD stages and, with ``score_steps``, score distillation after them
+(the unified LoRA; its terms split over the processes as TSCD's do); the feedback term of the
+score stage and feedback runs need reward models and run in the node. The files are the node's: with ``out_dir`` = ComfyUI's ``models/loras`` and the same settings, the
 node resumes a run this command trained (adding score distillation to a finished TSCD run) and
 this command finishes a run the node began; a state with other settings is refused, the
 setting named. The last line printed (rank 0) is JSON: the LoRA, ``steps``, ``resumed_from``
@@ -141,6 +142,7 @@ def train_loaded(cfg: dict, model, latents, positives, negative, rank: int = 0, 
 
     settings = {k: cfg[k] for k in ("stages", "steps_per_stage", "learning_rate", "rank", "teacher_cfg", "seed",
                                     "batch_size", "lora_scope", "checkpoint_every", "lr_schedule")}
+    settings.update({k: cfg[k] for k in train_config.SCORE_KEYS if k in cfg})  # the rest: the node's defaults
     t0 = time.perf_counter()
     first = FirstStep()
     with torch.inference_mode():  # as ComfyUI's executor runs nodes

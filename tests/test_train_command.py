@@ -55,19 +55,23 @@ def test_two_processes_under_torchrun_train_the_same_lora_as_one(tmp_path, comfy
 
     from ComfyUI_HyperSD.hypersd_core import lora_file
 
-    for name in ("one", "two"):
-        (tmp_path / f"{name}.toml").write_text(CONFIG.format(output=name))
+    for name in ("one", "two"):  # the TSCD stages, then score distillation (fake score, regression bank)
+        (tmp_path / f"{name}.toml").write_text(CONFIG.format(output=name) + "score_steps = 2\nfake_updates = 1\n")
     one = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "one.toml")], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "scripts.train",
                 str(tmp_path / "two.toml")], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     s1, s2 = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, two))
-    assert (s1["processes"], s2["processes"], s1["steps"], s2["steps"]) == (1, 2, 4, 4)
+    assert (s1["processes"], s2["processes"], s1["steps"], s2["steps"]) == (1, 2, 6, 6)
     assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
     a, b = load_file(s1["lora"]), load_file(s2["lora"])
     assert set(a) == set(b) and all(float((a[k] - b[k]).abs().max()) < 1e-4 for k in a)
     assert (tmp_path / "out" / "two_stage1_k2.safetensors").exists()  # rank 0 wrote the stage LoRA too
+    from safetensors import safe_open
+
+    with safe_open(s2["lora"], "pt") as f:
+        assert (f.metadata()["hypersd.score_steps"], f.metadata()["hypersd.fake_updates"]) == ("2", "1")
 
     # the file is the node's: core's loader maps every key; the inspector reads its recipe
     import comfy.lora

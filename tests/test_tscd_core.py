@@ -258,6 +258,31 @@ def test_two_processes_equal_one_with_the_doubled_batch(tmp_path):
     assert any(not torch.equal(single[k], _setup()[1].weights(lora_train.STUDENT)[k]) for k in single)  # it trained
 
 
+def test_score_distillation_and_feedback_split_over_two_processes_as_one(tmp_path):
+    """The score stage's terms in data parallel (gloo, 2 processes, batch 3 each): distribution
+    matching with its fake score (whose own gradients are averaged too) and regression bank, the
+    TSCD term, feedback with the structure term; the LoRA, the fake score and the losses equal one
+    process with batch 6."""
+    import torch.multiprocessing as mp
+
+    from hypersd_dev import tiny_tscd
+
+    mp.spawn(tiny_tscd.data_parallel_worker, args=(2, str(tmp_path / "init"), str(tmp_path), True), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    _, adapters, trainer, _ = tiny_tscd.setup(stages=(2, 1), steps=2, batch_size=6, score=True)
+    trainer.run()
+    assert trainer.stages[-1].name == "score" and len(trainer.history) == 6
+    for name, single in (("weights", adapters.weights(lora_train.STUDENT)), ("fake", adapters.weights(lora_train.FAKE))):
+        assert set(ranks[0][name]) == set(single) and single
+        for k in single:
+            assert torch.equal(ranks[0][name][k], ranks[1][name][k]), k
+            torch.testing.assert_close(ranks[0][name][k], single[k], rtol=1e-4, atol=1e-6)
+    assert ranks[0]["history"] == pytest.approx(trainer.history, rel=1e-4)
+    untrained = tiny_tscd.setup(score=True)[1].weights(lora_train.FAKE)
+    assert any(not torch.equal(single[k], untrained[k]) for k in single)  # the fake score trained
+
+
 def test_terms_that_draw_per_process_refuse_to_be_split():
     class Local:
         def __call__(self, batch, stage, gen):
