@@ -50,9 +50,18 @@ QUALITY = 85
 class Recipe:
     lora: str  # file in toy/weights
     steps: int
-    eta: float
+    eta_given: float | None  # None: the file's own eta at ``steps`` (its recommended_eta_by_steps)
     grid: str  # schedules.hypersd_sigmas grid: "tcd" or "trailing"
     cfg: float = 1.0
+
+    @property
+    def eta(self) -> float:
+        if self.eta_given is not None:
+            return self.eta_given
+        from ComfyUI_HyperSD.hypersd_core import lora_file, metadata
+
+        table = lora_file.inspect_file(str(REPO / "toy" / "weights" / self.lora)).eta_by_steps
+        return metadata.tcd_eta(self.steps, tuple((int(n), float(e)) for n, e in table))
 
     def line(self) -> str:
         steps = f"{self.steps} step" + ("s" if self.steps > 1 else "")
@@ -64,10 +73,10 @@ class Recipe:
         return f"toy · {lora} · {steps} · TCD{eta}{grid}"
 
 
-UNIFIED = Recipe("hypersd_toy_tscd_lora.safetensors", 1, 1.0, "tcd")
+UNIFIED = Recipe("hypersd_toy_tscd_lora.safetensors", 1, None, "tcd")
 NSTEP = Recipe("hypersd_toy_tscd_lora_stage1_k8.safetensors", 8, 0.3, "trailing")
-TRAINING = Recipe("hypersd_toy_tscd_lora.safetensors", 2, 1.0, "tcd")
-FEEDBACK = Recipe("hypersd_toy_feedback_lora_unified.safetensors", 4, 1.0, "tcd")
+TRAINING = Recipe("hypersd_toy_tscd_lora.safetensors", 2, None, "tcd")
+FEEDBACK = Recipe("hypersd_toy_feedback_lora_unified.safetensors", 4, None, "tcd")
 
 
 def recipe_for(name: str) -> Recipe:

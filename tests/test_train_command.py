@@ -227,14 +227,17 @@ def test_a_run_moves_between_the_command_and_the_node(tmp_path, training, loras)
     assert (m["hypersd.step"], m["hypersd.score_steps"], m["hypersd.complete"]) == ("6", "2", "true")
     assert (loras / "c2n_stage2_k1.safetensors").exists()  # the TSCD result it continued from, kept
 
+    def cancelled_at_step_2(name):
+        steps = Steps(cancel_at=2)
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                node(name, [steps])
+        finally:
+            mm.interrupt_current_processing(False)
+        assert steps.started == [0, 1] and meta(name)["hypersd.step"] == "2"
+
     # 2. node -> command: a node run cancelled after step 2 is finished by the command
-    steps = Steps(cancel_at=2)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            node("n2c", [steps])
-    finally:
-        mm.interrupt_current_processing(False)
-    assert steps.started == [0, 1] and meta("n2c")["hypersd.step"] == "2"
+    cancelled_at_step_2("n2c")
     r = config("n2c")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -242,12 +245,7 @@ def test_a_run_moves_between_the_command_and_the_node(tmp_path, training, loras)
     assert (meta("n2c")["hypersd.step"], meta("n2c")["hypersd.complete"]) == ("4", "true")
 
     # 3. settings that differ: refused, the setting named, nothing written
-    steps = Steps(cancel_at=2)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            node("other", [steps])
-    finally:
-        mm.interrupt_current_processing(False)
+    cancelled_at_step_2("other")
     before = (loras / "other.safetensors").read_bytes(), (loras / "other.hypersd-state").read_bytes()
     r = config("other", batch_size=8)
     assert r.returncode == 2 and "cannot resume" in r.stderr and "batch_size" in r.stderr, r.stderr[-3000:]
