@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--regression-weight", type=float, default=0.0, help="score distillation's regression weight")
     ap.add_argument("--score-tscd-weight", type=float, default=1.0,
                     help="weight of the TSCD term kept in the score-distillation stage (0: distribution matching alone)")
-    ap.add_argument("--score-feedback-weight", type=float, default=0.0,
+    ap.add_argument("--score-feedback-weight", type=float, default=0.5,
                     help="weight of the feedback term in the score stage (the toy reward, hypersd_toy_reward, on "
                          "the one-step generator's pictures; 0: none)")
     ap.add_argument("--margin", type=float, default=-0.05, help="the toy reward's hinge margin (log-probability)")
