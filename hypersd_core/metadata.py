@@ -248,7 +248,7 @@ def _few_step(family: str, steps: int, cfg: float) -> Recipe:
 # quarter of the time. (That was the old 32x32 toy. On the 64x64 toy of issue 11, whose 50-step
 # teacher scores accuracy 0.89, FID 60.4, the final LoRA of 8,4,2,1 x 250 scores accuracy 0.59 /
 # FID 455.6 at 1 step, 0.66 / 119.6 at 2, 0.69 / 69.5 at 4 and 0.82 / 49.5 at 8 steps (eta 0.3):
-# this choice is to be revisited with score distillation, issue 12.)
+# score distillation (issue 12) gives the unified LoRA its one step: SCORE_ETA_BY_STEPS below.)
 ONE_SEGMENT_STEPS = 1
 
 # A k-segment TSCD LoRA of this pack (k > 1) is sampled at its k steps with TCD (eta 0.3) on the

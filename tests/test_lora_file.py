@@ -163,6 +163,14 @@ def test_score_distilled_file_carries_its_eta_per_step_count(lf, layouts, tmp_pa
     tscd_only = metadata.trained_metadata(method="tscd", family="SD1.5", stages=[4, 2, 1], settings={"rank": 4},
                                           step=9, total_steps=9, complete=True, rank=4)
     assert "hypersd.recommended_eta_by_steps" not in tscd_only  # TSCD alone keeps the unified rule
+    # a score stage carrying the feedback term: its own measured table (the toy's unified LoRA)
+    with_feedback = metadata.trained_metadata(method="tscd", family="SD1.5", stages=[4, 2, 1],
+                                              settings={"rank": 4, "score_steps": 100, "score_feedback_weight": 0.5},
+                                              step=9, total_steps=9, complete=True, rank=4, recipe_segments=1)
+    assert with_feedback["hypersd.recommended_eta_by_steps"] == "1:1.0,2:0.3,4:0.6,8:0.3"
+    L.write_lora(str(p), _tiny(layouts["SD1.5"][0]), rank=4, alpha=4.0, metadata=with_feedback)
+    info = lf.inspect_file(str(p))
+    assert [lf.with_steps(info, n).eta for n in (1, 2, 4, 8)] == [1.0, 0.3, 0.6, 0.3]
     L.write_lora(str(p), _tiny(layouts["SD1.5"][0]), rank=4, alpha=4.0,
                  metadata={**written, "hypersd.recommended_eta_by_steps": "2:1.5"})
     info = lf.inspect_file(str(p))
