@@ -66,6 +66,16 @@ def test_the_page_in_chinese(front_end, tmp_path, pack):
         page.evaluate("(g) => window.app.loadApiJson(g, 'zh.json')", graph)
         titles = page.evaluate("() => [2, 3].map((id) => window.app.graph.getNodeById(id).title)")
         assert titles == [zh_defs["HyperSDLoraLoader"]["display_name"], zh_defs["HyperSDTCDSampler"]["display_name"]]
+        # the widgets' labels too (1.32.9 takes them from its own store, which drops the pack's)
+        labels = page.evaluate("() => Object.fromEntries(window.app.graph.getNodeById(2).widgets"
+                               ".filter((w) => ['lora_name', 'strength'].includes(w.name))"
+                               ".map((w) => [w.name, w.label || w.name]))")
+        inputs = zh_defs["HyperSDLoraLoader"]["inputs"]
+        assert labels == {"lora_name": inputs["lora_name"]["name"], "strength": inputs["strength"]["name"]}, labels
+        outputs = page.evaluate("() => window.app.graph.getNodeById(2).outputs.map((o) => o.label || o.localized_name"
+                                " || o.name)")
+        assert outputs == [o["name"] for _, o in sorted(zh_defs["HyperSDLoraLoader"]["outputs"].items(),
+                                                         key=lambda kv: int(kv[0]))], outputs
         button = page.wait_for_selector("[data-hypersd-apply]", timeout=20000)
         assert button.inner_text() == zh_main["hypersd"]["apply_none"]  # no sampler connected in this graph
         page.screenshot(path=str(tmp_path / "zh.png"))

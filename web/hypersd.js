@@ -162,6 +162,22 @@ app.registerExtension({
       if (t && t.tooltip) nodeData.output_tooltips[i] = t.tooltip;
     });
   },
+  // ... and the widgets' and input slots' labels, which that front end takes from its own store
+  // only (the label in the input's options above does not reach them there).
+  nodeCreated(node) {
+    const loc = messagesLocale;
+    if (!loc || loc === "en" || !i18nCache) return;
+    const tr = ((i18nCache[loc] || {}).nodeDefs || {})[node.comfyClass];
+    if (!tr) return;
+    for (const item of [...(node.widgets || []), ...(node.inputs || [])]) {
+      const t = (tr.inputs || {})[item.name];
+      if (t && t.name && (!item.label || item.label === item.name)) item.label = t.name;
+    }
+    (node.outputs || []).forEach((out, i) => {
+      const t = (tr.outputs || {})[String(i)];
+      if (t && t.name && (!out.label || out.label === out.name)) out.label = t.name;
+    });
+  },
   async setup() {
     setInterval(loadMessages, 2000);  // the language can change while the page is open
     api.addEventListener("hypersd.advice", (e) => {
