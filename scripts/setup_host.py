@@ -9,7 +9,7 @@ Two ways to run:
   this pack's ``requirements.txt`` and the test requirements, copies the ComfyUI tree
   to ``.host/ComfyUI`` and links this repository into its ``custom_nodes/``; and the newest
   front end (``NEWEST_FRONT_END``) under ``.host/`` and, as root with apt-get, Debian's
-  ``chromium`` for the browser tests.
+  ``chromium`` (and a Chinese font, ``fonts-wqy-zenhei``) for the browser tests.
 * ``COMFYUI_DIR=/path/to/ComfyUI``: links this repository into that install's
   ``custom_nodes/`` and installs ``requirements.txt`` with ``COMFYUI_PYTHON`` (or the
   ``python3`` on PATH).
@@ -170,24 +170,30 @@ def setup_own_host() -> tuple[Path, Path]:
 
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; the browser tests drive it through Playwright
+# A font with Chinese glyphs, so that the Chinese page's screenshots can be read (without one
+# chromium draws boxes; the tests pass either way)
+CJK_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
 
 
 def install_chromium() -> None:
-    """Debian's chromium for the browser tests, where this runs as root with apt-get (never a
-    browser download of Playwright's own); elsewhere a line says how, and the browser tests
-    fail with it. The main job does not need it."""
-    if CHROMIUM.exists():
+    """Debian's chromium for the browser tests (and a Chinese font for their screenshots), where
+    this runs as root with apt-get (never a browser download of Playwright's own); elsewhere a
+    line says how, and the browser tests fail with it. The main job does not need them."""
+    packages = [name for name, path in (("chromium", CHROMIUM), ("fonts-wqy-zenhei", CJK_FONT)) if not path.exists()]
+    if not packages:
         return
     if not shutil.which("apt-get") or not hasattr(os, "geteuid") or os.geteuid() != 0:
-        log(f"no {CHROMIUM}: the browser tests need it (sudo apt-get install chromium)")
+        if "chromium" in packages:
+            log(f"no {CHROMIUM}: the browser tests need it (sudo apt-get install chromium)")
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-    log("installing Debian's chromium for the browser tests (apt-get, about a minute)")
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    log(f"installing Debian's {' and '.join(packages)} for the browser tests (apt-get, about a minute)")
     if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
         if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
-            log(f"could not install chromium with apt-get: the browser tests will fail until {CHROMIUM} exists")
+            log(f"could not install {' and '.join(packages)} with apt-get"
+                + (f": the browser tests will fail until {CHROMIUM} exists" if not CHROMIUM.exists() else ""))
 
 
 def install_front_end(py: Path, host: Path) -> Path:
