@@ -69,11 +69,7 @@ class Batch:
         world = self.draw_size // self.x0.shape[0]
         flag = torch.tensor([value], dtype=torch.float64)
         self.all_reduce(flag)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            self.all_reduce(p.grad)
-            p.grad /= world
+        average_gradients(params, self.all_reduce, world)
         return float(flag[0]) / world
 
     def backward_now(self, part: torch.Tensor) -> torch.Tensor:
@@ -82,6 +78,16 @@ class Batch:
         term to add to the value it returns. Gradients accumulate with the trainer's backward."""
         (part * self.backward_scale).backward()
         return part.detach()
+
+
+def average_gradients(params, all_reduce: Callable[[torch.Tensor], None], world: int) -> None:
+    """Data parallel: each parameter's gradient summed over the ``world`` processes (every process
+    the same tensors in the same order; a missing gradient counts as zeros) and divided by it."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_reduce(p.grad)
+        p.grad /= world
 
 
 class LossTerm(Protocol):
@@ -304,11 +310,7 @@ class Trainer:
         self.all_reduce(flags)
         if flags[0] > 0:
             raise NonFiniteLossError(step, stage, "loss")
-        for p in self.adapters.student_parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            self.all_reduce(p.grad)
-            p.grad /= self.world
+        average_gradients(self.adapters.student_parameters(), self.all_reduce, self.world)
         return (flags[1] / self.world).to(torch.float32)
 
     # ------------------------------------------------------------------ state

@@ -144,11 +144,12 @@ class Toy:
         model = self.patched(recipe.lora)
         sigmas = schedules.hypersd_sigmas(model.get_model_object("model_sampling"), recipe.steps, recipe.grid)
         latent = torch.zeros(1, 4, self.data.LATENT, self.data.LATENT)
+        sampler = sampling.tcd_sampler(recipe.eta)  # the eta may come from the file's header: read once
         pages = []
         for d, seed in zip(DIGITS, seeds):
             noise = comfy.sample.prepare_noise(latent, seed)
             with torch.inference_mode():
-                out = comfy.sample.sample_custom(model, noise, recipe.cfg, sampling.tcd_sampler(recipe.eta), sigmas,
+                out = comfy.sample.sample_custom(model, noise, recipe.cfg, sampler, sigmas,
                                                  self.pos[d], self.neg, latent, disable_pbar=True, seed=seed)
                 img = self.vae.decode(out)  # [1, 64, 64, 3] in [0, 1]
             pages.append(img[0, ..., :3].mean(-1).clamp(0, 1))

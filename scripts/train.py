@@ -21,10 +21,10 @@ depend on it).
 
 The command trains the TSCD stages and, with ``score_steps``, score distillation after them
 (the unified LoRA; its terms split over the processes as TSCD's do); the feedback term of the
-score stage and feedback runs need reward models and run in the node. The files are the node's: with ``out_dir`` = ComfyUI's ``models/loras`` and the same settings, the
-node resumes a run this command trained (adding score distillation to a finished TSCD run) and
-this command finishes a run the node began; a state with other settings is refused, the
-setting named. The last line printed (rank 0) is JSON: the LoRA, ``steps``, ``resumed_from``
+score stage and feedback runs need reward models and run in the node. The files are the
+node's: with ``out_dir`` = ComfyUI's ``models/loras`` and the same settings, the node resumes
+a run this command trained (adding score distillation to a finished TSCD run) and this command
+finishes a run the node began; a state with other settings is refused, the setting named. The last line printed (rank 0) is JSON: the LoRA, ``steps``, ``resumed_from``
 (the step this invocation began at), the losses.
 """
 from __future__ import annotations

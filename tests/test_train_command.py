@@ -153,24 +153,6 @@ def test_a_killed_process_stops_the_run_and_a_restart_with_another_count_finishe
     assert set(a) == set(b) and all(float((a[k] - b[k]).abs().max()) < 1e-4 for k in a)
 
 
-def _node_inputs(model, clip, vae, per_digit: int):
-    """The toy's training digits as the node takes them: raw latents, one per digit group, with
-    one positive each ("a handwritten digit N") and the empty prompt as negative."""
-    import torch
-
-    from toy import data
-
-    split = data.split()
-    latents, positive = [], []
-    with torch.no_grad():
-        for d in range(10):
-            pages = split["train_x"][split["train_y"] == d][:per_digit]
-            latents.append({"samples": vae.encode(pages.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous())})
-            positive.append(clip.encode_from_tokens_scheduled(clip.tokenize(data.PROMPT.format(d))))
-        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    return latents, positive, negative
-
-
 def test_a_run_moves_between_the_command_and_the_node(tmp_path, training, loras):
     """Same settings, same files: a TSCD run trained by the command continues in the node with
     score distillation (the command trains the TSCD stages; the unified LoRA's score stage runs in
@@ -207,7 +189,11 @@ def test_a_run_moves_between_the_command_and_the_node(tmp_path, training, loras)
                 mm.interrupt_current_processing(True)
 
     model, clip, vae = load_toy(hypersd_dev.comfy_dir() / "models")
-    latents, positive, negative = _node_inputs(model, clip, vae, per_digit=2)
+    from scripts.train import encode_folder
+    from toy import data
+
+    data.write_dataset(tmp_path / "digits", 2)  # the node's inputs, as the command encodes them
+    latents, positive, negative = encode_folder(tmp_path / "digits", clip, vae)
     same = dict(stages="2,1", steps_per_stage=2, batch_size=4, learning_rate=1e-3, rank=4, teacher_cfg=1.5, seed=0,
                 checkpoint_every=0, lora_scope="transformer", lr_schedule="constant")
 
