@@ -243,7 +243,7 @@ class DMDLoss:
             dev = batch.x0.device
             x_reg = self.generate(batch.mine(e.noise).to(dev, batch.x0.dtype), e.cond)
             reg = torch.nn.functional.mse_loss(x_reg.float(), batch.mine(e.target).to(dev).float())
-            if not torch.isfinite(reg.detach()) and not batch.parallel:  # in parallel the trainer stops all
+            if not torch.isfinite(reg.detach()):
                 raise NonFiniteLossError(batch.step, stage, "regression loss")
             reg = batch.backward_now(self.regression_weight * reg)
             del x_reg

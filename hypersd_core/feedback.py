@@ -189,7 +189,7 @@ class FeedbackLoss:
         structure = None
         if self.structure_weight > 0:  # backpropagated at once: one decoder graph held at a time
             s = self.structure(batch.x0, cond, generator, batch)
-            if not torch.isfinite(s.detach()) and not batch.parallel:  # in parallel the trainer stops all
+            if not torch.isfinite(s.detach()):
                 raise NonFiniteLossError(batch.step, stage, "structure loss")
             structure = batch.backward_now(self.structure_weight * s)
             logs["structure_loss"] = float(s.detach())

@@ -267,14 +267,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # before the terms: they may backpropagate parts early
         for weight, term in stage.terms:
             batch.backward_scale = float(weight)
-            value, extra = term(batch, stage, gen)
+            try:
+                value, extra = term(batch, stage, gen)
+            except NonFiniteLossError as e:  # a term's own check (a part it backpropagated early)
+                if world == 1:
+                    raise
+                self.adapters.set_mode("student")
+                bad = e  # data parallel: every process learns of it in the average below, and all stop
+                continue
             logs.update(extra)
             part = value * weight
             self.adapters.set_mode("student")  # the mode a recomputing (checkpointed) backward needs
             if not torch.isfinite(part.detach()).all():
                 if world == 1:
                     raise NonFiniteLossError(step, stage, "loss")
-                bad = True
+                bad = bad or True
                 continue
             if part.requires_grad:  # each term's graph is freed before the next term builds its own
                 part.backward()
@@ -302,14 +309,15 @@ class Trainer:
         logs["lr"] = lr
         return float(total.detach()), logs
 
-    def _average(self, step: int, stage: Stage, total, bad: bool) -> torch.Tensor:
+    def _average(self, step: int, stage: Stage, total, bad) -> torch.Tensor:
         """Data parallel: the loss and the LoRA gradients averaged over the processes (every
-        process sums the same tensors in the same order); a non-finite loss anywhere stops all."""
+        process sums the same tensors in the same order); a non-finite loss anywhere stops all
+        (``bad``: True, or the error a term of this process raised, which it then raises)."""
         flags = torch.tensor([1.0 if bad or total is None else 0.0, float(total) if total is not None else 0.0],
                              dtype=torch.float64)
         self.all_reduce(flags)
         if flags[0] > 0:
-            raise NonFiniteLossError(step, stage, "loss")
+            raise bad if isinstance(bad, NonFiniteLossError) else NonFiniteLossError(step, stage, "loss")
         average_gradients(self.adapters.student_parameters(), self.all_reduce, self.world)
         return (flags[1] / self.world).to(torch.float32)
 

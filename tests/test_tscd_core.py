@@ -283,6 +283,32 @@ def test_score_distillation_and_feedback_split_over_two_processes_as_one(tmp_pat
     assert any(not torch.equal(single[k], untrained[k]) for k in single)  # the fake score trained
 
 
+def test_a_terms_own_nan_check_stops_every_process_through_the_average():
+    """Data parallel: a term that raises its own NonFiniteLossError (a part it backpropagated early)
+    does not leave the other processes waiting in the gradient average: this process still joins
+    the average, which stops all of them, and raises the term's own error (here one process stands
+    for two: its sums are doubled)."""
+    class Poisoned:
+        data_parallel = True
+
+        def __call__(self, batch, stage, gen):
+            raise train.NonFiniteLossError(batch.step, stage, "regression loss")
+
+    _, adapters, _, _ = _setup()
+    data = LatentData([(torch.randn(6, 4, 8, 8), torch.randn(1, 8))])
+    reduced = []
+
+    def all_reduce(t):
+        reduced.append(t.clone())
+        t.mul_(2)
+
+    stages = [train.Stage(segments=1, steps=1, terms=[(1.0, Poisoned())])]
+    trainer = train.Trainer(adapters, stages, data, lr=1e-3, batch_size=3, seed=0, shard=(0, 2), all_reduce=all_reduce)
+    with pytest.raises(train.NonFiniteLossError, match="regression loss"):
+        trainer.run()
+    assert len(reduced) == 1 and reduced[0][0] == 1.0  # it joined the average, flagged
+
+
 def test_terms_that_draw_per_process_refuse_to_be_split():
     class Local:
         def __call__(self, batch, stage, gen):
