@@ -751,7 +751,7 @@ def main(argv=None) -> int:
     if args.json:
         from bench import results
 
-        results.save(args.json, "training_cost", {"rows": [
+        results.save(args.json, "training_cost" + ("_gpu" if device == "cuda" else ""), {"rows": [
             {"method": method, "trainer": names[method].strip(), "gradient_checkpointing": gc, "step_s": r["step_s"],
              "peak_mib": r["peak_bytes"] / 2**20, "time_vs_core": r["step_s"] / ref[gc]["step_s"],
              "memory_vs_core": r["peak_bytes"] / max(ref[gc]["peak_bytes"], 1)} for method, gc, r in rows]},

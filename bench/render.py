@@ -31,6 +31,9 @@ from bench import results as bench_results
 FIGURES = ("quality_vs_steps.png", "sampler_overhead.png", "lora_load.png", "training_cost.png",
            "preference_curve.png", "feedback_curve.png")
 ORDER = ("quality", "demo", "sampling", "lora_load", "training_cost", "distributed", "preference", "soak", "crash")
+# Measured only where there is a GPU (a machine lent for it, or yours): shown when present, each
+# with the machine it ran on.
+GPU_ORDER = ("training_cost_gpu", "distributed_gpu")
 
 
 def _plt():
@@ -197,8 +200,11 @@ def training_cost_section(doc: dict, out: Path) -> list[str]:
         ax.tick_params(axis="y", labelsize=7)
     fig.suptitle("Training cost per step over core's TrainLoraNode (gc: gradient checkpointing)")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    _save(fig, out / "training_cost.png")
-    lines = ["## Training cost (`bench_tscd`)", "", "![training cost](training_cost.png)", ""]
+    gpu = doc["benchmark"].endswith("_gpu")
+    _save(fig, out / ("training_cost_gpu.png" if gpu else "training_cost.png"))
+    lines = ([f"## Training cost on CUDA (`bench_tscd --device cuda --json {doc['benchmark']}.json`)", "",
+              _on_machine(doc), "", "![training cost on CUDA](training_cost_gpu.png)", ""] if gpu else
+             ["## Training cost (`bench_tscd`)", "", "![training cost](training_cost.png)", ""])
     lines += _table(["trainer", "grad ckpt", "step s", "peak MiB", "time / core", "memory / core"],
                     [[r["trainer"], "on" if r["gradient_checkpointing"] else "off", _num(r["step_s"], ".3f"),
                       _num(r["peak_mib"]), _num(r["time_vs_core"], ".2f") + "x", _num(r["memory_vs_core"], ".2f") + "x"]
@@ -235,14 +241,27 @@ def preference_section(doc: dict, out: Path) -> list[str]:
     return lines
 
 
+def _on_machine(doc: dict) -> str:
+    m = doc["machine"]
+    return (f"Measured {doc['date'][:10]} on {m['cpu']} ({m['cores']} cores; GPU: {m['gpu']}), torch {m['torch']}, "
+            f"ComfyUI {m['comfyui']}, Python {m['python']}.")
+
+
 def distributed_section(doc: dict, out: Path) -> list[str]:
     rows = doc["figures"]["rows"]
     s = doc["settings"]
-    lines = ["## Training on several processes (`bench_distributed`)", "",
-             f"`scripts.train` on the toy under torchrun (gloo), global batch {s['batch']}, {s['steps']} steps; "
-             "the time is the training alone. The LoRA difference is against the one-process run.", ""]
-    lines += _table(["processes", "steps/s", "images/s", "speed / 1 process", "LoRA max abs diff vs 1"],
-                    [[r["processes"], _num(r["steps_per_second"], ".2f"), _num(r["images_per_second"], ".1f"),
+    gpu = doc["benchmark"].endswith("_gpu")
+    lines = [f"## Training on several processes{' (CUDA beside the CPU)' if gpu else ''} (`bench_distributed`)", ""]
+    if gpu:
+        lines += [_on_machine(doc), ""]
+    lines += [f"`scripts.train` on the toy under torchrun (gloo on the CPU, one thread per process; nccl on CUDA, one "
+              f"process per GPU), global batch {s['batch']}, {s['steps']} steps; the time is the training alone. "
+              "Ratios and the LoRA difference are against the first row.", ""]
+    lines += _table(["device", "processes", "base", "base MiB / process", "steps/s", "images/s", "speed / first row",
+                     "LoRA max abs diff vs first"],
+                    [[r.get("device", "cpu"), r["processes"], r.get("base", "whole (DDP)"),
+                      _num(r["base_mib_per_process"], ".1f") if "base_mib_per_process" in r else "-",
+                      _num(r["steps_per_second"], ".2f"), _num(r["images_per_second"], ".1f"),
                       _num(r["speed_vs_1"], ".2f") + "x", f"{r['max_lora_difference_vs_1']:.1e}"] for r in rows])
     return lines
 
@@ -279,7 +298,7 @@ def crash_section(doc: dict, out: Path) -> list[str]:
           f"{s['ratings_acknowledged']} / {s['ratings_kept']}", f"{s['ratings_integrity_ok']}/{s['ratings_trials']}"]])
 
 
-SECTIONS = {"crash": crash_section, "soak": soak_section, "distributed": distributed_section, "quality": quality_section, "demo": demo_section, "sampling": sampling_section,
+SECTIONS = {"training_cost_gpu": training_cost_section, "distributed_gpu": distributed_section, "crash": crash_section, "soak": soak_section, "distributed": distributed_section, "quality": quality_section, "demo": demo_section, "sampling": sampling_section,
             "lora_load": lora_load_section, "training_cost": training_cost_section, "preference": preference_section}
 
 
@@ -305,6 +324,9 @@ def render(folder) -> Path:
             lines += [f"(`{name}`: not measured in this run)", ""]
             continue
         lines += SECTIONS[name](docs[name], folder) + [""]
+    for name in GPU_ORDER:
+        if name in docs:
+            lines += SECTIONS[name](docs[name], folder) + [""]
     page = folder / "README.md"
     files.write_text(page, "\n".join(lines))
     return page

@@ -73,23 +73,38 @@ def kohya_prefix(prefixes: Mapping[str, str] | None = None) -> Callable[[str], s
     return prefix
 
 
+def untracked(t: torch.Tensor) -> bool:
+    """Whether autograd cannot use ``t``: an inference tensor, or a parameter created under
+    ``torch.inference_mode`` whose data was replaced outside it (``module.to(device or dtype)``
+    does that: the parameter no longer says it is an inference tensor, yet it still has no
+    version counter, and any later use raises "Inference tensors do not track version counter")."""
+    if t.is_inference():
+        return True
+    try:
+        t._version
+    except RuntimeError:
+        return True
+    return False
+
+
 def make_autograd_safe(module: nn.Module) -> int:
     """Replace inference tensors (weights loaded under ``torch.inference_mode``) by normal copies.
 
     Autograd cannot save inference tensors for the backward pass, and a host may have
-    loaded the base weights in inference mode. The copies hold the same values; each old
-    tensor is released as its copy takes its place, so the peak is one tensor more.
-    Returns how many tensors were replaced.
+    loaded the base weights in inference mode, or built them so and moved them to the GPU
+    afterwards (:func:`untracked`: on a GPU every weight is such a tensor). The copies hold
+    the same values; each old tensor is released as its copy takes its place, so the peak is
+    one tensor more. Returns how many tensors were replaced.
     """
     n = 0
     with torch.inference_mode(False), torch.no_grad():
         for mod in module.modules():
             for name, p in list(mod._parameters.items()):
-                if p is not None and p.is_inference():
+                if p is not None and untracked(p):
                     mod._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
                     n += 1
             for name, b in list(mod._buffers.items()):
-                if b is not None and b.is_inference():
+                if b is not None and untracked(b):
                     mod._buffers[name] = b.clone()
                     n += 1
     return n
@@ -192,6 +207,10 @@ class LoraAdapters:
 
     def ema_parameters(self) -> list[nn.Parameter]:
         return [p for _, _, p in self._named(EMA)]
+
+    def all_parameters(self) -> list[nn.Parameter]:
+        """Every adapter's matrices (student, EMA and, if any, the fake score)."""
+        return [p for a in (STUDENT, EMA) + ((FAKE,) if self.has_fake else ()) for _, _, p in self._named(a)]
 
     def fake_parameters(self) -> list[nn.Parameter]:
         if not self.has_fake:
@@ -318,3 +337,49 @@ def activation_checkpointing(module: nn.Module, enabled: bool = True) -> Iterato
                 block.forward = own
             else:
                 block.__dict__.pop("forward", None)
+
+
+# ---------------------------------------------------------------------- sharding the frozen base
+
+
+def parameter_bytes(module: nn.Module, exclude: Iterable[nn.Parameter] = ()) -> int:
+    """Bytes of ``module``'s parameters but ``exclude`` held by this process (of a sharded one,
+    its own shard)."""
+    skip = {id(p) for p in exclude}
+    total = 0
+    for p in module.parameters():
+        if id(p) not in skip:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
+    return total
+
+
+def shard_frozen_base(module: nn.Module, keep: Iterable[nn.Parameter], device) -> int:
+    """Shard the frozen base of ``module`` over the processes with FSDP2; returns the bytes of
+    the base this process then holds (:func:`parameter_bytes`, the adapters left out).
+
+    Under ``torchrun`` with the default data parallelism every process holds the whole base; for
+    a base that does not fit one device, ``torch.distributed.fsdp.fully_shard`` cuts each top
+    block's frozen weights (:func:`_leaf_blocks`, the UNet's ResBlocks and transformers; then the
+    rest at the root) into one piece per process, gathers a block's weights just before its forward
+    (and again before its backward) and frees them after. The adapters (``keep``: student, EMA,
+    fake score) stay whole on every process, so everything that reads, averages, saves or resumes
+    them works as with the whole base, and a run resumes with or without sharding; the LoRA is the
+    same to float tolerance. The price is two weight all-gathers per block and pass. The process
+    group must be initialised (``scripts/train.py`` does it). The module stays sharded: the
+    training command ends after training.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("sharding the base needs torch.distributed: start the command with torchrun")
+    keep = set(keep)
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    for block in _leaf_blocks(module):
+        own = list(block.parameters())
+        if any(p not in keep for p in own):
+            fully_shard(block, mesh=mesh, ignored_params={p for p in own if p in keep})
+    fully_shard(module, mesh=mesh, ignored_params=keep)
+    return parameter_bytes(module, exclude=keep)

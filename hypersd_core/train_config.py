@@ -69,6 +69,7 @@ KEYS = {
     "lr_schedule": (str, "constant", _choice("constant", "cosine")),
     "resume": (bool, True, lambda v: ""),
     "per_digit": (int, 50, _range(1, 500)),  # data = "toy": training digits per class
+    "shard_base": (bool, False, lambda v: ""),  # under torchrun: the frozen base sharded with FSDP2
     # score distillation after the TSCD stages (the unified LoRA); left out: the trainer's defaults
     "score_steps": (int, OPTIONAL, _range(0, 1_000_000)),
     "generator_t": (int, OPTIONAL, _range(1, 999)),

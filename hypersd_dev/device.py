@@ -3,7 +3,9 @@
 ``python -m hypersd_dev.device`` prints the device arguments for ComfyUI's ``main.py`` (what
 ``scripts/run.sh`` and :class:`hypersd_dev.server.ComfyServer` pass): ``--cpu`` when torch sees
 no accelerator (CUDA, ROCm through CUDA, Apple MPS, Intel XPU) or ``HYPERSD_DEVICE=cpu`` asks for
-it, nothing otherwise, so that a user with a GPU gets a GPU server. CI machines have no GPU.
+it, nothing otherwise, so that a user with a GPU gets a GPU server. The tests' in-process ComfyUI
+follows the same choice (:func:`wants_cpu`), so the suite runs on CUDA where there is one. CI
+machines have no GPU.
 """
 from __future__ import annotations
 
@@ -31,6 +33,12 @@ def server_args() -> list[str]:
     if choice == "cpu" or (choice == "auto" and not has_accelerator()):
         return ["--cpu"]
     return []
+
+
+def wants_cpu() -> bool:
+    """Whether ComfyUI imported in this process (the tests' ``comfy`` fixture) runs on the CPU:
+    the same choice as the server's (``HYPERSD_DEVICE``, else whether torch sees an accelerator)."""
+    return server_args() == ["--cpu"]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import comfy.model_management
 import comfy.samplers
 
 from ..hypersd_core.data import LatentData
+from ..hypersd_core.lora_train import make_autograd_safe
 from ..hypersd_core.pipeline import TrainingRun
 
 EXTRA_PROMPT = "hypersd_positive_{}"  # guider condition names of the 2nd, 3rd, ... prompt
@@ -84,6 +85,9 @@ def train_in_comfy(patcher, run: TrainingRun, data: LatentData, prompts: list, n
     shape = (min(run.settings.batch_size, biggest),) + tuple(data.groups[0][0].shape[1:])
     with torch.inference_mode(False), torch.enable_grad():
         comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        # Built or moved under inference mode (the loaders, an earlier sampling on the GPU): normal
+        # copies, or the first step fails with "Inference tensors do not track version counter".
+        make_autograd_safe(patcher.model)
         guider.sample(torch.zeros(shape), torch.zeros(shape), sampler, torch.stack([sigmas[-1], sigmas[0]]),
                       seed=run.settings.seed, disable_pbar=True)
     return sampler.trainer

@@ -186,12 +186,23 @@ def vae_decoder(vae, model, device, checkpointing: bool = False):
     """``decode(latents in the model's space) -> images [B, 3, H, W] in [0, 1]``, with gradient
     (``checkpointing``: the decoder's activations are recomputed in the backward pass)."""
     first = vae.first_stage_model
-    lora_train.make_autograd_safe(first)  # ComfyUI loaded it under inference mode; same values
-    for p in first.parameters():
-        p.requires_grad_(False)
-    first.to(device)
+
+    def on_device():
+        # ComfyUI's model management moves the VAE back to the CPU when it loads the diffusion
+        # model for training (it frees everything else), and moves it under inference mode:
+        # bring it to the device and make its tensors ones autograd can use (same values).
+        if any(p.device != device or lora_train.untracked(p) for p in first.parameters()) or any(
+                b.device != device or lora_train.untracked(b) for b in first.buffers()):
+            with torch.inference_mode(False):
+                first.to(device)
+                lora_train.make_autograd_safe(first)
+                for p in first.parameters():
+                    p.requires_grad_(False)
+
+    on_device()
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
+        on_device()
         z = model.process_latent_out(x0)
         dtype = getattr(vae, "vae_dtype", torch.float32)
         if checkpointing and torch.is_grad_enabled():

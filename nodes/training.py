@@ -45,15 +45,17 @@ def training_data(latents, positive, negative, positive_per_latent: bool):
 
 def train_tscd(model, latents, positive, negative, *, output_name: str = "hypersd_tscd", resume: bool = True,
                node_id=None, callbacks: tuple = (), positive_per_latent: bool = False, vae=None, rewards=(),
-               captions=None, folder=None, shard: tuple[int, int] = (0, 1), **settings) -> tuple:
+               captions=None, folder=None, shard: tuple[int, int] = (0, 1), shard_base: bool = False,
+               **settings) -> tuple:
     """Train a TSCD LoRA for ``model``; returns ``(model_with_lora, lora_path, trainer)``.
 
     ``settings`` are :class:`~hypersd_core.pipeline.TrainSettings` fields (stages,
     steps_per_stage, learning_rate, rank, ...). ``positive`` is one CONDITIONING for every
     latent, or with ``positive_per_latent`` a list with one per item of ``latents``.
     ``callbacks`` (``hypersd_core.train.Callback``) run after the progress/Cancel one.
-    ``folder`` (default: ComfyUI's first ``loras`` folder) and ``shard`` (this process's
-    ``(rank, world)`` under ``torch.distributed``) are the training command's (``scripts/train.py``).
+    ``folder`` (default: ComfyUI's first ``loras`` folder), ``shard`` (this process's
+    ``(rank, world)`` under ``torch.distributed``) and ``shard_base`` (the frozen base sharded over
+    the processes with FSDP2) are the training command's (``scripts/train.py``).
     """
     from . import feedback as fb_nodes  # the score stage's feedback term shares the feedback node's parts
 
@@ -74,13 +76,15 @@ def train_tscd(model, latents, positive, negative, *, output_name: str = "hypers
     run = TrainingRun(settings, files, family=_comfy_model.model_family(patcher),
                       alphas_cumprod=_comfy_model.discrete_alphas_cumprod(model_sampling),
                       key_prefix=lora_train.kohya_prefix(_comfy_model.key_prefix_map(patcher.model)),
-                      resume=resume, prompts=len(prompts), parts=parts, shard=shard)
+                      resume=resume, prompts=len(prompts), parts=parts, shard=shard, shard_base=shard_base)
     data = core_data.LatentData([(patcher.model.process_latent_in(g), c if len(prompts) > 1 else None)
                                  for g, c in groups])
     progress = ComfyProgress(node_id)
     trainer = progress.watch(lambda: _comfy_training.train_in_comfy(patcher, run, data, prompts, negative,
                                                                     [progress, *callbacks]))
-    out_model, _ = comfy.sd.load_lora_for_models(model, None, run.lora, 1.0, 0)
+    # A sharded base (the command's FSDP2 runs) stays sharded: that process ends after training.
+    out_model = model if run.base_bytes is not None and shard_base and shard[1] > 1 else (
+        comfy.sd.load_lora_for_models(model, None, run.lora, 1.0, 0)[0])
     stage_files = [p for i, k in enumerate(settings.stages) if (p := files.stage_lora(i, k)).exists()]
     progress.finish([files.lora, *stage_files])
     return out_model, str(files.lora), trainer

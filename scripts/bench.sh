@@ -29,7 +29,10 @@ run() {
 run sampling bench.bench_sampling
 run lora_load bench.bench_lora_load
 run training_cost bench.bench_tscd
-run distributed bench.bench_distributed
+run distributed bench.bench_distributed --shard-base
+if "$HYPERSD_PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  run distributed_gpu bench.bench_distributed --devices cuda,cpu  # CUDA beside this machine's cores
+fi
 run quality bench.bench_tscd --quality --repeats 3
 run preference bench.bench_preference --grid "$OUT/preference_grid.png"
 run demo bench.bench_demo --out "$OUT/demo"

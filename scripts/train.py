@@ -14,7 +14,7 @@ SD2.x and SDXL with its pooled text and size conditioning, as in the node); a fo
 captioned images is encoded once by rank 0 and cached beside the output
 (``<output>.latents.pt``). Under ``torchrun`` every process takes its share of each step's
 global batch (``batch_size``) and the LoRA gradients are averaged (``torch.distributed``:
-``nccl`` on GPUs, ``gloo`` on CPUs); rank 0 writes the LoRA, the stage LoRAs and the training
+``nccl`` on GPUs, one process per GPU, ``gloo`` on CPUs or with ``HYPERSD_DEVICE=cpu``); rank 0 writes the LoRA, the stage LoRAs and the training
 state atomically, the same files the ComfyUI node writes. With ``resume`` on, a run continues
 from its state, with any number of processes (the global batch and the data order do not
 depend on it).
@@ -102,7 +102,10 @@ def main(argv=None) -> int:
         print(f"config refused: {e}", file=sys.stderr)
         return 2
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda, why = _use_cuda()
+    if why:  # every process sees the same machine, so all of them stop here, before any waits on another
+        print(f"training refused: {why}", file=sys.stderr)
+        return 2
     if world > 1:
         import torch.distributed as dist
 
@@ -118,6 +121,22 @@ def main(argv=None) -> int:
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def _use_cuda() -> tuple[bool, str | None]:
+    """CUDA when torch sees it and ``HYPERSD_DEVICE`` (``hypersd_dev.device``) does not ask for
+    the CPU; one process per GPU (``nccl`` cannot share one), so more processes on this machine
+    than GPUs is refused with what to do instead."""
+    from hypersd_dev import device as device_choice
+
+    if device_choice.wants_cpu() or not torch.cuda.is_available():
+        return False, None
+    here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if here > gpus:
+        return True, (f"{here} processes on this machine but {gpus} GPU(s): start at most one per GPU "
+                      f"(torchrun --nproc-per-node {gpus}), or set HYPERSD_DEVICE=cpu to train on the "
+                      f"CPUs with gloo")
+    return True, None
 
 
 def _train(cfg: dict, rank: int, world: int, device) -> int:
@@ -148,12 +167,15 @@ def train_loaded(cfg: dict, model, latents, positives, negative, rank: int = 0, 
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         _, lora, trainer = training.train_tscd(model, latents, positives, negative, positive_per_latent=True,
                                                output_name=cfg["output"], resume=cfg["resume"], folder=cfg["out_dir"],
-                                               shard=(rank, world), callbacks=(first,), **settings)
+                                               shard=(rank, world), shard_base=cfg.get("shard_base", False),
+                                               callbacks=(first,), **settings)
     if rank == 0:
         family = lora_file.inspect_file(lora).family
         print(json.dumps({"lora": lora, "steps": trainer.step, "processes": world,
                           "resumed_from": first.step if first.step is not None else trainer.step,
                           "train_seconds": round(time.perf_counter() - t0, 3), "batch_size": cfg["batch_size"],
+                          "shard_base": bool(cfg.get("shard_base") and world > 1),
+                          "base_mib_per_process": round(trainer.base_bytes / 2 ** 20, 3),
                           "losses": [round(x, 6) for x in trainer.history], "family": family}))
     return 0
 

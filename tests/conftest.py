@@ -1,7 +1,8 @@
 """Test fixtures over the development harness (``hypersd_dev``): a real ComfyUI host, in-process
 and as a server. Nothing is mocked.
 
-* ``comfy``: ComfyUI imported in this process on the CPU.
+* ``comfy``: ComfyUI imported in this process, on the GPU when torch sees one (``HYPERSD_DEVICE=cpu``
+  keeps it on the CPU; ``hypersd_dev.device``), else on the CPU.
 * ``pack``: this repository imported as ComfyUI imports a custom node (``ComfyUI_HyperSD``),
   its registration points run.
 * ``tiny_model``: a real ``ModelPatcher`` around a tiny SD1.5-shaped UNet built in memory.
@@ -26,8 +27,19 @@ if str(_REPO) not in sys.path:
     sys.path.append(str(_REPO))  # after site-packages; ComfyUI goes first (hypersd_dev.comfy_on_path)
 
 import hypersd_dev  # noqa: E402
-from hypersd_dev import fixtures  # noqa: E402
+from hypersd_dev import device, fixtures  # noqa: E402
 from hypersd_dev.server import ComfyServer  # noqa: E402
+
+if not device.wants_cpu():
+    # On a GPU the tests run there. CUDA's kernels may add in any order (atomics in the backward
+    # pass), and Adam turns gradient differences that small into steps of the learning rate's size:
+    # the exact-resume tests ask torch for its deterministic kernels (cuBLAS needs its workspace
+    # fixed before CUDA starts). Kernels without a deterministic version only warn.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 REPO = hypersd_dev.REPO
 COMFY = hypersd_dev.comfy_dir()
@@ -35,16 +47,16 @@ COMFY = hypersd_dev.comfy_dir()
 
 @pytest.fixture(scope="session")
 def comfy():
-    """The real ComfyUI, imported in-process on the CPU. Returns the ``comfy`` package."""
+    """The real ComfyUI, imported in-process (on the GPU where there is one). Returns the ``comfy`` package."""
     try:
-        return hypersd_dev.import_comfy()
+        return hypersd_dev.import_comfy(cpu=device.wants_cpu())
     except SystemExit as e:
         pytest.exit(f"{e} (scripts/test.sh sets one up)", 2)
 
 
 @pytest.fixture(scope="session")
 def pack(comfy):
-    return hypersd_dev.load_pack()
+    return hypersd_dev.load_pack(cpu=device.wants_cpu())
 
 
 @pytest.fixture

@@ -99,10 +99,10 @@ class RewardProbe(train.Callback):
         with torch.no_grad():
             for cond in (0, 1):
                 gen = torch.Generator().manual_seed(50 + cond)
-                z = torch.randn(8, 4, 8, 8, generator=gen)
+                z = torch.randn(8, 4, 8, 8, generator=gen).to(trainer.device)
                 x = term.run_to(z, 3, cond, gen)
                 images = term.decode(term.one_step_x0(x, term.grid[3], cond))
-                total += float(term.rewards[0].reward(images, term.labels(cond, 8, "cpu")).mean())
+                total += float(term.rewards[0].reward(images, term.labels(cond, 8, images.device)).mean())
         trainer.adapters.set_mode("student")
         return total / 2
 

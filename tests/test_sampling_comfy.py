@@ -43,7 +43,11 @@ def test_eta0_is_euler_on_a_real_model(tiny_model, nodes_sampling):
     # Up to a nonzero last sigma, the two are the same DDIM steps.
     sig = _sigmas(tiny_model, 4)[:-1]
     a, b = _sample(tiny_model, tcd0, sig), _sample(tiny_model, euler, sig)
-    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    # The same arithmetic in another order: equal to 1e-5 on the CPU; CUDA's kernels round
+    # differently (3e-5 of the latent's scale on an H200), so there relative to that scale.
+    on_gpu = tiny_model.load_device.type != "cpu"
+    atol = 1e-4 * float(b.abs().max()) if on_gpu else 1e-5
+    assert torch.allclose(a, b, rtol=1e-5, atol=atol), (a - b).abs().max()
     # To sigma 0, TCD (like diffusers) lands on x0 + sigma(0) * eps instead of x0.
     sig = _sigmas(tiny_model, 4)
     rec = []

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hypersd_dev import REPO
 
@@ -30,9 +31,27 @@ resume = true
 """
 
 
-def _run(cmd, cwd, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _env(processes: int = 1) -> dict:
+    """The command's environment; runs of several processes on a machine with fewer GPUs go to the
+    CPUs (``HYPERSD_DEVICE=cpu``: gloo), and the one-process run they are compared with too."""
+    import torch
+
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    if processes > 1 and torch.cuda.device_count() < 2:
+        env["HYPERSD_DEVICE"] = "cpu"
+    return env
+
+
+def _run(cmd, cwd, timeout=600, processes: int = 1):
+    return subprocess.run(cmd, cwd=REPO, env=_env(processes), capture_output=True, text=True, timeout=timeout)
+
+
+def test_sharding_the_base_needs_torchrun(comfy):
+    from ComfyUI_HyperSD.hypersd_core import lora_train
+
+    with pytest.raises(ValueError, match="start the command with torchrun"):
+        lora_train.shard_frozen_base(torch.nn.Linear(2, 2), [], "cpu")
 
 
 @pytest.mark.parametrize("key, line, says", [
@@ -57,16 +76,26 @@ def test_two_processes_under_torchrun_train_the_same_lora_as_one(tmp_path, comfy
 
     for name in ("one", "two"):  # the TSCD stages, then score distillation (fake score, regression bank)
         (tmp_path / f"{name}.toml").write_text(CONFIG.format(output=name) + "score_steps = 2\nfake_updates = 1\n")
-    one = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "one.toml")], tmp_path)
+    one = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "one.toml")], tmp_path, processes=2)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "scripts.train",
-                str(tmp_path / "two.toml")], tmp_path)
+                str(tmp_path / "two.toml")], tmp_path, processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    s1, s2 = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, two))
+    # the same on two processes with the frozen base sharded over them (FSDP2; the adapters whole)
+    (tmp_path / "sharded.toml").write_text((tmp_path / "two.toml").read_text().replace('output = "two"',
+                                                                                      'output = "sharded"')
+                                           + "shard_base = true\n")
+    sharded = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "scripts.train",
+                    str(tmp_path / "sharded.toml")], tmp_path, processes=2)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    s1, s2, s3 = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, two, sharded))
     assert (s1["processes"], s2["processes"], s1["steps"], s2["steps"]) == (1, 2, 6, 6)
     assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-4)
-    a, b = load_file(s1["lora"]), load_file(s2["lora"])
+    a, b, c = load_file(s1["lora"]), load_file(s2["lora"]), load_file(s3["lora"])
     assert set(a) == set(b) and all(float((a[k] - b[k]).abs().max()) < 1e-4 for k in a)
+    assert (s2["shard_base"], s3["shard_base"], s3["steps"]) == (False, True, 6) and s3["losses"] == s2["losses"]
+    assert set(c) == set(b) and all(float((c[k] - b[k]).abs().max()) < 1e-6 for k in b)
+    assert s3["base_mib_per_process"] == pytest.approx(s2["base_mib_per_process"] / 2, rel=0.01)
     assert (tmp_path / "out" / "two_stage1_k2.safetensors").exists()  # rank 0 wrote the stage LoRA too
     from safetensors import safe_open
 
@@ -92,6 +121,25 @@ def test_two_processes_under_torchrun_train_the_same_lora_as_one(tmp_path, comfy
     assert len(loaded) == sum(1 for k in b if k.endswith(".lora_down.weight")) > 0
     info = lora_file.inspect_file(s2["lora"])
     assert (info.variant, info.family, info.sampler, info.steps) == ("hypersd_trained", "SD1.5", "tcd", 1)
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.skipif(not 0 < _gpus() < 8, reason="a GPU check: more processes than this machine's GPUs")
+def test_more_processes_than_gpus_are_refused_with_what_to_do(tmp_path):
+    """nccl cannot share a GPU between processes: every process stops before any waits on another,
+    and the message gives the process count to use and the CPU alternative."""
+    (tmp_path / "run.toml").write_text(CONFIG.format(output="many"))
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(_gpus() + 1), "-m",
+              "scripts.train", str(tmp_path / "run.toml")], tmp_path, timeout=300)
+    assert r.returncode != 0
+    assert f"{_gpus() + 1} processes on this machine but {_gpus()} GPU(s)" in r.stderr, r.stderr[-2000:]
+    assert f"--nproc-per-node {_gpus()}" in r.stderr and "HYPERSD_DEVICE=cpu" in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_folder_of_captioned_images_is_encoded_once_and_trained_on(tmp_path):
@@ -127,9 +175,8 @@ def test_a_killed_process_stops_the_run_and_a_restart_with_another_count_finishe
                                                                                "checkpoint_every = 5")
     (tmp_path / "cut.toml").write_text(slow.format(output="cut"))
     (tmp_path / "whole.toml").write_text(slow.format(output="whole"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                             "scripts.train", str(tmp_path / "cut.toml")], cwd=REPO, env=env,
+                             "scripts.train", str(tmp_path / "cut.toml")], cwd=REPO, env=_env(2),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "out" / "cut.hypersd-state"
     deadline = time.time() + 300
@@ -144,9 +191,9 @@ def test_a_killed_process_stops_the_run_and_a_restart_with_another_count_finishe
     cut_lora = load_file(str(tmp_path / "out" / "cut.safetensors"))  # the last checkpoint, whole
     assert cut_lora
 
-    resumed = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "cut.toml")], tmp_path)
+    resumed = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "cut.toml")], tmp_path, processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    whole = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "whole.toml")], tmp_path)
+    whole = _run([sys.executable, "-m", "scripts.train", str(tmp_path / "whole.toml")], tmp_path, processes=2)
     assert whole.returncode == 0, whole.stderr[-3000:]
     a, b = load_file(str(tmp_path / "out" / "cut.safetensors")), load_file(str(tmp_path / "out" / "whole.safetensors"))
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == 60

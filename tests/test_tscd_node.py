@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import signal
@@ -83,20 +84,22 @@ def _denoise(patcher, x_vp, t, ctx, uctx=None, cfg=1.0):
     import comfy.model_management
 
     comfy.model_management.load_models_gpu([patcher])
+    dev = patcher.load_device  # the GPU where there is one; the results come back to the CPU
     ms = patcher.get_model_object("model_sampling")
-    sigma = ms.sigmas[t].float()
+    sigma = ms.sigmas[t.to(ms.sigmas.device)].float().to(dev)
     a = (1.0 / (1.0 + sigma ** 2)).view(-1, 1, 1, 1)
-    x_ve = x_vp / a.sqrt()
+    x_ve = x_vp.to(dev) / a.sqrt()
     s = sigma.view(-1, 1, 1, 1)
 
     def eps(c):
-        return (x_ve - patcher.model.apply_model(x_ve, sigma, c_crossattn=c.expand(x_vp.shape[0], -1, -1))) / s
+        c = c.to(dev).expand(x_vp.shape[0], -1, -1)
+        return (x_ve - patcher.model.apply_model(x_ve, sigma, c_crossattn=c).float()) / s
 
     e = eps(ctx)
     if cfg != 1.0:
         eu = eps(uctx)
         e = eu + cfg * (e - eu)
-    return e, a.flatten()
+    return e.cpu(), a.flatten().cpu()
 
 
 class EvalLoss(train.Callback):
@@ -121,6 +124,25 @@ class EvalLoss(train.Callback):
 
     def on_end(self, trainer):
         self.values.append(self.evaluate(trainer))
+
+
+def test_a_model_built_under_inference_mode_and_moved_afterwards_trains(training, loras):
+    """On a GPU every weight is such a tensor: ComfyUI's loaders build the model under inference
+    mode and model management moves it to the device outside it, which leaves parameters that no
+    longer say they are inference tensors yet have no version counter (the first step failed with
+    "Inference tensors do not track version counter", found on an H200). A dtype round trip does
+    to each parameter what the move to the GPU does, so the CPU shows it too."""
+    from ComfyUI_HyperSD.hypersd_core import lora_train
+
+    model = _model()
+    with torch.inference_mode(False):
+        model.model.to(torch.float64).to(torch.float32)
+    assert all(lora_train.untracked(p) and not p.is_inference() for p in model.model.parameters())
+    with pytest.raises(RuntimeError, match="version counter"), torch.no_grad():
+        model.model.diffusion_model.time_embed[0](torch.zeros(1, 32))
+    out, path, trainer = _train(training, model=model, stages="1", steps_per_stage=2, name="moved")
+    assert trainer.step == 2 and all(math.isfinite(x) for x in trainer.history)
+    assert (loras / "moved.safetensors").exists()
 
 
 def test_short_run_lowers_the_error_and_saves_a_loadable_lora(training, loras, caplog):
