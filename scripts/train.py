@@ -14,10 +14,12 @@ SD2.x and SDXL with its pooled text and size conditioning, as in the node); a fo
 captioned images is encoded once by rank 0 and cached beside the output
 (``<output>.latents.pt``). Under ``torchrun`` every process takes its share of each step's
 global batch (``batch_size``) and the LoRA gradients are averaged (``torch.distributed``:
-``nccl`` on GPUs, one process per GPU, ``gloo`` on CPUs or with ``HYPERSD_DEVICE=cpu``); rank 0 writes the LoRA, the stage LoRAs and the training
-state atomically, the same files the ComfyUI node writes. With ``resume`` on, a run continues
-from its state, with any number of processes (the global batch and the data order do not
-depend on it).
+``nccl`` on GPUs, one process per GPU, ``gloo`` on CPUs or with ``HYPERSD_DEVICE=cpu``); rank 0
+writes the LoRA, the stage LoRAs and the training state atomically, the same files the ComfyUI
+node writes. With ``shard_base = true`` the frozen base is sharded over the processes (FSDP2:
+each holds 1/N of it; for a base that does not fit one device) and the adapters stay whole.
+With ``resume`` on, a run continues from its state, with any number of processes, sharded or
+not (the global batch and the data order do not depend on either).
 
 The command trains the TSCD stages and, with ``score_steps``, score distillation after them
 (the unified LoRA; its terms split over the processes as TSCD's do); the feedback term of the
