@@ -110,6 +110,27 @@ def make_autograd_safe(module: nn.Module) -> int:
     return n
 
 
+def keep_on(module: nn.Module, device) -> bool:
+    """Put a frozen module that a host may move on its own (ComfyUI offloads models to the CPU when
+    it loads another, and moves them under inference mode) back on ``device``, its tensors ones
+    autograd can use (:func:`make_autograd_safe`; same values). Returns whether anything moved:
+    when all is in place it only looks."""
+    device = torch.device(device)
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(_same_device(t.device, device) and not untracked(t) for t in tensors):
+        return False
+    with torch.inference_mode(False):
+        module.to(device)
+        make_autograd_safe(module)
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return True
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index == b.index or a.index is None or b.index is None)
+
+
 def _lora_layers(module: nn.Module):
     from peft.tuners.lora import LoraLayer
 

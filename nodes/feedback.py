@@ -186,23 +186,12 @@ def vae_decoder(vae, model, device, checkpointing: bool = False):
     """``decode(latents in the model's space) -> images [B, 3, H, W] in [0, 1]``, with gradient
     (``checkpointing``: the decoder's activations are recomputed in the backward pass)."""
     first = vae.first_stage_model
-
-    def on_device():
-        # ComfyUI's model management moves the VAE back to the CPU when it loads the diffusion
-        # model for training (it frees everything else), and moves it under inference mode:
-        # bring it to the device and make its tensors ones autograd can use (same values).
-        if any(p.device != device or lora_train.untracked(p) for p in first.parameters()) or any(
-                b.device != device or lora_train.untracked(b) for b in first.buffers()):
-            with torch.inference_mode(False):
-                first.to(device)
-                lora_train.make_autograd_safe(first)
-                for p in first.parameters():
-                    p.requires_grad_(False)
-
-    on_device()
+    lora_train.keep_on(first, device)
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
-        on_device()
+        # ComfyUI's model management moves the VAE back to the CPU when it loads the diffusion
+        # model for training (it frees everything else): bring it back (found on an H200)
+        lora_train.keep_on(first, device)
         z = model.process_latent_out(x0)
         dtype = getattr(vae, "vae_dtype", torch.float32)
         if checkpointing and torch.is_grad_enabled():
@@ -262,13 +251,21 @@ def rewards_setting(terms) -> str:
     return ",".join(f"{getattr(t.reward, 'name', 'reward')}:{t.margin:g}:{t.weight:g}" for t in terms)
 
 
+def _follow_images(reward, args) -> None:
+    lora_train.keep_on(reward, args[0].device)  # returns None: the call's arguments stay as they are
+
+
 def feedback_parts(terms, vae, patcher, labels, checkpointing: bool, **base) -> FeedbackParts:
     """The rewards moved to the model's device (out of inference mode) and the differentiable
     decoder, as a run's :class:`FeedbackParts` (``base``: a feedback run's frozen LoRA)."""
     device = patcher.load_device
-    with torch.inference_mode(False):
-        for t in terms:
-            t.reward.to(device)
+    for t in terms:
+        lora_train.keep_on(t.reward, device)
+        if not getattr(t.reward, "_hypersd_follows_images", False):
+            # a reward on a ComfyUI model (CLIP vision) is offloaded with it when the diffusion
+            # model loads: each call brings it back to where its images are
+            t.reward.register_forward_pre_hook(_follow_images)
+            t.reward._hypersd_follows_images = True
     return FeedbackParts(decode=vae_decoder(vae, patcher.model, device, checkpointing=checkpointing),
                          rewards=list(terms), prompt_labels=labels, **base)
 

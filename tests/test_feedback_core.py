@@ -347,3 +347,22 @@ def test_a_finished_feedback_run_queued_with_another_ratio_merges_again(tmp_path
     assert meta["hypersd.feedback_ratio"] == "0.25"
     pre = next(k for k in own if k.endswith(".lora_down.weight"))[: -len(".lora_down.weight")]
     torch.testing.assert_close(lora_merge.delta(merged, pre), lora_merge.delta(own, pre, 0.25))
+
+
+def test_keep_on_brings_back_a_module_the_host_moved_or_built_under_inference_mode():
+    """A reward or VAE that the host offloads or moves under inference mode (ComfyUI does both; on
+    a GPU the feedback run then failed) is put back where it is used, its tensors usable by autograd;
+    when all is in place it only looks."""
+    from ComfyUI_HyperSD.hypersd_core import lora_train
+
+    with torch.inference_mode():
+        m = torch.nn.Linear(3, 2)
+    with torch.inference_mode(False):
+        m.to(torch.float64).to(torch.float32)  # what a move to another device does to each parameter
+    x = torch.ones(1, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="version counter"):
+        m(x).sum().backward()
+    assert lora_train.keep_on(m, "cpu") is True
+    m(x).sum().backward()
+    assert x.grad is not None and not m.weight.requires_grad
+    assert lora_train.keep_on(m, "cpu") is False
