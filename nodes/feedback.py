@@ -103,6 +103,8 @@ class ClipImageEmbed(torch.nn.Module):
         from comfy.ldm.modules.attention import optimized_attention_for_device
 
         vision = self.model.vision_model
+        # where ComfyUI last put the model (a feedback run's reward hook brings it to the images)
+        pixels = pixels.to(self.model.visual_projection.weight.device)
         x = vision.pre_layrnorm(vision.embeddings(pixels))
         attention = optimized_attention_for_device(x.device, mask=False, small_input=True)
         for layer in vision.encoder.layers:
@@ -118,8 +120,13 @@ class ClipFeatures(torch.nn.Module):
 
     def __init__(self, clip_vision):
         super().__init__()
+        import comfy.model_management
+
+        # on the device ComfyUI runs it on (the GPU where there is one), as its encode_image does
+        comfy.model_management.load_model_gpu(clip_vision.patcher)
         with torch.inference_mode(False):
             self.embed = ClipImageEmbed(clip_vision)
+            lora_train.keep_on(self.embed.model, clip_vision.load_device)
         if self.embed.dim is None:
             raise ValueError("this vision model is not a CLIP one with an image projection: connect CLIP ViT-L/14 "
                              "(or another CLIP vision model) from CLIPVisionLoader")
