@@ -256,7 +256,11 @@ def distributed_section(doc: dict, out: Path) -> list[str]:
         lines += [_on_machine(doc), ""]
     lines += [f"`scripts.train` on the toy under torchrun (gloo on the CPU, one thread per process; nccl on CUDA, one "
               f"process per GPU), global batch {s['batch']}, {s['steps']} steps; the time is the training alone. "
-              "Ratios and the LoRA difference are against the first row.", ""]
+              "Ratios and the LoRA difference are against the first row."
+              + (" Between devices the LoRAs differ by about the learning rate times the steps (1e-3 x 20): the "
+                 "kernels round differently, and Adam turns gradient differences that small into steps of the "
+                 "learning rate's size; on one device the process counts agree to float tolerance." if gpu else ""),
+              ""]
     lines += _table(["device", "processes", "base", "base MiB / process", "steps/s", "images/s", "speed / first row",
                      "LoRA max abs diff vs first"],
                     [[r.get("device", "cpu"), r["processes"], r.get("base", "whole (DDP)"),
