@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Callable
 
 import hypersd_dev  # noqa: F401  (puts the host and this pack on the path)
-from hypersd_dev import REPO, example_graphs, fixtures, workflows
+from hypersd_dev import example_graphs, fixtures, workflows
 from hypersd_dev.server import ComfyServer, ExecutionFailed, PromptError, is_pack_file
 
-EXAMPLES = REPO / "example_workflows"
 MEMORY_GROWTH_LIMIT = 0.05  # the bound on resident memory growth after warm-up
 PACK_ERRORS = ("HyperSDError", "ValueError", "LoraFileError")  # what the pack raises on purpose, with a sentence
 CORRUPT_LORA = "soak_corrupt_lora.safetensors"
@@ -203,7 +202,7 @@ def kinds(parts: dict, object_info: dict, toy: bool) -> list[Kind]:
 
     out = [Kind("scheduler + TCD sampler", True, lambda rng: _tiny_sampling(parts, rng))]
     for name in sorted(example_graphs.SAMPLING):
-        api = fixtures.split_checkpoint(workflows.ui_to_api(workflows.load(EXAMPLES / f"{name}.json"), object_info),
+        api = fixtures.split_checkpoint(workflows.ui_to_api(workflows.load(example_graphs.example_path(name)), object_info),
                                         parts)
         out.append(Kind(f"example {name}", True, lambda rng, api=api: _reseed(api, rng)))
     for lora in fixtures.OFFICIAL_SD15:
@@ -213,9 +212,9 @@ def kinds(parts: dict, object_info: dict, toy: bool) -> list[Kind]:
     out.append(Kind("TSCD training (2 steps)", True, lambda rng: tscd_train_graph(
         parts, "soak_tscd", steps_per_stage=1, seed=rng.randrange(2**31), resume=False), timeout=600))
     if toy:
-        rate = workflows.ui_to_api(workflows.load(EXAMPLES / "hypersd_toy_rate_images.json"), object_info)
+        rate = workflows.ui_to_api(workflows.load(example_graphs.example_path("hypersd_toy_rate_images")), object_info)
         out.append(Kind("toy rate images", True, lambda rng: _reseed(rate, rng)))
-        fb = workflows.ui_to_api(workflows.load(EXAMPLES / "hypersd_toy_train_feedback.json"), object_info)
+        fb = workflows.ui_to_api(workflows.load(example_graphs.example_path("hypersd_toy_train_feedback")), object_info)
         fb["5"]["inputs"].update(steps=1, batch_size=2, checkpoint_every=0, output_name="soak_feedback", resume=False)
         fb["7"]["inputs"]["batch_size"] = 1
 

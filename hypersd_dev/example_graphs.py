@@ -378,9 +378,9 @@ WORKFLOWS = {name: {"graph": make(), "note": SAMPLING_NOTES[name]} for name, mak
 WORKFLOWS.update(LOADER)
 WORKFLOWS.update(TRAINING)
 
-# The template browser's card of each workflow: an ordered, readable title and one sentence
-# (locales/<lang>/main.json "templateWorkflows", made by scripts/build_locales.py); the
-# number orders the cards from the simplest recipe to training.
+# The template browser's card of each workflow: an ordered, readable title (also its file name:
+# file_stem) and one sentence (locales/<lang>/main.json "templateWorkflows", made by
+# scripts/build_locales.py); the number orders the cards from the simplest recipe to training.
 TEMPLATES = {
     "hypersd_sd15_unified_ksampler": ("01 · SD1.5 unified LoRA, plain KSampler",
                                       "The 1-step LoRA in the simplest graph: KSampler with the tcd sampler."),
@@ -412,6 +412,27 @@ TEMPLATES = {
     "hypersd_toy_train_preference": ("17 · Train: your ratings as a reward (toy)",
                                      "A preference reward from your ratings, then a LoRA that follows it."),
 }
+
+
+
+def file_stem(key: str) -> str:
+    """The workflow's file name without ``.json``: its card title, made a file name every system
+    takes ("13 · Train: distil ..." -> "13 - Train - distil ..."). Both front ends title a pack's
+    template card with the file name (1.32.9 and 1.58.1 alike, seen in the page), so the file
+    name is the title a newcomer reads."""
+    return TEMPLATES[key][0].replace(" · ", " - ").replace(": ", " - ")
+
+
+FILES = {key: file_stem(key) for key in TEMPLATES}  # key -> the file's name in example_workflows/
+assert all(not set(stem) & set('<>:"/\\|?*') for stem in FILES.values()), FILES
+
+
+def example_path(key: str, suffix: str = ".json"):
+    """``example_workflows/<its file name><suffix>`` of the workflow ``key``."""
+    from hypersd_dev import REPO
+
+    return REPO / "example_workflows" / f"{FILES[key]}{suffix}"
+
 
 # Where the official files a workflow names come from (the front end offers the download of a
 # missing model from its node's "models" property).

@@ -48,8 +48,13 @@ def main() -> int:
     for name, wf in example_graphs.WORKFLOWS.items():
         ui = workflows.api_to_ui(wf["graph"], info, notes=[note_with_heading(name, wf["note"])])
         add_model_sources(ui)
-        path = files.write_text(REPO / "example_workflows" / f"{name}.json", json.dumps(ui, indent=1) + "\n")
+        path = files.write_text(example_graphs.example_path(name), json.dumps(ui, indent=1) + "\n")
         print(f"wrote {path.relative_to(REPO)}")
+    wanted = {f"{stem}.json" for stem in example_graphs.FILES.values()}
+    for stale in sorted((REPO / "example_workflows").glob("*.json")):
+        if stale.name not in wanted:  # a workflow renamed or removed here
+            stale.unlink()
+            print(f"removed {stale.relative_to(REPO)}")
     return 0
 
 

@@ -107,9 +107,15 @@ def templates() -> dict:
     from scripts.setup_host import PACK_LINK_NAME
 
     t = example_graphs.TEMPLATES
+    key = {name: i18n_key(stem) for name, stem in example_graphs.FILES.items()}  # by file name, as looked up
     return {"category": {PACK_LINK_NAME: "Hyper-SD"},
-            "template": {PACK_LINK_NAME: {name: title for name, (title, _) in t.items()}},
-            "templateDescription": {PACK_LINK_NAME: {name: text for name, (_, text) in t.items()}}}
+            "template": {PACK_LINK_NAME: {key[name]: title for name, (title, _) in t.items()}},
+            "templateDescription": {PACK_LINK_NAME: {key[name]: text for name, (_, text) in t.items()}}}
+
+
+def i18n_key(name: str) -> str:
+    """A file name as the front end makes it a message key (its ``normalizeI18nKey``: dots to ``_``)."""
+    return name.replace(".", "_")
 
 
 def english() -> dict[str, dict]:

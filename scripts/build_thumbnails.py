@@ -80,7 +80,7 @@ FEEDBACK = Recipe("hypersd_toy_feedback_lora_unified.safetensors", 4, None, "tcd
 
 
 def recipe_for(name: str) -> Recipe:
-    """The toy recipe closest to the workflow ``name`` (from its file name)."""
+    """The toy recipe closest to the workflow ``name`` (its key in ``example_graphs.TEMPLATES``)."""
     if any(k in name for k in ("train_feedback", "rate_images", "train_preference")):
         return FEEDBACK
     if "train_" in name:
@@ -89,7 +89,7 @@ def recipe_for(name: str) -> Recipe:
         return NSTEP
     if any(k in name for k in ("unified", "onestep", "flux")):
         return UNIFIED
-    raise SystemExit(f"no toy recipe for example_workflows/{name}.json: add it to recipe_for() "
+    raise SystemExit(f"no toy recipe for the example workflow {name}: add it to recipe_for() "
                      f"in scripts/build_thumbnails.py")
 
 
@@ -200,17 +200,20 @@ def main() -> int:
     from ComfyUI_HyperSD.hypersd_core import files
 
     start = time.time()
-    names = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+    from hypersd_dev import example_graphs
+
+    names = sorted(example_graphs.FILES)  # the workflows' keys (their files are named by their titles)
     plans = {name: recipe_for(name) for name in names}  # fails before loading anything on an unknown name
     toy = Toy()
     for name in names:
         recipe = plans[name]
         im = picture(toy.digits(recipe, seeds_for(name)), title_for(name), recipe.line())
         data = jpeg(im)
-        path = files.atomic_write(EXAMPLES / f"{name}.jpg", lambda tmp: Path(tmp).write_bytes(data))
+        path = files.atomic_write(example_graphs.example_path(name, ".jpg"), lambda tmp: Path(tmp).write_bytes(data))
         print(f"wrote {path.relative_to(REPO)} ({im.width}x{im.height}, {recipe.line()})")
+    stems = set(example_graphs.FILES.values())
     for stale in sorted(EXAMPLES.glob("*.jpg")):
-        if stale.stem not in plans:
+        if stale.stem not in stems:
             stale.unlink()
             print(f"removed {stale.relative_to(REPO)} (no {stale.stem}.json)")
     print(f"{len(names)} thumbnails in {time.time() - start:.0f} s")

@@ -34,13 +34,22 @@ def test_examples_in_the_page(front_end, tmp_path):
         listed = srv.get("/workflow_templates")[PACK_DIR_NAME]
         assert sorted(listed) == sorted(p.stem for p in EXAMPLES.glob("*.json"))
         for name in listed:
-            status, body = srv.get_status(f"/api/workflow_templates/{urllib.parse.quote(PACK_DIR_NAME)}/{name}.jpg")
+            status, body = srv.get_status(f"/api/workflow_templates/{urllib.parse.quote(PACK_DIR_NAME)}/"
+                                          f"{urllib.parse.quote(name)}.jpg")
             assert status == 200 and body[:3] == b"\xff\xd8\xff", name  # a JPEG
         i18n = srv.get("/i18n")["en"]["templateWorkflows"]
-        titles = i18n["template"][PACK_DIR_NAME]
-        assert sorted(titles.values()) == [example_graphs.TEMPLATES[n][0] for n in
-                                           sorted(example_graphs.TEMPLATES, key=lambda n: example_graphs.TEMPLATES[n][0])]
-        assert all(i18n["templateDescription"][PACK_DIR_NAME][n] for n in listed)
+        titles = i18n["template"][PACK_DIR_NAME]  # keyed as the front end looks them up: file name, dots to _
+        assert titles == {example_graphs.FILES[k].replace(".", "_"): t for k, (t, _) in example_graphs.TEMPLATES.items()}
+        assert all(i18n["templateDescription"][PACK_DIR_NAME][n.replace(".", "_")] for n in listed)
+        # the browser itself: both front ends title a pack's card with its file name, which is the
+        # numbered, readable title (a newcomer once read "hypersd_sd15_unified_ksampler" there)
+        page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        page.get_by_text("Hyper-SD", exact=True).first.click(timeout=20000)
+        for stem in example_graphs.FILES.values():
+            page.get_by_text(stem, exact=True).first.wait_for(timeout=20000)
+        page.wait_for_timeout(1500)  # the thumbnails
+        page.screenshot(path=str(tmp_path / "template_browser.png"))
+        page.keyboard.press("Escape")
 
         scales = {}
         for path in sorted(EXAMPLES.glob("*.json")):
@@ -61,7 +70,7 @@ def test_examples_in_the_page(front_end, tmp_path):
                       for k, v in got["output"].items()}
             assert theirs == ours and got["n"] == len(ui["nodes"]), path.name
             scales[path.stem] = got["scale"]
-            if path.stem == "hypersd_sd15_train_tscd":
+            if path.stem == example_graphs.FILES["hypersd_sd15_train_tscd"]:
                 page.screenshot(path=str(tmp_path / "train_tscd_fitted.png"))
             named = {v for n in ui["nodes"] for v in n.get("widgets_values") or [] if v in example_graphs.MODEL_FILES}
             sources = {m["name"]: m for n in ui["nodes"] for m in n["properties"].get("models", [])}

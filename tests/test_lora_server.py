@@ -10,17 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypersd_dev import REPO, workflows
+from hypersd_dev import example_graphs, workflows
 from hypersd_dev.fixtures import split_checkpoint
 from hypersd_dev.server import ExecutionFailed
-
-EXAMPLES = REPO / "example_workflows"
 
 # ----------------------------------------------------------------------------- tiny stand-ins
 
 
 def _shipped_api(name: str, object_info: dict) -> dict:
-    return workflows.ui_to_api(workflows.load(EXAMPLES / f"{name}.json"), object_info)
+    return workflows.ui_to_api(workflows.load(example_graphs.example_path(name)), object_info)
 
 
 # ----------------------------------------------------------------------------- tests
