@@ -89,7 +89,8 @@ SAMPLING_NOTES = {
     "hypersd_sdxl_onestep_checkpoint": (
         "## Hyper-SDXL one-step checkpoint\n\nNeeds `Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors` (the whole ComfyUI "
         "checkpoint) in `models/checkpoints`. One step from timestep 800 (Hyper-SD One-Step Scheduler), TCD eta 1, cfg 1. "
-        "The diffusers-format `Hyper-SDXL-1step-Unet.safetensors` is a UNet only: see hypersd_sdxl_onestep_unet."),
+        "The diffusers-format `Hyper-SDXL-1step-Unet.safetensors` is a UNet only: see the workflow "
+        "'11 - SDXL one-step UNet (diffusers file)'."),
 }
 
 SAMPLING = {
