@@ -42,7 +42,8 @@ resume = false
 
 def run(procs: int, steps: int, batch: int, device: str = "cpu", shard_base: bool = False) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"hypersd-dist{procs}-"))
-    (folder / "run.toml").write_text(CONFIG.format(steps=steps, batch=batch) + f"shard_base = {str(shard_base).lower()}\n")
+    text = CONFIG.format(steps=steps, batch=batch) + f"shard_base = {str(shard_base).lower()}\n"
+    (folder / "run.toml").write_text(text)
     cmd = ([sys.executable, "-m", "scripts.train"] if procs == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "-m", "scripts.train"])
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -106,9 +107,9 @@ def main(argv=None) -> int:
         from bench import results
 
         name = "distributed_gpu" if "cuda" in args.devices else "distributed"
-        results.save(args.json, name, {"rows": rows}, {"steps": args.steps, "batch": args.batch, "devices": args.devices,
-                                                       "cores": os.cpu_count(), "gpu": gpu.strip(", ") or None},
-                     quick=args.quick)
+        settings = {"steps": args.steps, "batch": args.batch, "devices": args.devices, "cores": os.cpu_count(),
+                    "gpu": gpu.strip(", ") or None}
+        results.save(args.json, name, {"rows": rows}, settings, quick=args.quick)
     return 0
 
 

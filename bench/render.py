@@ -302,7 +302,8 @@ def crash_section(doc: dict, out: Path) -> list[str]:
           f"{s['ratings_acknowledged']} / {s['ratings_kept']}", f"{s['ratings_integrity_ok']}/{s['ratings_trials']}"]])
 
 
-SECTIONS = {"training_cost_gpu": training_cost_section, "distributed_gpu": distributed_section, "crash": crash_section, "soak": soak_section, "distributed": distributed_section, "quality": quality_section, "demo": demo_section, "sampling": sampling_section,
+SECTIONS = {"training_cost_gpu": training_cost_section, "distributed_gpu": distributed_section,
+            "crash": crash_section, "soak": soak_section, "distributed": distributed_section, "quality": quality_section, "demo": demo_section, "sampling": sampling_section,
             "lora_load": lora_load_section, "training_cost": training_cost_section, "preference": preference_section}
 
 

@@ -202,8 +202,8 @@ def kinds(parts: dict, object_info: dict, toy: bool) -> list[Kind]:
 
     out = [Kind("scheduler + TCD sampler", True, lambda rng: _tiny_sampling(parts, rng))]
     for name in sorted(example_graphs.SAMPLING):
-        api = fixtures.split_checkpoint(workflows.ui_to_api(workflows.load(example_graphs.example_path(name)), object_info),
-                                        parts)
+        ui = workflows.load(example_graphs.example_path(name))
+        api = fixtures.split_checkpoint(workflows.ui_to_api(ui, object_info), parts)
         out.append(Kind(f"example {name}", True, lambda rng, api=api: _reseed(api, rng)))
     for lora in fixtures.OFFICIAL_SD15:
         out.append(Kind(f"loader {lora}", True, _lora_loader(parts, lora)))

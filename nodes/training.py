@@ -83,8 +83,7 @@ def train_tscd(model, latents, positive, negative, *, output_name: str = "hypers
     trainer = progress.watch(lambda: _comfy_training.train_in_comfy(patcher, run, data, prompts, negative,
                                                                     [progress, *callbacks]))
     # A sharded base (the command's FSDP2 runs) stays sharded: that process ends after training.
-    out_model = model if run.base_bytes is not None and shard_base and shard[1] > 1 else (
-        comfy.sd.load_lora_for_models(model, None, run.lora, 1.0, 0)[0])
+    out_model = model if shard_base and shard[1] > 1 else comfy.sd.load_lora_for_models(model, None, run.lora, 1.0, 0)[0]
     stage_files = [p for i, k in enumerate(settings.stages) if (p := files.stage_lora(i, k)).exists()]
     progress.finish([files.lora, *stage_files])
     return out_model, str(files.lora), trainer

@@ -12,6 +12,7 @@ from hypersd_dev import REPO, example_graphs, workflows
 from hypersd_dev.fixtures import split_checkpoint
 
 EXAMPLES = REPO / "example_workflows"
+_path = example_graphs.example_path
 
 
 def _strip(api: dict) -> dict:
@@ -25,10 +26,10 @@ def object_info(comfy_server):
 
 @pytest.mark.parametrize("name", sorted(example_graphs.WORKFLOWS))
 def test_shipped_file_matches_its_graph(name, object_info):
-    ui = workflows.load(example_graphs.example_path(name))
+    ui = workflows.load(_path(name))
     graph = example_graphs.WORKFLOWS[name]["graph"]
     assert _strip(workflows.ui_to_api(ui, object_info)) == graph, (
-        f"{example_graphs.example_path(name).name} is stale: run scripts/build_example_workflows.py")
+        f"{_path(name).name} is stale: run scripts/build_example_workflows.py")
     notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
     assert notes, f"{name} has no note"
     for node in graph.values():  # the note names every official file the graph expects
@@ -50,7 +51,7 @@ def test_sampling_example_runs_on_the_server(name, server, object_info, example_
 
     (The loader examples run in test_lora_server.py, which also checks their summaries.)
     """
-    api = split_checkpoint(workflows.ui_to_api(workflows.load(example_graphs.example_path(name)), object_info), example_parts)
+    api = split_checkpoint(workflows.ui_to_api(workflows.load(_path(name)), object_info), example_parts)
     entry = server.run(api)
     (image,) = server.output_files(entry, "9", "images")
     assert image.stat().st_size > 100
@@ -66,7 +67,7 @@ def test_training_example_runs_on_the_server(server, object_info, example_parts)
     for i, colour in enumerate(("red", "blue")):
         Image.new("RGB", (64, 64), colour).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(f"a {colour} square")
-    api = split_checkpoint(workflows.ui_to_api(workflows.load(example_graphs.example_path("hypersd_sd15_train_tscd")), object_info),
+    api = split_checkpoint(workflows.ui_to_api(workflows.load(_path("hypersd_sd15_train_tscd")), object_info),
                            example_parts)
     train = api["5"]["inputs"]
     assert (train["stages"], train["output_name"]) == ("8,4,2,1", "my_model_hypersd")
@@ -89,7 +90,7 @@ def test_unified_training_example_runs_on_the_server(server, object_info, exampl
     for i, colour in enumerate(("red", "blue")):
         Image.new("RGB", (64, 64), colour).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(f"a {colour} square")
-    api = split_checkpoint(workflows.ui_to_api(workflows.load(example_graphs.example_path("hypersd_sd15_train_unified")),
+    api = split_checkpoint(workflows.ui_to_api(workflows.load(_path("hypersd_sd15_train_unified")),
                                                object_info), example_parts)
     train = api["5"]["inputs"]
     assert (train["stages"], train["score_steps"], train["output_name"]) == ("8,4,2,1", 500, "my_model_hypersd_unified")
@@ -114,7 +115,7 @@ def test_feedback_example_runs_on_the_server_with_the_toy(server, object_info):
     from hypersd_dev.fixtures import place_toy
 
     place_toy(server.base, (example_graphs.TOY_K4_LORA,))
-    api = workflows.ui_to_api(workflows.load(example_graphs.example_path("hypersd_toy_train_feedback")), object_info)
+    api = workflows.ui_to_api(workflows.load(_path("hypersd_toy_train_feedback")), object_info)
     train = api["5"]["inputs"]
     assert (train["lora_name"], train["captions"], train["output_name"]) == (example_graphs.TOY_K4_LORA, ["2", 1],
                                                                             "my_toy_feedback")
@@ -141,7 +142,7 @@ def test_rating_and_preference_examples_close_the_loop_on_the_toy(server, object
     from hypersd_dev.fixtures import place_toy
 
     place_toy(server.base, (example_graphs.TOY_UNIFIED_LORA,))
-    rate = workflows.ui_to_api(workflows.load(example_graphs.example_path("hypersd_toy_rate_images")), object_info)
+    rate = workflows.ui_to_api(workflows.load(_path("hypersd_toy_rate_images")), object_info)
     rated = 0
     for seed in (42, 43):
         rate["6"]["inputs"]["noise_seed"] = seed
@@ -162,7 +163,7 @@ def test_rating_and_preference_examples_close_the_loop_on_the_toy(server, object
                                     "prompt": ctx["prompt"]})
         assert status == 200, body
     assert rated == 12
-    api = workflows.ui_to_api(workflows.load(example_graphs.example_path("hypersd_toy_train_preference")), object_info)
+    api = workflows.ui_to_api(workflows.load(_path("hypersd_toy_train_preference")), object_info)
     api["4"]["inputs"].update(prompt_contains="a handwritten digit 7", output_name="example_preference")
     api["5"]["inputs"].update(steps=2, batch_size=2, checkpoint_every=0, output_name="example_pref_feedback",
                               resume=False)
