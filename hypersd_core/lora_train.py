@@ -379,16 +379,17 @@ def shard_frozen_base(module: nn.Module, keep: Iterable[nn.Parameter], device) -
     """Shard the frozen base of ``module`` over the processes with FSDP2; returns the bytes of
     the base this process then holds (:func:`parameter_bytes`, the adapters left out).
 
-    Under ``torchrun`` with the default data parallelism every process holds the whole base; for
-    a base that does not fit one device, ``torch.distributed.fsdp.fully_shard`` cuts each top
-    block's frozen weights (:func:`_leaf_blocks`, the UNet's ResBlocks and transformers; then the
-    rest at the root) into one piece per process, gathers a block's weights just before its forward
-    (and again before its backward) and frees them after. The adapters (``keep``: student, EMA,
+    Under ``torchrun`` with the default data parallelism every process holds the whole base;
+    where the base and the training do not fit one device together,
+    ``torch.distributed.fsdp.fully_shard`` cuts each top block's frozen weights
+    (:func:`_leaf_blocks`, the UNet's ResBlocks and transformers; then the rest at the root) into
+    one piece per process, gathers a block's weights just before its forward (and again before
+    its backward) and frees them after. The adapters (``keep``: student, EMA,
     fake score) stay whole on every process, so everything that reads, averages, saves or resumes
     them works as with the whole base, and a run resumes with or without sharding; the LoRA is the
     same to float tolerance. The price is two weight all-gathers per block and pass. The process
-    group must be initialised (``scripts/train.py`` does it). The module stays sharded: the
-    training command ends after training.
+    group must be initialised (``scripts/train.py`` does it). The module is sharded where it is
+    (the host loaded it whole first) and stays sharded: the training command ends after training.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

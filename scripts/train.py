@@ -17,7 +17,8 @@ global batch (``batch_size``) and the LoRA gradients are averaged (``torch.distr
 ``nccl`` on GPUs, one process per GPU, ``gloo`` on CPUs or with ``HYPERSD_DEVICE=cpu``); rank 0
 writes the LoRA, the stage LoRAs and the training state atomically, the same files the ComfyUI
 node writes. With ``shard_base = true`` the frozen base is sharded over the processes (FSDP2:
-each holds 1/N of it; for a base that does not fit one device) and the adapters stay whole.
+each holds 1/N of it while training, for a model and training that do not fit one device
+together; the model is loaded whole first) and the adapters stay whole.
 With ``resume`` on, a run continues from its state, with any number of processes, sharded or
 not (the global batch and the data order do not depend on either).
 
@@ -26,8 +27,9 @@ The command trains the TSCD stages and, with ``score_steps``, score distillation
 score stage and feedback runs need reward models and run in the node. The files are the
 node's: with ``out_dir`` = ComfyUI's ``models/loras`` and the same settings, the node resumes
 a run this command trained (adding score distillation to a finished TSCD run) and this command
-finishes a run the node began; a state with other settings is refused, the setting named. The last line printed (rank 0) is JSON: the LoRA, ``steps``, ``resumed_from``
-(the step this invocation began at), the losses.
+finishes a run the node began; a state with other settings is refused, the setting named. The
+last line printed (rank 0) is JSON: the LoRA, ``steps``, ``resumed_from`` (the step this
+invocation began at), ``shard_base``, ``base_mib_per_process``, the losses.
 """
 from __future__ import annotations
 
