@@ -241,10 +241,13 @@ def preference_section(doc: dict, out: Path) -> list[str]:
     return lines
 
 
+def _machine(m: dict) -> str:
+    return (f"{m['cpu']} ({m['cores']} cores; GPU: {m['gpu']}), torch {m['torch']}, ComfyUI {m['comfyui']}, "
+            f"Python {m['python']}")
+
+
 def _on_machine(doc: dict) -> str:
-    m = doc["machine"]
-    return (f"Measured {doc['date'][:10]} on {m['cpu']} ({m['cores']} cores; GPU: {m['gpu']}), torch {m['torch']}, "
-            f"ComfyUI {m['comfyui']}, Python {m['python']}.")
+    return f"Measured {doc['date'][:10]} on {_machine(doc['machine'])}."
 
 
 def distributed_section(doc: dict, out: Path) -> list[str]:
@@ -315,14 +318,13 @@ def render(folder) -> Path:
     docs = bench_results.load_all(folder)
     if not docs:
         raise SystemExit(f"no benchmark results in {folder}: run bash scripts/bench.sh first")
-    first = docs[next(iter(docs))]
-    m = first["machine"]
-    dates = sorted(d["date"] for d in docs.values())
+    main = {k: d for k, d in docs.items() if k not in GPU_ORDER} or docs  # the GPU sections name their own machine
+    m = main[next(iter(main))]["machine"]
+    dates = sorted(d["date"] for d in main.values())
     quick = any(d.get("quick") for d in docs.values())
     lines = [f"# Benchmark results{' (quick run)' if quick else ''}", "",
              f"Measured {dates[0][:10]}{' to ' + dates[-1][:10] if dates[-1][:10] != dates[0][:10] else ''} on "
-             f"{m['cpu']} ({m['cores']} cores; GPU: {m['gpu']}), torch {m['torch']}, ComfyUI {m['comfyui']}, "
-             f"Python {m['python']}. Reproduce with `bash scripts/bench.sh{' --quick' if quick else ''}` "
+             f"{_machine(m)}. Reproduce with `bash scripts/bench.sh{' --quick' if quick else ''}` "
              f"(after set-up; from the repository root).", ""]
     for name in ORDER:
         if name not in docs:

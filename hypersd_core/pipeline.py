@@ -42,8 +42,8 @@ from . import metadata as vocab
 from . import dmd, feedback, tscd
 from .lora_merge import merge_cat
 from .data import LatentData
-from .lora_train import (LoraAdapters, activation_checkpointing, check_scope, kohya_prefix, parameter_bytes,
-                         select_targets, shard_frozen_base)
+from .lora_train import (LoraAdapters, activation_checkpointing, check_scope, kohya_prefix, select_targets,
+                         shard_frozen_base)
 from .train import (Callback, Checkpointer, NonFiniteLossError, Stage, StageSaver, Trainer,
                     TrainingOutOfMemory, check_lr_schedule, is_out_of_memory)
 
@@ -321,7 +321,6 @@ class TrainingRun:
     # data parallel with the frozen base sharded over the processes (FSDP2,
     # :func:`~hypersd_core.lora_train.shard_frozen_base`) instead of whole on each
     shard_base: bool = False
-    base_bytes: int | None = None  # the base's parameter bytes this process held while training
 
     def __post_init__(self):
         self.resume_state = self.files.resume_state(self.resume)
@@ -342,13 +341,10 @@ class TrainingRun:
                     raise ValueError(f"batch_size {s.batch_size} does not split over {world} processes: make it a "
                                      f"multiple of {world}")
                 if self.shard_base and world > 1:
-                    self.base_bytes = shard_frozen_base(module, adapters.all_parameters(), device or "cpu")
-                else:
-                    self.base_bytes = parameter_bytes(module, exclude=adapters.all_parameters())
+                    shard_frozen_base(module, adapters.all_parameters(), device or "cpu")
                 trainer = Trainer(adapters, stages, data, lr=s.learning_rate, batch_size=s.batch_size // world,
                                   seed=s.seed, device=device, ema_decay=s.ema_decay,
                                   signature=s.signature(self.prompts), lr_schedule=s.lr_schedule, shard=self.shard)
-                trainer.base_bytes = self.base_bytes  # what the training command reports
                 checkpointer = Checkpointer(s.checkpoint_every, self.save, saved_step=self._resume(trainer))
                 trainer.callbacks = [checkpointer, *([StageSaver(self.save_stage)] if s.save_stages and s.method == "tscd" else []),
                                      *callbacks]

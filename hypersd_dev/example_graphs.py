@@ -435,6 +435,15 @@ def example_path(key: str, suffix: str = ".json"):
     return REPO / "example_workflows" / f"{FILES[key]}{suffix}"
 
 
+def stale_files(suffix: str) -> list:
+    """The files of ``example_workflows/`` ending in ``suffix`` that no workflow has any more (one
+    renamed or removed here): what the builders remove after writing."""
+    from hypersd_dev import REPO
+
+    wanted = {f"{stem}{suffix}" for stem in FILES.values()}
+    return [p for p in sorted((REPO / "example_workflows").glob(f"*{suffix}")) if p.name not in wanted]
+
+
 # Where the official files a workflow names come from (the front end offers the download of a
 # missing model from its node's "models" property).
 _HF = "https://huggingface.co"

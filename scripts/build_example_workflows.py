@@ -50,11 +50,9 @@ def main() -> int:
         add_model_sources(ui)
         path = files.write_text(example_graphs.example_path(name), json.dumps(ui, indent=1) + "\n")
         print(f"wrote {path.relative_to(REPO)}")
-    wanted = {f"{stem}.json" for stem in example_graphs.FILES.values()}
-    for stale in sorted((REPO / "example_workflows").glob("*.json")):
-        if stale.name not in wanted:  # a workflow renamed or removed here
-            stale.unlink()
-            print(f"removed {stale.relative_to(REPO)}")
+    for stale in example_graphs.stale_files(".json"):
+        stale.unlink()
+        print(f"removed {stale.relative_to(REPO)}")
     return 0
 
 

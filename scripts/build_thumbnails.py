@@ -31,7 +31,6 @@ from pathlib import Path
 import hypersd_dev
 from hypersd_dev import REPO
 
-EXAMPLES = REPO / "example_workflows"
 WEIGHTS = REPO / "toy" / "weights"
 DIGITS = range(8)  # the digits drawn, one tile each
 COLUMNS = 4
@@ -60,7 +59,7 @@ class Recipe:
             return self.eta_given
         from ComfyUI_HyperSD.hypersd_core import lora_file, metadata
 
-        table = lora_file.inspect_file(str(REPO / "toy" / "weights" / self.lora)).eta_by_steps
+        table = lora_file.inspect_file(str(WEIGHTS / self.lora)).eta_by_steps
         return metadata.tcd_eta(self.steps, tuple((int(n), float(e)) for n, e in table))
 
     def line(self) -> str:
@@ -211,11 +210,9 @@ def main() -> int:
         data = jpeg(im)
         path = files.atomic_write(example_graphs.example_path(name, ".jpg"), lambda tmp: Path(tmp).write_bytes(data))
         print(f"wrote {path.relative_to(REPO)} ({im.width}x{im.height}, {recipe.line()})")
-    stems = set(example_graphs.FILES.values())
-    for stale in sorted(EXAMPLES.glob("*.jpg")):
-        if stale.stem not in stems:
-            stale.unlink()
-            print(f"removed {stale.relative_to(REPO)} (no {stale.stem}.json)")
+    for stale in example_graphs.stale_files(".jpg"):
+        stale.unlink()
+        print(f"removed {stale.relative_to(REPO)} (no {stale.stem}.json)")
     print(f"{len(names)} thumbnails in {time.time() - start:.0f} s")
     return 0
 

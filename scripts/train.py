@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 import hypersd_dev
-from ComfyUI_HyperSD.hypersd_core import files, lora_file, train_config
+from ComfyUI_HyperSD.hypersd_core import files, lora_file, lora_train, train_config
 from ComfyUI_HyperSD.hypersd_core.train import Callback
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -175,11 +175,13 @@ def train_loaded(cfg: dict, model, latents, positives, negative, rank: int = 0, 
                                                callbacks=(first,), **settings)
     if rank == 0:
         family = lora_file.inspect_file(lora).family
+        # the base's weights this process held (sharded: its shard; the adapters are detached by now)
+        base_bytes = lora_train.parameter_bytes(model.model.diffusion_model)
         print(json.dumps({"lora": lora, "steps": trainer.step, "processes": world,
                           "resumed_from": first.step if first.step is not None else trainer.step,
                           "train_seconds": round(time.perf_counter() - t0, 3), "batch_size": cfg["batch_size"],
                           "shard_base": bool(cfg.get("shard_base") and world > 1),
-                          "base_mib_per_process": round(trainer.base_bytes / 2 ** 20, 3),
+                          "base_mib_per_process": round(base_bytes / 2 ** 20, 3),
                           "losses": [round(x, 6) for x in trainer.history], "family": family}))
     return 0
 

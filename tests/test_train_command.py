@@ -34,8 +34,6 @@ resume = true
 def _env(processes: int = 1) -> dict:
     """The command's environment; runs of several processes on a machine with fewer GPUs go to the
     CPUs (``HYPERSD_DEVICE=cpu``: gloo), and the one-process run they are compared with too."""
-    import torch
-
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     if processes > 1 and torch.cuda.device_count() < 2:
@@ -124,8 +122,6 @@ def test_two_processes_under_torchrun_train_the_same_lora_as_one(tmp_path, comfy
 
 
 def _gpus() -> int:
-    import torch
-
     return torch.cuda.device_count()
 
 
@@ -206,7 +202,6 @@ def test_a_run_moves_between_the_command_and_the_node(tmp_path, training, loras)
     the node), and a node run cancelled half-way is finished by the command. A command whose
     settings differ from the node's state is refused with the setting named, the file untouched."""
     import comfy.model_management as mm
-    import torch
     from safetensors import safe_open
 
     import hypersd_dev
@@ -293,7 +288,6 @@ def test_the_command_trains_sdxl_through_the_nodes_path(tmp_path, comfy, caplog)
     import comfy.lora
     import comfy.lora_convert
     import comfy.sd
-    import torch
 
     from ComfyUI_HyperSD.hypersd_core import lora_file, train_config
     from scripts.train import train_loaded
