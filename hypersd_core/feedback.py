@@ -9,7 +9,8 @@ Aesthetic term (eq. 7), one step of :class:`FeedbackLoss`:
 
 1. draw noise ``z`` and a late step ``j`` of the student's own ``k``-step schedule (the DDIM
    trailing grid ``t_0 = 999 > t_1 > ... > t_{k-1}``; ``j`` uniform over its later half,
-   ``j = 0`` at one step);
+   ReFL's and the paper's choice, or over the whole schedule, ``t_0`` included
+   (``SCORED_STEPS``); ``j = 0`` at one step);
 2. without gradient, run the schedule from ``z`` to ``x_{t_j}``: at each step the student's
    ``x0`` and a move to the next timestep, deterministic (DDIM, ``eta = 0``) or TCD's
    (``eta > 0``: to ``s' = (1 - eta) s``, then forward noise back to ``s``);
@@ -19,6 +20,16 @@ Aesthetic term (eq. 7), one step of :class:`FeedbackLoss`:
 
 4. decode ``x0`` with gradient (``decode``: latent -> images in [0, 1]) and score it with
    each reward ``d``: ``L_aes = sum_d w_d * mean(ReLU(alpha_d - r_d(image, c)))``.
+
+Anchor term (not in the paper, off by default; weight ``anchor_weight``): the mean squared
+difference of step 3's ``x0`` from the frozen LoRA's own one-step ``x0`` at the same ``x_{t_j}``
+(the feedback adapter off, without gradient)::
+
+    L_anchor = mean((x0 - x0_frozen)^2)
+
+The hinge gives no gradient to a picture that already scores its margin, but nothing holds
+such a picture where it was: the anchor does, so the feedback changes what the rewards ask
+for and little else (the merge ratio, by contrast, scales every change at once).
 
 Structure term (the paper's perception loss, weight ``structure_weight``): noise a real
 training latent to a middle timestep (uniform in ``structure_t``), predict its ``x0`` in
@@ -47,6 +58,12 @@ from .train import Batch, NonFiniteLossError
 from .tscd import EpsFn, add_noise, predict_x0
 
 LATE_FRACTION = 0.5  # the late steps: the later half of the student's schedule
+# the steps of the student's schedule the one-step picture is taken from -> the fraction of the
+# schedule (from its end) that ``j`` is drawn from: the later half (ReFL, the paper), or every step,
+# the first included (the reward then also shapes the early steps, where a picture's content is
+# decided: on the toy's unified LoRA this kept the pictures nearer the data at 2 and 4 steps)
+SCORED_STEPS = {"late half": LATE_FRACTION, "whole schedule": 1.0}
+DEFAULT_SCORED_STEPS = "late half"
 STRUCTURE_T = (300, 700)  # the middle timesteps a real latent is noised to for the structure term
 DEFAULT_MARGIN = 0.0
 
@@ -65,7 +82,8 @@ class RewardTerm:
                              f"0 or more, got margin {self.margin}, weight {self.weight}")
 
 
-def check_settings(sample_steps: int, eta: float, structure_weight: float, T: int = 1000) -> None:
+def check_settings(sample_steps: int, eta: float, structure_weight: float, T: int = 1000,
+                   anchor_weight: float = 0.0) -> None:
     """Refuse settings outside what the method allows, saying what to use."""
     if not 1 <= int(sample_steps) <= 50:
         raise ValueError(f"the student's schedule for feedback must have 1 to 50 steps (the LoRA's own step count, "
@@ -75,10 +93,23 @@ def check_settings(sample_steps: int, eta: float, structure_weight: float, T: in
                          f"unified LoRA), got {eta}")
     if not (math.isfinite(structure_weight) and structure_weight >= 0):
         raise ValueError(f"structure weight must be 0 (off) or more, got {structure_weight}")
+    if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
+        raise ValueError(f"anchor weight must be 0 (off) or more, got {anchor_weight}")
+
+
+def late_fraction_of(scored_steps: str) -> float:
+    """The fraction of the schedule that :func:`late_index` draws from, for a ``SCORED_STEPS`` name."""
+    if scored_steps not in SCORED_STEPS:
+        raise ValueError(f"scored steps must be one of {', '.join(repr(k) for k in SCORED_STEPS)} (where on the "
+                         f"LoRA's schedule the rewards score the one-step picture), got {scored_steps!r}")
+    return SCORED_STEPS[scored_steps]
 
 
 def late_index(steps: int, gen: torch.Generator, late_fraction: float = LATE_FRACTION) -> int:
-    """Step 1: a late index ``j`` of a ``steps``-step schedule (uniform over its later part)."""
+    """Step 1: a late index ``j`` of a ``steps``-step schedule (uniform over its last ``late_fraction``;
+    1: any step)."""
+    if not (math.isfinite(late_fraction) and 0.0 < late_fraction <= 1.0):
+        raise ValueError(f"the late fraction of the schedule must be in (0, 1], got {late_fraction}")
     first = min(int(steps) - 1, int(math.floor(int(steps) * (1.0 - late_fraction))))
     return int(torch.randint(first, int(steps), (1,), generator=gen))
 
@@ -108,9 +139,10 @@ class FeedbackLoss:
     def __init__(self, eps_fn: EpsFn, adapters, alphas_cumprod: torch.Tensor, *,
                  decode: Callable[[torch.Tensor], torch.Tensor], rewards: Sequence[RewardTerm], sample_steps: int,
                  eta: float = 0.0, structure_weight: float = 0.0, prompt_labels: Sequence[int] | None = None,
-                 structure_t: tuple[int, int] = STRUCTURE_T, late_fraction: float = LATE_FRACTION):
+                 structure_t: tuple[int, int] = STRUCTURE_T, late_fraction: float = LATE_FRACTION,
+                 anchor_weight: float = 0.0):
         T = int(alphas_cumprod.shape[0])
-        check_settings(sample_steps, eta, structure_weight, T)
+        check_settings(sample_steps, eta, structure_weight, T, anchor_weight)
         rewards = list(rewards)
         if not rewards:
             raise ValueError("feedback learning needs at least one reward model")
@@ -129,6 +161,7 @@ class FeedbackLoss:
         self.prompt_labels = list(prompt_labels) if prompt_labels is not None else None
         self.structure_t = (int(structure_t[0]), int(structure_t[1]))
         self.late_fraction = float(late_fraction)
+        self.anchor_weight = float(anchor_weight)
 
     # ------------------------------------------------------------------ parts
     def labels(self, cond, batch_size: int, device) -> torch.Tensor | None:
@@ -156,6 +189,15 @@ class FeedbackLoss:
     def one_step_x0(self, x_t: torch.Tensor, t: int, cond) -> torch.Tensor:
         """Step 3: ``x0`` from ``x_t`` in one student call (gradient as the caller allows)."""
         return predict_x0(x_t, self.eps(x_t, t, cond), self.ab[int(t)].expand(x_t.shape[0]))
+
+    @torch.no_grad()
+    def frozen_x0(self, x_t: torch.Tensor, t: int, cond) -> torch.Tensor:
+        """The anchor's reference: the frozen LoRA's one-step ``x0`` (the feedback adapter off)."""
+        self.adapters.set_mode("teacher")
+        try:
+            return self.one_step_x0(x_t, t, cond)
+        finally:
+            self.adapters.set_mode("student")
 
     def aesthetic(self, images: torch.Tensor, labels) -> tuple[torch.Tensor, dict]:
         """Step 4: ``sum_d w_d mean(ReLU(alpha_d - r_d))`` and each reward's mean score."""
@@ -202,6 +244,10 @@ class FeedbackLoss:
         # 4. decode and score
         loss, extra = self.aesthetic(self.decode(x0), self.labels(cond, x0.shape[0], x0.device))
         logs.update(extra)
+        if self.anchor_weight > 0:  # the anchor: stay near the frozen LoRA's picture
+            anchor = torch.nn.functional.mse_loss(x0.float(), self.frozen_x0(x_t, self.grid[j], cond).float())
+            loss = loss + self.anchor_weight * anchor
+            logs["anchor_loss"] = float(anchor.detach())
         logs["feedback_t"] = self.grid[j]
         logs["aesthetic_loss"] = float(loss.detach())
         if structure is not None:

@@ -94,6 +94,8 @@ class TrainSettings:
     # feedback learning (method "feedback": ``stages`` are the student's step counts, one stage each)
     feedback_eta: float = 0.0
     structure_weight: float = 0.0
+    scored_steps: str = "late half"  # where on the student's schedule the rewards score (feedback.SCORED_STEPS)
+    anchor_weight: float = 0.0  # the feedback's anchor to the frozen LoRA's pictures (0: off, the paper's)
     merge_ratio: float = 1.0  # the feedback LoRA's strength in the merged file (not part of the state)
     feedback_on: str = ""  # what the feedback is trained on: the frozen LoRA's name and digest
     feedback_rewards: str = ""  # the rewards, margins and weights (name:margin:weight, ...)
@@ -123,7 +125,9 @@ class TrainSettings:
             dmd.check_settings(self.generator_t, self.fake_updates, self.regression_weight,
                                tscd_weight=self.score_tscd_weight)
         if self.method == "feedback":
-            feedback.check_settings(max(self.stages), self.feedback_eta, self.structure_weight)
+            feedback.check_settings(max(self.stages), self.feedback_eta, self.structure_weight,
+                                    anchor_weight=self.anchor_weight)
+            feedback.late_fraction_of(self.scored_steps)
             if not (math.isfinite(self.merge_ratio) and 0.0 <= self.merge_ratio <= 2.0):
                 raise ValueError(f"merge_ratio must be in [0, 2] (the feedback LoRA's strength in the merged file), "
                                  f"got {self.merge_ratio}")
@@ -149,8 +153,13 @@ class TrainSettings:
         return sig
 
     def _feedback_settings(self) -> dict:
-        return {"feedback_eta": float(self.feedback_eta), "structure_weight": float(self.structure_weight),
-                "feedback_on": self.feedback_on, "feedback_rewards": self.feedback_rewards}
+        out = {"feedback_eta": float(self.feedback_eta), "structure_weight": float(self.structure_weight),
+               "feedback_on": self.feedback_on, "feedback_rewards": self.feedback_rewards}
+        if self.scored_steps != feedback.DEFAULT_SCORED_STEPS:  # absent at the default, as in earlier states
+            out["scored_steps"] = self.scored_steps
+        if self.anchor_weight:  # absent at 0, likewise
+            out["anchor_weight"] = float(self.anchor_weight)
+        return out
 
     def _score_settings(self) -> dict:
         if not self.score_steps:
@@ -287,7 +296,9 @@ def feedback_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alp
     for k in settings.stages:
         term = feedback.FeedbackLoss(eps_fn, adapters, alphas_cumprod, decode=parts.decode, rewards=parts.rewards,
                                      sample_steps=k, eta=settings.feedback_eta,
-                                     structure_weight=settings.structure_weight, prompt_labels=parts.prompt_labels)
+                                     structure_weight=settings.structure_weight, prompt_labels=parts.prompt_labels,
+                                     late_fraction=feedback.late_fraction_of(settings.scored_steps),
+                                     anchor_weight=settings.anchor_weight)
         stages.append(Stage(segments=k, steps=int(settings.steps_per_stage), terms=[(1.0, term)],
                             name=f"feedback-{k}step", reset_ema=False))
     return stages
@@ -464,6 +475,8 @@ class TrainingRun:
                    vocab.PREFIX + "feedback_total_steps": str(trainer.total_steps),
                    vocab.PREFIX + "feedback_eta": str(float(s.feedback_eta)),
                    vocab.PREFIX + "structure_weight": str(float(s.structure_weight)),
+                   vocab.PREFIX + "feedback_scored_steps": s.scored_steps,
+                   vocab.PREFIX + "feedback_anchor_weight": str(float(s.anchor_weight)),
                    vocab.PREFIX + "feedback_learning_rate": str(float(s.learning_rate)),
                    vocab.PREFIX + "feedback_rank": str(int(s.rank)),
                    "ss_network_module": "networks.lora"})

@@ -424,6 +424,17 @@ def _setting_inputs() -> list:
         io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                          tooltip="Recompute the activations of the UNet and the VAE decoder in the backward pass: "
                                  "less memory, slower steps."),
+        io.Combo.Input("scored_steps", options=list(core_feedback.SCORED_STEPS),
+                       default=core_feedback.DEFAULT_SCORED_STEPS, optional=True,
+                       tooltip="Where on the LoRA's schedule the rewards score the one-step picture: 'late half' "
+                               "(the paper's and ReFL's choice) or 'whole schedule' (the first step too, where a "
+                               "picture's content is decided; on the toy's unified LoRA it raised the reward with "
+                               "less drift from the data at 2 and 4 steps)."),
+        io.Float.Input("anchor_weight", default=0.0, min=0.0, max=1000.0, step=0.05, optional=True,
+                       tooltip="Keeps the pictures near the frozen LoRA's: the mean squared difference of the "
+                               "one-step picture (latent) from the frozen LoRA's at the same step and noise. The "
+                               "hinge leaves a picture that already scores its margin alone; the anchor also holds "
+                               "it where it was. 0: off (the paper's)."),
     ]
 
 

@@ -78,6 +78,8 @@ def test_the_schedule_runs_to_a_late_step_as_ddim_or_tcd():
     gen = torch.Generator().manual_seed(0)
     assert {feedback.late_index(4, gen) for _ in range(50)} == {2, 3}  # the later half
     assert {feedback.late_index(1, gen) for _ in range(5)} == {0}
+    assert {feedback.late_index(4, gen, feedback.late_fraction_of("whole schedule")) for _ in range(80)} == {0, 1, 2, 3}
+    assert {feedback.late_index(4, gen, feedback.late_fraction_of("late half")) for _ in range(50)} == {2, 3}
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         e = eps_fn(z, torch.tensor([999]), 1.0, 0)
@@ -113,6 +115,45 @@ def test_gradient_reaches_the_feedback_adapter_only_through_decoder_and_reward()
     assert float(loss2.detach()) == 0.0
     loss2.backward()
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0.0 for p in adapters2.student_parameters())
+
+
+def test_the_anchor_is_the_distance_to_the_frozen_loras_one_step_picture():
+    """L_anchor = mean((x0 - x0_frozen)^2) at the same x_t, the frozen side without gradient: 0 while
+    the feedback adapter is a no-op; after a change, the hand-computed distance; with a hinge every
+    picture clears, its gradient alone reaches the feedback adapter and pulls it back."""
+    net, decoder, adapters, reward, _, eps_fn, ab, data = _setup()
+    term = feedback.FeedbackLoss(eps_fn, adapters, ab, decode=decoder, sample_steps=2, anchor_weight=3.0,
+                                 rewards=[feedback.RewardTerm(reward, margin=-1e6)], prompt_labels=[2, 0])
+    x0, cond = data.sample(3, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32)
+    stage = train.Stage(segments=2, steps=1)
+    loss, logs = term(train.Batch(x0=x0, cond=cond), stage, torch.Generator().manual_seed(2))
+    assert logs["anchor_loss"] == 0.0 and float(loss.detach()) == 0.0
+    with torch.no_grad():
+        for p in adapters.student_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    gen = torch.Generator().manual_seed(2)
+    loss, logs = term(train.Batch(x0=x0, cond=cond), stage, gen)
+    # by hand: the same draws (noise, late step), the student's and the frozen one-step x0
+    g = torch.Generator().manual_seed(2)
+    z = train.Batch(x0=x0).randn(g, x0)
+    j = feedback.late_index(2, g)
+    assert term.grid[j] == logs["feedback_t"]
+    with torch.no_grad():
+        x_t = term.run_to(z, j, cond, g)
+        mine = term.one_step_x0(x_t, term.grid[j], cond)
+        adapters.set_mode("teacher")
+        frozen = term.one_step_x0(x_t, term.grid[j], cond)
+        adapters.set_mode("student")
+    expected = float(((mine - frozen) ** 2).mean())
+    assert expected > 0 and logs["anchor_loss"] == pytest.approx(expected, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(3.0 * expected, rel=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in adapters.student_parameters())
+    assert all(p.grad is None for n, p in net.named_parameters() if "lora_" not in n)
+    with pytest.raises(ValueError, match="anchor weight must be 0"):
+        feedback.check_settings(2, 0.0, 0.0, anchor_weight=-1.0)
+    assert "anchor_weight" not in TrainSettings(method="feedback", stages="2").signature()
+    assert TrainSettings(method="feedback", stages="2", anchor_weight=0.5).signature()["anchor_weight"] == 0.5
 
 
 def test_the_aesthetic_loss_is_the_weighted_hinge_of_each_reward():
@@ -240,7 +281,38 @@ def test_feedback_settings_are_checked(kw, msg):
         feedback.check_settings(**{"sample_steps": 4, "eta": 0.0, "structure_weight": 0.0, **kw})
 
 
-def _feedback_run(tmp_path, steps_per_stage=3, checkpoint_every=0, callbacks=(), resume=True, merge_ratio=0.5):
+def test_scored_steps_choose_where_on_the_schedule_the_reward_scores(tmp_path):
+    """'whole schedule' scores the one-step picture of the first step too (t 999 of a 2-step LoRA);
+    the default keeps the paper's later half, is absent from the resume signature (states saved
+    before the setting resume) and is written into the files."""
+    from safetensors import safe_open
+
+    seen = {}
+    for name, fraction in feedback.SCORED_STEPS.items():
+        net, _, adapters, _, _, eps_fn, ab, data = _setup()
+        term = feedback.FeedbackLoss(eps_fn, adapters, ab, decode=Decoder(), sample_steps=2,
+                                     rewards=[feedback.RewardTerm(_reward(), margin=0.0)], prompt_labels=[2, 0],
+                                     late_fraction=fraction)
+        gen = torch.Generator().manual_seed(0)
+        seen[name] = {term(train.Batch(x0=data.groups[0][0][:2], cond=0), None, gen)[1]["feedback_t"]
+                      for _ in range(12)}
+    assert seen == {"late half": {499}, "whole schedule": {999, 499}}
+    with pytest.raises(ValueError, match="scored steps must be one of 'late half', 'whole schedule'"):
+        TrainSettings(method="feedback", stages="2", scored_steps="early")
+    with pytest.raises(ValueError, match=r"late fraction of the schedule must be in \(0, 1\]"):
+        feedback.late_index(4, torch.Generator(), 0.0)
+    default = TrainSettings(method="feedback", stages="2")
+    assert "scored_steps" not in default.signature()
+    assert TrainSettings(method="feedback", stages="2", scored_steps="whole schedule").signature()["scored_steps"] \
+        == "whole schedule"
+    run, _, _ = _feedback_run(tmp_path, steps_per_stage=2, scored_steps="whole schedule")
+    for path in (run.files.lora, run.files.feedback_lora):
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata()["hypersd.feedback_scored_steps"] == "whole schedule"
+
+
+def _feedback_run(tmp_path, steps_per_stage=3, checkpoint_every=0, callbacks=(), resume=True, merge_ratio=0.5,
+                  scored_steps="late half"):
     torch.manual_seed(1234)
     net, decoder = TinyEps(), Decoder()
     ab = _schedule()
@@ -258,7 +330,7 @@ def _feedback_run(tmp_path, steps_per_stage=3, checkpoint_every=0, callbacks=(),
     settings = TrainSettings(method="feedback", stages="2", steps_per_stage=steps_per_stage, learning_rate=1e-2,
                              rank=2, batch_size=2, lora_scope="all", checkpoint_every=checkpoint_every,
                              structure_weight=0.5, merge_ratio=merge_ratio, feedback_on="base.safetensors@abc",
-                             feedback_rewards="tiny:-0.1:1")
+                             feedback_rewards="tiny:-0.1:1", scored_steps=scored_steps)
     run = TrainingRun(settings, RunFiles.create(tmp_path, "fb"), family="SD1.5", alphas_cumprod=ab,
                       prompts=2, resume=resume, parts=parts)
     trainer = run.train(net, eps_fn, data, callbacks=callbacks)

@@ -166,22 +166,28 @@ def test_a_cancelled_feedback_run_resumes_to_the_same_loras(fb, toy_parts, folde
             if trainer.step == 2:
                 mm.interrupt_current_processing(True)
 
-    _, _, own_a, trainer_a = _train(fb, toy_parts, name="whole")
+    # the scored steps and the anchor (not the defaults) are part of what resumes
+    opts = {"scored_steps": "whole schedule", "anchor_weight": 2.0}
+    _, _, own_a, trainer_a = _train(fb, toy_parts, name="whole", **opts)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            _train(fb, toy_parts, name="cut", callbacks=[CancelAt()])
+            _train(fb, toy_parts, name="cut", callbacks=[CancelAt()], **opts)
     finally:
         mm.interrupt_current_processing(False)
     _, meta = _read(loras / "cut.safetensors")
     assert (meta["hypersd.feedback_step"], meta["hypersd.complete"]) == ("2", "false")
-    _, _, own_b, trainer_b = _train(fb, toy_parts, name="cut")
+    assert (meta["hypersd.feedback_scored_steps"], meta["hypersd.feedback_anchor_weight"]) == ("whole schedule", "2.0")
+    for other in ({"scored_steps": "late half"}, {"anchor_weight": 0.0}):
+        with pytest.raises(ValueError, match="different settings"):
+            _train(fb, toy_parts, name="cut", **{**opts, **other})
+    _, _, own_b, trainer_b = _train(fb, toy_parts, name="cut", **opts)
     assert trainer_b.history == pytest.approx(trainer_a.history, rel=1e-5, abs=1e-6)
     a, _ = _read(own_a)
     b, _ = _read(own_b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="different settings"):
-        _train(fb, toy_parts, name="cut", structure_weight=1.0)
+        _train(fb, toy_parts, name="cut", structure_weight=1.0, **opts)
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(fb, toy_parts, folders):

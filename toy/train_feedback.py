@@ -44,9 +44,9 @@ log = logging.getLogger("hypersd.toy.train_feedback")
 # of the merged file (chosen on bench_tscd --quality --feedback's curve)
 PRESETS = {
     "k4": {"lora": "hypersd_toy_tscd_lora_stage2_k4.safetensors", "steps_of_lora": "4", "eta": 0.0,
-           "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 0.75},
+           "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 0.75, "scored_steps": "late half"},
     "unified": {"lora": "hypersd_toy_tscd_lora.safetensors", "steps_of_lora": "1,2,4", "eta": 1.0,
-                "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 0.25},
+                "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 0.25, "scored_steps": "whole schedule"},
 }
 
 
@@ -64,7 +64,8 @@ def feedback_graph(ckpt: str, folder: str, lora: str, name: str, args) -> dict:
             "steps_of_lora": args.steps_of_lora, "steps": args.steps, "learning_rate": args.lr, "rank": args.rank,
             "merge_ratio": args.merge_ratio, "eta": args.eta, "structure_weight": args.structure_weight,
             "seed": args.seed, "batch_size": args.batch, "output_name": name,
-            "checkpoint_every": args.checkpoint_every, "resume": args.resume, "lora_scope": args.lora_scope}},
+            "checkpoint_every": args.checkpoint_every, "resume": args.resume, "lora_scope": args.lora_scope,
+            "scored_steps": args.scored_steps, "anchor_weight": args.anchor_weight}},
     }
 
 
@@ -83,6 +84,11 @@ def main(argv=None) -> int:
     ap.add_argument("--structure-weight", type=float, default=0.5)
     ap.add_argument("--merge-ratio", type=float, help="the feedback's strength in the merged file")
     ap.add_argument("--eta", type=float, help="the LoRA's sampler eta on the way to the late step")
+    ap.add_argument("--scored-steps", choices=["late half", "whole schedule"],
+                    help="where on the LoRA's schedule the reward scores the one-step picture (default: the "
+                         "preset's; 'late half' for k4)")
+    ap.add_argument("--anchor-weight", type=float, default=0.0,
+                    help="the anchor to the frozen LoRA's one-step pictures (0: off)")
     ap.add_argument("--lora-scope", choices=["transformer", "all"], default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-digit", type=int, default=20, help="captioned training digits per class")
