@@ -360,6 +360,21 @@ def quality(args) -> int:
     cache = RowCache(Path(args.cache), args.fresh)
     shard = args.shard  # (i, n): measure only rows i, i + n, ... (several processes share the cache file)
     digests = {}  # file -> its sha256 prefix, the part of a row's key that names the weights
+    earlier, earlier_date = {}, ""  # --rows-from: rows of an earlier --json, by their key and by their settings
+    if args.rows_from:
+        before = json.loads(Path(args.rows_from).read_text())
+        earlier_date = before.get("date", "?")[:10]
+        got = before.get("settings", {})
+        same = (got.get("per_digit"), got.get("repeats"), got.get("seed")) == (n, args.repeats, args.seed)
+        for x in before["figures"]["rows"]:
+            r = {k: x.get(k) for k in ("accuracy", "fid", "fids", "fid_spread", "s_per_image", "reward_logp")}
+            if same:  # its sample (images per digit, seed sets) is this run's: rows of the same names are these rows
+                earlier[json.dumps([x["group"], x["name"], x["steps"], x["cfg"], x["sampler"]])] = r
+            if x.get("key"):
+                earlier[x["key"]] = r
+        if not same and not any(x.get("key") for x in before["figures"]["rows"]):
+            raise SystemExit(f"--rows-from {args.rows_from}: its rows are of another sample ({got}); give this run's "
+                             f"--per-digit, --repeats and --seed, or measure them again (no --only)")
 
     def digest(path) -> str:
         if path not in digests:
@@ -443,6 +458,10 @@ def quality(args) -> int:
                          + (["reward"] if with_reward else []))
         r = cache.get(key)
         skip = args.only and group.split(",")[0] not in args.only  # --only: other groups from the cache or nothing
+        src = f" (from {cache.path.name})"
+        if r is None and skip and earlier:  # --rows-from: the row of an earlier --json with this key or these settings
+            r = earlier.get(key) or earlier.get(json.dumps([group, name, steps, cfg, text]))
+            src = f" (from {Path(args.rows_from).name} of {earlier_date})"
         if r is None and (skip or shard is not None and len(rows) % shard[1] != shard[0]):
             r = {"accuracy": math.nan, "fid": math.nan, "fids": [math.nan] * len(seeds), "fid_spread": math.nan,
                  "s_per_image": math.nan}  # another shard's row: measured there, not here
@@ -452,8 +471,7 @@ def quality(args) -> int:
             r = run(with_lora(lora) if lora else model, cfg, sampler, sigmas, with_reward)
             cache.put(key, r)
             src = ""
-        else:
-            src = f" (from {cache.path.name})"
+        r = {**r, "key": key}
         rows.append((group, name, steps, cfg, text, trained, r))
         print(f"{name} {steps} steps ({text}): {r}{src}", flush=True)
         return r
@@ -622,7 +640,7 @@ def quality(args) -> int:
 
         def row(g, nm, st, cfg, smp, tr, r):
             return {"group": g, "name": nm, "steps": st, "cfg": cfg, "sampler": smp, "trained": tr,
-                    "best_bare": g == "bare teacher" and r is best.get(st),
+                    "best_bare": g == "bare teacher" and r is best.get(st), "key": r.get("key"),
                     **{k: r.get(k) for k in ("accuracy", "fid", "fids", "fid_spread", "s_per_image", "reward_logp")}}
 
         results.save(args.json, "quality", {
@@ -679,6 +697,9 @@ def main(argv=None) -> int:
                     help="--quality: the teacher's guidance when the student's metadata does not give it")
     ap.add_argument("--few-steps", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[1, 2, 4, 8],
                     help="--quality: step counts of the bare teacher's rows, in this order (default 1,2,4,8)")
+    ap.add_argument("--rows-from", help="--quality with --only: the other groups' rows, where the cache lacks them, "
+                         "from this earlier --json of the bench (bench/results/quality.json) when their files' digests "
+                         "match (rows written before digests were kept: when their settings and names match)")
     ap.add_argument("--cache", default=str(REPO / "bench" / "out" / "quality_rows.json"),
                     help="--quality: the file of measured rows (default bench/out/quality_rows.json)")
     ap.add_argument("--fresh", action="store_true", help="--quality: measure every row again (ignore bench/out/quality_rows.json)")

@@ -44,9 +44,11 @@ log = logging.getLogger("hypersd.toy.train_feedback")
 # of the merged file (chosen on bench_tscd --quality --feedback's curve)
 PRESETS = {
     "k4": {"lora": "hypersd_toy_tscd_lora_stage2_k4.safetensors", "steps_of_lora": "4", "eta": 0.0,
-           "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 0.75, "scored_steps": "late half"},
+           "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 0.75, "scored_steps": "late half",
+           "anchor_weight": 0.0},
     "unified": {"lora": "hypersd_toy_tscd_lora.safetensors", "steps_of_lora": "1,2,4", "eta": 1.0,
-                "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 0.25, "scored_steps": "whole schedule"},
+                "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 0.5, "scored_steps": "whole schedule",
+                "anchor_weight": 2.0},
 }
 
 
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="k4",
                     help="which toy LoRA: k4 (the 4-step LoRA, DDIM at 4 steps) or unified (TCD, eta 1, at 1, 2 "
-                         "and 4 steps); sets --lora, --steps-of-lora, --eta, --name and --merge-ratio")
+                         "and 4 steps); sets --lora, --steps-of-lora, --eta, --name, --merge-ratio, --scored-steps "
+                         "and --anchor-weight")
     ap.add_argument("--lora", help="the few-step LoRA (a file of toy/weights) the feedback trains on")
     ap.add_argument("--steps-of-lora", help="the step count(s) the LoRA is used at")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per step count")
@@ -87,8 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scored-steps", choices=["late half", "whole schedule"],
                     help="where on the LoRA's schedule the reward scores the one-step picture (default: the "
                          "preset's; 'late half' for k4)")
-    ap.add_argument("--anchor-weight", type=float, default=0.0,
-                    help="the anchor to the frozen LoRA's one-step pictures (0: off)")
+    ap.add_argument("--anchor-weight", type=float,
+                    help="the anchor to the frozen LoRA's one-step pictures (0: off; default: the preset's, 0 for "
+                         "k4, 2 for unified)")
     ap.add_argument("--lora-scope", choices=["transformer", "all"], default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-digit", type=int, default=20, help="captioned training digits per class")
