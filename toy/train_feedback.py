@@ -33,7 +33,7 @@ from pathlib import Path
 
 from hypersd_dev import REPO, comfy_dir
 from hypersd_dev.server import ComfyServer
-from ComfyUI_HyperSD.hypersd_core import files
+from ComfyUI_HyperSD.hypersd_core import feedback, files
 
 from .train_reward import REWARD_FILE
 from .train_student import DATASET_FOLDER, toy_checkpoint, write_dataset
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--structure-weight", type=float, default=0.5)
     ap.add_argument("--merge-ratio", type=float, help="the feedback's strength in the merged file")
     ap.add_argument("--eta", type=float, help="the LoRA's sampler eta on the way to the late step")
-    ap.add_argument("--scored-steps", choices=["late half", "whole schedule"],
+    ap.add_argument("--scored-steps", choices=list(feedback.SCORED_STEPS),
                     help="where on the LoRA's schedule the reward scores the one-step picture (default: the "
                          "preset's; 'late half' for k4)")
     ap.add_argument("--anchor-weight", type=float,
