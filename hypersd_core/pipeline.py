@@ -93,6 +93,9 @@ class TrainSettings:
     score_feedback_weight: float = 0.0
     # feedback learning (method "feedback": ``stages`` are the student's step counts, one stage each)
     feedback_eta: float = 0.0
+    # the eta of each step count (``(steps, eta)`` pairs, e.g. a unified LoRA's own table, so each stage
+    # runs the schedule as the sampler will); a step count it does not list uses ``feedback_eta``
+    feedback_eta_by_steps: tuple = ()
     structure_weight: float = 0.0
     scored_steps: str = "late half"  # where on the student's schedule the rewards score (feedback.SCORED_STEPS)
     anchor_weight: float = 0.0  # the feedback's anchor to the frozen LoRA's pictures (0: off, the paper's)
@@ -102,6 +105,14 @@ class TrainSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(vocab.parse_stages(self.stages)))
+        table = self.feedback_eta_by_steps
+        try:
+            table = (vocab.parse_eta_by_steps(table) if table.strip() else ()) if isinstance(table, str) \
+                else tuple((int(n), float(e)) for n, e in (table or ()))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"feedback_eta_by_steps must be steps:eta pairs such as '2:0.3,4:0.6' (eta in [0, 1]), "
+                             f"got {self.feedback_eta_by_steps!r} ({e})") from None
+        object.__setattr__(self, "feedback_eta_by_steps", table)
         checks = [
             (int(self.steps_per_stage) >= 1, "steps_per_stage must be at least 1"),
             (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
@@ -127,6 +138,8 @@ class TrainSettings:
         if self.method == "feedback":
             feedback.check_settings(max(self.stages), self.feedback_eta, self.structure_weight,
                                     anchor_weight=self.anchor_weight)
+            for k in self.stages:
+                feedback.check_settings(k, self.eta_of_stage(k), 0.0)
             feedback.late_fraction_of(self.scored_steps)
             if not (math.isfinite(self.merge_ratio) and 0.0 <= self.merge_ratio <= 2.0):
                 raise ValueError(f"merge_ratio must be in [0, 2] (the feedback LoRA's strength in the merged file), "
@@ -152,6 +165,10 @@ class TrainSettings:
             sig.update(self._feedback_settings())
         return sig
 
+    def eta_of_stage(self, steps: int) -> float:
+        """The feedback's sampler eta at a step count: ``feedback_eta_by_steps``'s entry, else ``feedback_eta``."""
+        return float(dict(self.feedback_eta_by_steps).get(int(steps), self.feedback_eta))
+
     def _feedback_settings(self) -> dict:
         out = {"feedback_eta": float(self.feedback_eta), "structure_weight": float(self.structure_weight),
                "feedback_on": self.feedback_on, "feedback_rewards": self.feedback_rewards}
@@ -159,6 +176,8 @@ class TrainSettings:
             out["scored_steps"] = self.scored_steps
         if self.anchor_weight:  # absent at 0, likewise
             out["anchor_weight"] = float(self.anchor_weight)
+        if self.feedback_eta_by_steps:  # absent when empty, likewise
+            out["feedback_eta_by_steps"] = vocab.format_eta_by_steps(self.feedback_eta_by_steps)
         return out
 
     def _score_settings(self) -> dict:
@@ -295,7 +314,7 @@ def feedback_stages(settings: TrainSettings, eps_fn, adapters: LoraAdapters, alp
     stages = []
     for k in settings.stages:
         term = feedback.FeedbackLoss(eps_fn, adapters, alphas_cumprod, decode=parts.decode, rewards=parts.rewards,
-                                     sample_steps=k, eta=settings.feedback_eta,
+                                     sample_steps=k, eta=settings.eta_of_stage(k),
                                      structure_weight=settings.structure_weight, prompt_labels=parts.prompt_labels,
                                      late_fraction=feedback.late_fraction_of(settings.scored_steps),
                                      anchor_weight=settings.anchor_weight)
@@ -477,6 +496,8 @@ class TrainingRun:
                    vocab.PREFIX + "structure_weight": str(float(s.structure_weight)),
                    vocab.PREFIX + "feedback_scored_steps": s.scored_steps,
                    vocab.PREFIX + "feedback_anchor_weight": str(float(s.anchor_weight)),
+                   **({vocab.PREFIX + "feedback_eta_by_steps": vocab.format_eta_by_steps(s.feedback_eta_by_steps)}
+                      if s.feedback_eta_by_steps else {}),
                    vocab.PREFIX + "feedback_learning_rate": str(float(s.learning_rate)),
                    vocab.PREFIX + "feedback_rank": str(int(s.rank)),
                    "ss_network_module": "networks.lora"})

@@ -277,19 +277,35 @@ def feedback_parts(terms, vae, patcher, labels, checkpointing: bool, **base) -> 
                          rewards=list(terms), prompt_labels=labels, **base)
 
 
+def lora_etas(meta: dict, stages) -> tuple[tuple[int, float], ...]:
+    """The sampler eta the frozen LoRA's recipe (``meta``: :func:`base_lora`'s) gives each step count
+    of ``stages``: a unified (TCD) LoRA's own table or TCD's rule, a TCD-sampled N-step LoRA's eta,
+    0 (DDIM) for the others."""
+    r = vocab.RECOMMENDED
+    if meta.get(r + "sampler") != "tcd":
+        return tuple((int(k), 0.0) for k in vocab.parse_stages(stages))
+    table = vocab.parse_eta_by_steps(meta[r + "eta_by_steps"]) if meta.get(r + "eta_by_steps") else ()
+    recipe = vocab.Recipe(int(meta.get(r + "steps", 1)), float(meta.get(r + "cfg", 1.0)), "tcd",
+                          meta.get(r + "schedule", "tcd"), float(meta.get(r + "eta", 0.3)), eta_by_steps=table)
+    return tuple((int(k), recipe.with_steps(int(k)).eta) for k in vocab.parse_stages(stages))
+
+
 def train_feedback(model, lora_name, vae, reward_terms, latents, positive, captions=None, *,
                    output_name: str = "hypersd_feedback", resume: bool = True, node_id=None, callbacks: tuple = (),
-                   positive_per_latent: bool = False, **settings) -> tuple:
+                   positive_per_latent: bool = False, eta_of_lora: bool = False, **settings) -> tuple:
     """Train a feedback LoRA on ``lora_name``; returns ``(model_with_merged_lora, merged_path,
     feedback_path, trainer)``. ``settings``: :class:`TrainSettings` fields (``stages`` are the
     student's step counts; ``steps_per_stage``, ``learning_rate``, ``rank``, ``feedback_eta``,
-    ``structure_weight``, ``merge_ratio``, ...)."""
+    ``structure_weight``, ``merge_ratio``, ...). ``eta_of_lora``: each step count at the LoRA's own
+    eta (:func:`lora_etas`) instead of ``feedback_eta``."""
     if not reward_terms:
         raise ValueError("connect at least one reward (Hyper-SD Reward Loader)")
     if not positive:
         raise ValueError("connect a positive conditioning (the prompt of the training images)")
     family = _comfy_model.model_family(model)
     base_sd, base_meta, base_id = base_lora(lora_name, family)
+    if eta_of_lora:
+        settings["feedback_eta_by_steps"] = lora_etas(base_meta, settings.get("stages", "4"))
     settings = TrainSettings(method="feedback", feedback_on=base_id, feedback_rewards=rewards_setting(reward_terms),
                              **{"save_stages": False, **settings})
     files = RunFiles.create(_comfy_model.loras_dir(), output_name)
@@ -435,6 +451,10 @@ def _setting_inputs() -> list:
                                "one-step picture (latent) from the frozen LoRA's at the same step and noise. The "
                                "hinge leaves a picture that already scores its margin alone; the anchor also holds "
                                "it where it was. 0: off (the paper's)."),
+        io.Boolean.Input("eta_of_lora", default=False, optional=True,
+                         tooltip="Run each step count at the eta the LoRA's sampler uses there (a unified LoRA's "
+                                 "own table: e.g. 1 at one step, 0.3 at two), so the feedback sees the pictures "
+                                 "you will sample; eta is then not used. Off: eta at every step count."),
     ]
 
 

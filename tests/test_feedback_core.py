@@ -312,7 +312,7 @@ def test_scored_steps_choose_where_on_the_schedule_the_reward_scores(tmp_path):
 
 
 def _feedback_run(tmp_path, steps_per_stage=3, checkpoint_every=0, callbacks=(), resume=True, merge_ratio=0.5,
-                  scored_steps="late half"):
+                  scored_steps="late half", **more):
     torch.manual_seed(1234)
     net, decoder = TinyEps(), Decoder()
     ab = _schedule()
@@ -330,7 +330,7 @@ def _feedback_run(tmp_path, steps_per_stage=3, checkpoint_every=0, callbacks=(),
     settings = TrainSettings(method="feedback", stages="2", steps_per_stage=steps_per_stage, learning_rate=1e-2,
                              rank=2, batch_size=2, lora_scope="all", checkpoint_every=checkpoint_every,
                              structure_weight=0.5, merge_ratio=merge_ratio, feedback_on="base.safetensors@abc",
-                             feedback_rewards="tiny:-0.1:1", scored_steps=scored_steps)
+                             feedback_rewards="tiny:-0.1:1", scored_steps=scored_steps, **more)
     run = TrainingRun(settings, RunFiles.create(tmp_path, "fb"), family="SD1.5", alphas_cumprod=ab,
                       prompts=2, resume=resume, parts=parts)
     trainer = run.train(net, eps_fn, data, callbacks=callbacks)
@@ -438,3 +438,28 @@ def test_keep_on_brings_back_a_module_the_host_moved_or_built_under_inference_mo
     m(x).sum().backward()
     assert x.grad is not None and not m.weight.requires_grad
     assert lora_train.keep_on(m, "cpu") is False
+
+
+def test_each_step_count_of_a_feedback_run_can_have_its_own_eta(tmp_path):
+    """``feedback_eta_by_steps`` (the node's ``eta_of_lora``: a unified LoRA's own table) gives each
+    stage its sampler eta, ``feedback_eta`` the step counts it does not list; it is part of the resume
+    signature only when set (earlier states resume) and written into the files; a bad table is refused."""
+    from safetensors import safe_open
+
+    from ComfyUI_HyperSD.hypersd_core.pipeline import feedback_stages
+
+    settings = TrainSettings(method="feedback", stages="1,2,4", feedback_eta=1.0, feedback_eta_by_steps="2:0.3,4:0.6")
+    _, _, adapters, reward, _, eps_fn, ab, data = _setup()
+    parts = FeedbackParts(decode=Decoder(), rewards=[feedback.RewardTerm(reward)], prompt_labels=[2, 0])
+    stages = feedback_stages(settings, eps_fn, adapters, ab, data, parts)
+    assert [s.terms[0][1].eta for s in stages] == [1.0, 0.3, 0.6]
+    assert settings.signature()["feedback_eta_by_steps"] == "2:0.3,4:0.6"
+    assert "feedback_eta_by_steps" not in TrainSettings(method="feedback", stages="2").signature()
+    assert TrainSettings(method="feedback", stages="2", feedback_eta_by_steps=[[2, 0.3]]).eta_of_stage(2) == 0.3
+    for bad in ("2=0.3", "2:1.5", ((2, 1.5),), "0:0.3"):
+        with pytest.raises(ValueError, match="eta"):
+            TrainSettings(method="feedback", stages="2", feedback_eta_by_steps=bad)
+    run, _, _ = _feedback_run(tmp_path, steps_per_stage=1, feedback_eta_by_steps="2:0.3")
+    for path in (run.files.lora, run.files.feedback_lora):
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata()["hypersd.feedback_eta_by_steps"] == "2:0.3"

@@ -167,8 +167,8 @@ def test_a_cancelled_feedback_run_resumes_to_the_same_loras(fb, toy_parts, folde
             if trainer.step == 2:
                 mm.interrupt_current_processing(True)
 
-    # the scored steps and the anchor (not the defaults) are part of what resumes
-    opts = {"scored_steps": "whole schedule", "anchor_weight": 2.0}
+    # the scored steps, the anchor and the LoRA's own eta (not the defaults) are part of what resumes
+    opts = {"scored_steps": "whole schedule", "anchor_weight": 2.0, "eta_of_lora": True}
     _, _, own_a, trainer_a = _train(fb, toy_parts, name="whole", **opts)
     try:
         with pytest.raises(mm.InterruptProcessingException):
@@ -178,7 +178,8 @@ def test_a_cancelled_feedback_run_resumes_to_the_same_loras(fb, toy_parts, folde
     _, meta = _read(loras / "cut.safetensors")
     assert (meta["hypersd.feedback_step"], meta["hypersd.complete"]) == ("2", "false")
     assert (meta["hypersd.feedback_scored_steps"], meta["hypersd.feedback_anchor_weight"]) == ("whole schedule", "2.0")
-    for other in ({"scored_steps": "late half"}, {"anchor_weight": 0.0}):
+    assert meta["hypersd.feedback_eta_by_steps"] == "4:0.3"  # the 4-step LoRA's recipe: TCD, eta 0.3
+    for other in ({"scored_steps": "late half"}, {"anchor_weight": 0.0}, {"eta_of_lora": False}):
         with pytest.raises(ValueError, match="different settings"):
             _train(fb, toy_parts, name="cut", **{**opts, **other})
     _, _, own_b, trainer_b = _train(fb, toy_parts, name="cut", **opts)
@@ -189,6 +190,24 @@ def test_a_cancelled_feedback_run_resumes_to_the_same_loras(fb, toy_parts, folde
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="different settings"):
         _train(fb, toy_parts, name="cut", structure_weight=1.0, **opts)
+
+
+def test_eta_of_lora_is_the_eta_each_step_count_samples_at(fb, comfy, tmp_path):
+    """``eta_of_lora``: a unified LoRA's own table (the toy's: 1 at one step, 0.3 at two, 0.6 at four),
+    a TCD-sampled N-step LoRA's eta, 0 for a DDIM one."""
+    from ComfyUI_HyperSD.hypersd_core import metadata as vocab
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    for name in ("hypersd_toy_tscd_lora.safetensors", BASE_LORA):
+        shutil.copy(REPO / "toy" / "weights" / name, loras / name)
+    with registered_folder("loras", loras):
+        _, unified, _ = fb.base_lora("hypersd_toy_tscd_lora.safetensors", "SD1.5")
+        _, k4, _ = fb.base_lora(BASE_LORA, "SD1.5")
+    assert fb.lora_etas(unified, "1,2,4,8") == ((1, 1.0), (2, 0.3), (4, 0.6), (8, 0.3))
+    assert fb.lora_etas(k4, "4") == ((4, 0.3),)
+    ddim = {**k4, vocab.RECOMMENDED + "sampler": "ddim", vocab.RECOMMENDED + "eta": "0.0"}
+    assert fb.lora_etas(ddim, "4") == ((4, 0.0),)
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(fb, toy_parts, folders):

@@ -121,7 +121,8 @@ CONTROL_MARGIN = 0.85  # the ratio a run must stay under
 def test_committed_feedback_loras_were_made_by_their_preset():
     """Each committed feedback LoRA's metadata is the settings of its toy.train_feedback preset (the
     command the README gives re-makes a file of the same kind): the LoRA it was trained on, step
-    counts, eta, where the reward scored, anchor, and the merged file's ratio."""
+    counts, eta (one, or the LoRA's own per step count), where the reward scored, anchor, and the merged
+    file's ratio."""
     from safetensors import safe_open
 
     from toy.train_feedback import PRESETS
@@ -136,6 +137,8 @@ def test_committed_feedback_loras_were_made_by_their_preset():
             # files made before these two settings existed have neither: the defaults
             assert meta.get("hypersd.feedback_scored_steps", "late half") == preset["scored_steps"], stem
             assert float(meta.get("hypersd.feedback_anchor_weight", 0.0)) == preset["anchor_weight"], stem
+            # eta_of_lora: each step count at the LoRA's own eta, written as a table
+            assert ("hypersd.feedback_eta_by_steps" in meta) == preset["eta_of_lora"], stem
             if stem == preset["name"]:  # the merged file
                 assert float(meta["hypersd.feedback_ratio"]) == preset["merge_ratio"], stem
             else:

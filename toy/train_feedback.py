@@ -45,10 +45,10 @@ log = logging.getLogger("hypersd.toy.train_feedback")
 PRESETS = {
     "k4": {"lora": "hypersd_toy_tscd_lora_stage2_k4.safetensors", "steps_of_lora": "4", "eta": 0.0,
            "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 0.75, "scored_steps": "late half",
-           "anchor_weight": 0.0},
+           "anchor_weight": 0.0, "eta_of_lora": False},
     "unified": {"lora": "hypersd_toy_tscd_lora.safetensors", "steps_of_lora": "1,2,4", "eta": 1.0,
                 "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 0.5, "scored_steps": "whole schedule",
-                "anchor_weight": 2.0},
+                "anchor_weight": 2.0, "eta_of_lora": False},
 }
 
 
@@ -67,7 +67,7 @@ def feedback_graph(ckpt: str, folder: str, lora: str, name: str, args) -> dict:
             "merge_ratio": args.merge_ratio, "eta": args.eta, "structure_weight": args.structure_weight,
             "seed": args.seed, "batch_size": args.batch, "output_name": name,
             "checkpoint_every": args.checkpoint_every, "resume": args.resume, "lora_scope": args.lora_scope,
-            "scored_steps": args.scored_steps, "anchor_weight": args.anchor_weight}},
+            "scored_steps": args.scored_steps, "anchor_weight": args.anchor_weight, "eta_of_lora": args.eta_of_lora}},
     }
 
 
@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--anchor-weight", type=float,
                     help="the anchor to the frozen LoRA's one-step pictures (0: off; default: the preset's, 0 for "
                          "k4, 2 for unified)")
+    ap.add_argument("--eta-of-lora", action=argparse.BooleanOptionalAction, default=None,
+                    help="each step count at the eta the LoRA's sampler uses there (its own table) instead of --eta "
+                         "(default: the preset's)")
     ap.add_argument("--lora-scope", choices=["transformer", "all"], default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-digit", type=int, default=20, help="captioned training digits per class")
