@@ -34,7 +34,7 @@ if "$HYPERSD_PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_availabl
   run distributed_gpu bench.bench_distributed --devices cuda,cpu  # CUDA beside this machine's cores
 fi
 run quality bench.bench_tscd --quality --repeats 3 --unified-etas 0.3,0.6,1 \
-  --feedback toy/weights/hypersd_toy_feedback_lora_k4_feedback.safetensors,toy/weights/hypersd_toy_feedback_lora_unified_feedback.safetensors
+  --feedback toy/weights/hypersd_toy_feedback_lora_k4_feedback.safetensors,toy/weights/hypersd_toy_feedback_lora_k2_feedback.safetensors,toy/weights/hypersd_toy_feedback_lora_unified_feedback.safetensors
 run preference bench.bench_preference --grid "$OUT/preference_grid.png"
 run demo bench.bench_demo --out "$OUT/demo"
 run soak bench.soak

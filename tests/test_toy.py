@@ -106,8 +106,11 @@ LORA_MEASURED = {
     "hypersd_toy_tscd_lora_stage3_k2.safetensors": (0.67, 201.9),
     # the k4 LoRA with its feedback LoRA merged at 0.75 (toy/train_feedback.py), DDIM trailing 4 steps
     "hypersd_toy_feedback_lora_k4.safetensors": (0.95, 122.0),
-    # the unified LoRA with its feedback LoRA merged at 0.5 (anchor 2), TCD 8 steps (the demo's first row), eta 0.3
-    "hypersd_toy_feedback_lora_unified.safetensors": (0.95, 88.5),
+    # the k2 LoRA with its feedback LoRA merged at 1 (180 steps, its own eta), TCD trailing 2 steps, eta 0.3
+    "hypersd_toy_feedback_lora_k2.safetensors": (0.98, 146.1),
+    # the unified LoRA with its feedback LoRA merged at 0.5 (anchor 2, its own eta per step count), TCD 8 steps (the
+    # demo's first row), eta 0.3
+    "hypersd_toy_feedback_lora_unified.safetensors": (0.96, 85.2),
 }
 # The k-step LoRAs that beat the bare teacher at their own step count with their own recipe
 # (bench_tscd --quality, 500 images x 3 seed sets: all three, in every seed set), with the measured

@@ -3,8 +3,7 @@
 
 Run with the host's Python after set-up (the toy must be installed)::
 
-    .venv/bin/python -m toy.train_feedback [--lora hypersd_toy_tscd_lora_stage2_k4.safetensors]
-        [--steps-of-lora 4] [--steps 200] [--out PATH]
+    .venv/bin/python -m toy.train_feedback [--preset k4|k2|unified] [--steps 60] [--out PATH]
 
 It starts a real ComfyUI (``main.py --cpu``, a temporary base folder, the pack linked in),
 links the toy checkpoint, the chosen LoRA (from ``toy/weights``) and the toy's reward model
@@ -45,10 +44,13 @@ log = logging.getLogger("hypersd.toy.train_feedback")
 PRESETS = {
     "k4": {"lora": "hypersd_toy_tscd_lora_stage2_k4.safetensors", "steps_of_lora": "4", "eta": 0.0,
            "name": "hypersd_toy_feedback_lora_k4", "merge_ratio": 0.75, "scored_steps": "late half",
-           "anchor_weight": 0.0, "eta_of_lora": False},
+           "anchor_weight": 0.0, "eta_of_lora": False, "steps": 60},
+    "k2": {"lora": "hypersd_toy_tscd_lora_stage3_k2.safetensors", "steps_of_lora": "2", "eta": 0.0,
+           "name": "hypersd_toy_feedback_lora_k2", "merge_ratio": 1.0, "scored_steps": "late half",
+           "anchor_weight": 0.0, "eta_of_lora": True, "steps": 180},
     "unified": {"lora": "hypersd_toy_tscd_lora.safetensors", "steps_of_lora": "1,2,4", "eta": 1.0,
                 "name": "hypersd_toy_feedback_lora_unified", "merge_ratio": 0.5, "scored_steps": "whole schedule",
-                "anchor_weight": 2.0, "eta_of_lora": False},
+                "anchor_weight": 2.0, "eta_of_lora": True, "steps": 60},
 }
 
 
@@ -74,12 +76,13 @@ def feedback_graph(ckpt: str, folder: str, lora: str, name: str, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="k4",
-                    help="which toy LoRA: k4 (the 4-step LoRA, DDIM at 4 steps) or unified (TCD, eta 1, at 1, 2 "
-                         "and 4 steps); sets --lora, --steps-of-lora, --eta, --name, --merge-ratio, --scored-steps "
-                         "and --anchor-weight")
+                    help="which toy LoRA: k4 (the 4-step LoRA, DDIM at 4 steps), k2 (the 2-step LoRA at its own "
+                         "eta, TCD 0.3) or unified (TCD at 1, 2 and 4 steps, each at the LoRA's own eta); sets "
+                         "--lora, --steps-of-lora, --steps, --eta, --eta-of-lora, --name, --merge-ratio, "
+                         "--scored-steps and --anchor-weight")
     ap.add_argument("--lora", help="the few-step LoRA (a file of toy/weights) the feedback trains on")
     ap.add_argument("--steps-of-lora", help="the step count(s) the LoRA is used at")
-    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per step count")
+    ap.add_argument("--steps", type=int, help="optimizer steps per step count (default: the preset's)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
