@@ -9,4 +9,5 @@ source "$(dirname "$0")/_env.sh"
 # hypersd_dev, as toy/, bench/ and scripts/ do.
 cd "$HYPERSD_REPO/tests"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
-exec "$HYPERSD_PYTHON" -m pytest -c pytest.ini --rootdir . -q "$@"
+# --durations: the slowest tests at the end of every run (where CI time goes)
+exec "$HYPERSD_PYTHON" -m pytest -c pytest.ini --rootdir . -q --durations=15 "$@"
