@@ -156,8 +156,8 @@ def aesthetic_reward(clip_vision, head_name: str, margin: float, weight: float) 
     return core_feedback.RewardTerm(reward, margin=float(margin), weight=float(weight))
 
 
-def base_lora(lora_name: str, family: str) -> tuple[dict, dict, str]:
-    """The frozen LoRA: ``(kohya weights, the metadata its merged file carries, "name@digest")``."""
+def base_lora(lora_name: str, family: str) -> tuple[dict, dict, str, vocab.Recipe]:
+    """The frozen LoRA: ``(kohya weights, the metadata its merged file carries, "name@digest", its recipe)``."""
     path = folder_paths.get_full_path("loras", lora_name) if lora_name else None
     if path is None:
         raise ValueError(f"LoRA '{lora_name}' is not in the loras folder; pick the few-step LoRA to train on")
@@ -178,15 +178,14 @@ def base_lora(lora_name: str, family: str) -> tuple[dict, dict, str]:
     except ValueError as e:
         raise ValueError(f"cannot merge feedback into '{lora_name}': {e}") from None
     meta = dict(lora_file.read_safetensors_header(path)[1] or {}) if path.endswith(".safetensors") else {}
-    recipe = vocab.Recipe(info.steps, info.cfg, info.sampler, info.schedule, info.eta, info.strength,
-                          info.guidance, tuple(tuple(x) for x in info.eta_by_steps))
+    recipe = info.recipe
     meta.update(recipe.to_metadata())
     meta[vocab.FAMILY] = info.family if info.family != "unknown" else family
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return sd, meta, f"{lora_name}@{h.hexdigest()[:16]}"
+    return sd, meta, f"{lora_name}@{h.hexdigest()[:16]}", recipe
 
 
 def vae_decoder(vae, model, device, checkpointing: bool = False):
@@ -277,17 +276,14 @@ def feedback_parts(terms, vae, patcher, labels, checkpointing: bool, **base) -> 
                          rewards=list(terms), prompt_labels=labels, **base)
 
 
-def lora_etas(meta: dict, stages) -> tuple[tuple[int, float], ...]:
-    """The sampler eta the frozen LoRA's recipe (``meta``: :func:`base_lora`'s) gives each step count
-    of ``stages``: a unified (TCD) LoRA's own table or TCD's rule, a TCD-sampled N-step LoRA's eta,
+def lora_etas(recipe: vocab.Recipe, stages) -> tuple[tuple[int, float], ...]:
+    """The sampler eta the frozen LoRA's recipe (:func:`base_lora`'s) gives each step count of
+    ``stages``: a unified (TCD) LoRA's own table or TCD's rule, a TCD-sampled N-step LoRA's eta,
     0 (DDIM) for the others."""
-    r = vocab.RECOMMENDED
-    if meta.get(r + "sampler") != "tcd":
-        return tuple((int(k), 0.0) for k in vocab.parse_stages(stages))
-    table = vocab.parse_eta_by_steps(meta[r + "eta_by_steps"]) if meta.get(r + "eta_by_steps") else ()
-    recipe = vocab.Recipe(int(meta.get(r + "steps", 1)), float(meta.get(r + "cfg", 1.0)), "tcd",
-                          meta.get(r + "schedule", "tcd"), float(meta.get(r + "eta", 0.3)), eta_by_steps=table)
-    return tuple((int(k), recipe.with_steps(int(k)).eta) for k in vocab.parse_stages(stages))
+    steps = vocab.parse_stages(stages)
+    if recipe.sampler != "tcd":
+        return tuple((int(k), 0.0) for k in steps)
+    return tuple((int(k), recipe.with_steps(int(k)).eta) for k in steps)
 
 
 def train_feedback(model, lora_name, vae, reward_terms, latents, positive, captions=None, *,
@@ -303,9 +299,9 @@ def train_feedback(model, lora_name, vae, reward_terms, latents, positive, capti
     if not positive:
         raise ValueError("connect a positive conditioning (the prompt of the training images)")
     family = _comfy_model.model_family(model)
-    base_sd, base_meta, base_id = base_lora(lora_name, family)
+    base_sd, base_meta, base_id, base_recipe = base_lora(lora_name, family)
     if eta_of_lora:
-        settings["feedback_eta_by_steps"] = lora_etas(base_meta, settings.get("stages", "4"))
+        settings["feedback_eta_by_steps"] = lora_etas(base_recipe, settings.get("stages", "4"))
     settings = TrainSettings(method="feedback", feedback_on=base_id, feedback_rewards=rewards_setting(reward_terms),
                              **{"save_stages": False, **settings})
     files = RunFiles.create(_comfy_model.loras_dir(), output_name)

@@ -195,18 +195,18 @@ def test_a_cancelled_feedback_run_resumes_to_the_same_loras(fb, toy_parts, folde
 def test_eta_of_lora_is_the_eta_each_step_count_samples_at(fb, comfy, tmp_path):
     """``eta_of_lora``: a unified LoRA's own table (the toy's: 1 at one step, 0.3 at two, 0.6 at four),
     a TCD-sampled N-step LoRA's eta, 0 for a DDIM one."""
-    from ComfyUI_HyperSD.hypersd_core import metadata as vocab
+    import dataclasses
 
     loras = tmp_path / "loras"
     loras.mkdir()
     for name in ("hypersd_toy_tscd_lora.safetensors", BASE_LORA):
         shutil.copy(REPO / "toy" / "weights" / name, loras / name)
     with registered_folder("loras", loras):
-        _, unified, _ = fb.base_lora("hypersd_toy_tscd_lora.safetensors", "SD1.5")
-        _, k4, _ = fb.base_lora(BASE_LORA, "SD1.5")
+        *_, unified = fb.base_lora("hypersd_toy_tscd_lora.safetensors", "SD1.5")
+        *_, k4 = fb.base_lora(BASE_LORA, "SD1.5")
     assert fb.lora_etas(unified, "1,2,4,8") == ((1, 1.0), (2, 0.3), (4, 0.6), (8, 0.3))
     assert fb.lora_etas(k4, "4") == ((4, 0.3),)
-    ddim = {**k4, vocab.RECOMMENDED + "sampler": "ddim", vocab.RECOMMENDED + "eta": "0.0"}
+    ddim = dataclasses.replace(k4, sampler="ddim", eta=0.0)
     assert fb.lora_etas(ddim, "4") == ((4, 0.0),)
 
 
