@@ -45,6 +45,25 @@ def _begin_write(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
 
 
+def _wal(conn: sqlite3.Connection, wait: float = BUSY_SECONDS) -> None:
+    """Put the database in write-ahead-log mode (a setting kept in the file, so once is enough).
+    Switching needs the file to itself, and SQLite answers "database is locked" at once, without
+    its busy wait, when another connection has it open: two first ratings at the same moment on a
+    new database got a 503 so (seen in the crash bench). So the switch is retried here, for up to
+    ``wait`` seconds, as the busy wait would have."""
+    deadline = time.monotonic() + wait
+    delay = 0.005
+    while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return  # switched (or a file system without WAL kept the old mode: nothing to wait for)
+        except sqlite3.OperationalError as e:
+            if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 COLUMNS = ("id", "created", "kind", "image_type", "image", "image_sha256", "other_image", "other_sha256",
            "prompt", "seed", "checkpoint", "loras", "sampler", "source")
 
@@ -217,8 +236,7 @@ class RatingsDB:
                 raise RatingsStoreError(f"the ratings database {self.path} has schema version {version}, made by a "
                                         f"newer version of this pack (this one reads {SCHEMA_VERSION}): update the "
                                         f"pack, or move the file away to start a new one")
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
+            _wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             if version < SCHEMA_VERSION:  # one transaction: a second creator waits, then finds it made
                 conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
