@@ -2,8 +2,8 @@
 files given to ``lora_file.inspect_file`` give either a ``LoraInfo`` or the pack's own
 ``LoraFileError`` sentence (short: no megabyte key quoted back), never another exception, and
 never run code from a pickle. For safetensors files the inspector also never reads past the
-file nor any tensor data but the scalar ``.alpha`` values (the bytes this process read, from
-``/proc/self/io``), and never holds more memory than a small multiple of the header
+file nor any tensor data but the scalar ``.alpha`` values (the bytes this thread read, from
+``/proc/thread-self/io``), and never holds more memory than a small multiple of the header
 (``tracemalloc``'s peak)."""
 from __future__ import annotations
 
@@ -41,11 +41,13 @@ headers = st.dictionaries(names, st.one_of(entries, json_values), max_size=6)
 
 MEMORY_FACTOR = 32  # of the header's bytes: JSON's smallest values ("[{},{}]") cost ~20x as objects
 MEMORY_FLOOR = 512 * 1024  # what inspecting any small file costs (the LoraInfo, counters, the recipe)
-IO = Path("/proc/self/io")
+# this thread's counters: under pytest-xdist another thread of the process reads the test runner's
+# messages, which the process-wide /proc/self/io counts (a failure seen so: 385 bytes of a 64-byte file)
+IO = Path("/proc/thread-self/io")
 
 
 def _bytes_read() -> tuple[int, int]:
-    """(bytes returned by this process's read calls before this one (``rchar``), this one's)."""
+    """(bytes returned by this thread's read calls before this one (``rchar``), this one's)."""
     text = IO.read_bytes()
     return int(text.split()[1]), len(text)
 
