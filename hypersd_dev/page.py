@@ -14,6 +14,10 @@ from scripts.setup_host import CHROMIUM, NEWEST_FRONT_END
 
 from . import REPO
 
+# How long a page test waits for something the page should show (a badge, a toast, a node): the
+# suite runs on two workers, so the browser may share the 2 cores with a training run's processes.
+UI_WAIT_MS = 30000
+
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 

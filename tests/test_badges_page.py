@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from hypersd_dev import fixtures
-from hypersd_dev.page import FRONT_ENDS, load_api, open_page, prepare_user, require_browser, server_for
+from hypersd_dev.page import FRONT_ENDS, UI_WAIT_MS, load_api, open_page, prepare_user, require_browser, server_for
 
 sync_api = require_browser()  # fails, with the install line, where the browser is missing
 
@@ -57,8 +57,8 @@ def test_badge_warning_and_apply_in_the_page(tmp_path, pack, front_end):
     with server_for(base, front_end) as srv, open_page(sync_api, srv, viewport=(1600, 1000)) as (page, errors):
         # 1. core LoraLoaderModelOnly -> KSampler: a unified LoRA under euler / normal, 30 steps, cfg 7
         load_api(page, KSAMPLER_GRAPH, scale=0.8)
-        page.wait_for_selector('[data-hypersd-badge^="Hyper-SD SD1.5 unified 1-step LoRA"]', timeout=20000)
-        warn = page.wait_for_selector("[data-hypersd-warning*=\"set sampler to 'tcd'\"]", timeout=20000)
+        page.wait_for_selector('[data-hypersd-badge^="Hyper-SD SD1.5 unified 1-step LoRA"]', timeout=UI_WAIT_MS)
+        warn = page.wait_for_selector("[data-hypersd-warning*=\"set sampler to 'tcd'\"]", timeout=UI_WAIT_MS)
         text = warn.get_attribute("data-hypersd-warning")
         assert "1 to 8 steps" in text and "set cfg to 1" in text and "hypersd_tcd" in text
         page.screenshot(path=str(tmp_path / "ksampler_warning.png"))
@@ -69,12 +69,12 @@ def test_badge_warning_and_apply_in_the_page(tmp_path, pack, front_end):
         assert got["2"]["strength_model"] == 1
         page.wait_for_function("() => !document.querySelector('[data-hypersd-warning]')"
                                " || document.querySelector('[data-hypersd-warning]').dataset.hypersdWarning === ''",
-                               timeout=20000)
+                               timeout=UI_WAIT_MS)
         page.screenshot(path=str(tmp_path / "ksampler_applied.png"))
 
         # 2. the pack's loader -> SamplerCustom with KSamplerSelect and BasicScheduler: an 8-step LoRA
         load_api(page, CUSTOM_GRAPH, scale=0.8)
-        warn = page.wait_for_selector("[data-hypersd-warning*=\"made for exactly 8\"]", timeout=20000)
+        warn = page.wait_for_selector("[data-hypersd-warning*=\"made for exactly 8\"]", timeout=UI_WAIT_MS)
         text = warn.get_attribute("data-hypersd-warning")
         assert "euler_ancestral" in text and "karras" in text
         page.locator("[data-hypersd-apply]").click()
@@ -82,17 +82,17 @@ def test_badge_warning_and_apply_in_the_page(tmp_path, pack, front_end):
         assert (got["7"]["sampler_name"], got["8"]["scheduler"], got["8"]["steps"], got["3"]["cfg"]) == (
             "ddim", "hypersd_trailing", 8, 1)
         page.wait_for_function("() => document.querySelector('[data-hypersd-warning]').dataset.hypersdWarning === ''",
-                               timeout=20000)
+                               timeout=UI_WAIT_MS)
         # a contradiction made by hand comes back as a warning
         page.evaluate("() => { const n = window.app.graph.getNodeById(8);"
                       " n.widgets.find((w) => w.name === 'steps').value = 4; }")
-        page.wait_for_selector("[data-hypersd-warning*=\"4 steps\"]", timeout=20000)
+        page.wait_for_selector("[data-hypersd-warning*=\"4 steps\"]", timeout=UI_WAIT_MS)
 
         # 3. the setting turns badges and warnings off
         page.evaluate("() => window.app.extensionManager.setting.set('HyperSD.Badges', false)")
         page.wait_for_function("() => [...document.querySelectorAll('[data-hypersd-badge]')]"
                                ".every((e) => e.dataset.hypersdBadge === '' && e.style.display === 'none')",
-                               timeout=20000)
+                               timeout=UI_WAIT_MS)
         assert page.locator("[data-hypersd-warning*='steps']").count() == 0
         assert not errors, errors
         assert not srv.pack_problems(srv.log())

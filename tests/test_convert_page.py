@@ -15,7 +15,7 @@ import pytest
 
 from hypersd_dev import other_packs
 from hypersd_dev.fixtures import place
-from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
+from hypersd_dev.page import FRONT_ENDS, UI_WAIT_MS, open_page, prepare_user, require_browser, server_for
 
 sync_api = require_browser()  # fails, with the install line, where the browser is missing
 
@@ -26,7 +26,7 @@ TYPES = "() => window.app.graph._nodes.map((n) => n.type).sort()"
 def _open_and_answer(page, workflow, button):
     page.evaluate(OPEN, workflow)
     dialog = page.locator("[role=dialog]").filter(has_text="convert other packs' nodes")  # both front ends' markup
-    dialog.locator("button").filter(has_text=re.compile(rf"^\s*{button}\s*$")).click(timeout=20000)
+    dialog.locator("button").filter(has_text=re.compile(rf"^\s*{button}\s*$")).click(timeout=UI_WAIT_MS)
 
 
 @pytest.mark.parametrize("front_end", sorted(FRONT_ENDS))
@@ -44,13 +44,13 @@ def test_a_shared_tcd_workflow_is_converted_on_confirm_and_runs(front_end, tmp_p
 
         # "Cancel": the graph opens as saved, the other packs' nodes missing
         _open_and_answer(page, dfl, "Cancel")
-        page.wait_for_function("() => window.app.graph._nodes.some((n) => n.type === 'SamplerTCD')", timeout=20000)
+        page.wait_for_function("() => window.app.graph._nodes.some((n) => n.type === 'SamplerTCD')", timeout=UI_WAIT_MS)
         assert page.evaluate("() => window.__hypersd_last_conversion") is None
 
         # "Confirm": converted in place, values kept, and the graph runs
         page.keyboard.press("Escape")  # the front end's own missing-nodes dialog of the graph before
         _open_and_answer(page, jetthu, "Confirm")
-        page.wait_for_function("() => Array.isArray(window.__hypersd_last_conversion)", timeout=20000)
+        page.wait_for_function("() => Array.isArray(window.__hypersd_last_conversion)", timeout=UI_WAIT_MS)
         types = page.evaluate(TYPES)
         assert "TCDModelSamplingDiscrete" not in types and {"HyperSDScheduler", "HyperSDTCDSampler"} <= set(types)
         prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
@@ -58,7 +58,7 @@ def test_a_shared_tcd_workflow_is_converted_on_confirm_and_runs(front_end, tmp_p
         sched = next(v for v in prompt.values() if v["class_type"] == "HyperSDScheduler")
         assert sampler["inputs"] == {"eta": 0.4}
         assert {k: sched["inputs"][k] for k in ("steps", "mode", "denoise")} == {"steps": 4, "mode": "tcd", "denoise": 1}
-        page.get_by_text("workflow converted").first.wait_for(timeout=10000)  # the toast
+        page.get_by_text("workflow converted").first.wait_for(timeout=UI_WAIT_MS)  # the toast
         page.screenshot(path=str(tmp_path / "converted.png"))
         page.evaluate("() => window.app.queuePrompt(0, 1)")
         for _ in range(300):

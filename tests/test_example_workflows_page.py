@@ -16,7 +16,7 @@ import urllib.parse
 import pytest
 
 from hypersd_dev import REPO, example_graphs, workflows
-from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
+from hypersd_dev.page import FRONT_ENDS, UI_WAIT_MS, open_page, prepare_user, require_browser, server_for
 from hypersd_dev.server import PACK_DIR_NAME
 
 sync_api = require_browser()  # fails, with the install line, where the browser is missing
@@ -44,9 +44,9 @@ def test_examples_in_the_page(front_end, tmp_path):
         # the browser itself: both front ends title a pack's card with its file name, which is the
         # numbered, readable title (a newcomer once read "hypersd_sd15_unified_ksampler" there)
         page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        page.get_by_text("Hyper-SD", exact=True).first.click(timeout=20000)
+        page.get_by_text("Hyper-SD", exact=True).first.click(timeout=UI_WAIT_MS)
         for stem in example_graphs.FILES.values():
-            page.get_by_text(stem, exact=True).first.wait_for(timeout=20000)
+            page.get_by_text(stem, exact=True).first.wait_for(timeout=UI_WAIT_MS)
         page.wait_for_timeout(1500)  # the thumbnails
         page.screenshot(path=str(tmp_path / "template_browser.png"))
         page.keyboard.press("Escape")
@@ -86,6 +86,6 @@ def test_examples_in_the_page(front_end, tmp_path):
                                    "inputs": {"ckpt_name": "not_a_checkpoint.safetensors"}}})
         except Exception:
             pass  # the prompt itself is refused (no output node); the advice comes first
-        advice = page.wait_for_function("window.__hypersd_last_advice", timeout=20000).json_value()
+        advice = page.wait_for_function("window.__hypersd_last_advice", timeout=UI_WAIT_MS).json_value()
         assert advice["use_node"] == "HyperSDLoraLoader" and not advice["message"].startswith("Hyper-SD")
         assert not errors, errors

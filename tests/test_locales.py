@@ -9,7 +9,7 @@ import re
 import pytest
 
 from hypersd_dev import REPO, fixtures
-from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
+from hypersd_dev.page import FRONT_ENDS, UI_WAIT_MS, open_page, prepare_user, require_browser, server_for
 
 LANGS = sorted(p.name for p in (REPO / "locales").iterdir() if p.is_dir())
 JS = (REPO / "web" / "hypersd.js").read_text()
@@ -76,7 +76,7 @@ def test_the_page_in_chinese(front_end, tmp_path, pack):
                                 " || o.name)")
         assert outputs == [o["name"] for _, o in sorted(zh_defs["HyperSDLoraLoader"]["outputs"].items(),
                                                          key=lambda kv: int(kv[0]))], outputs
-        button = page.wait_for_selector("[data-hypersd-apply]", timeout=20000)
+        button = page.wait_for_selector("[data-hypersd-apply]", timeout=UI_WAIT_MS)
         assert button.inner_text() == zh_main["hypersd"]["apply_none"]  # no sampler connected in this graph
         page.screenshot(path=str(tmp_path / "zh.png"))
         assert not errors, errors

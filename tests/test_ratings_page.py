@@ -13,7 +13,7 @@ import sqlite3
 
 import pytest
 
-from hypersd_dev.page import FRONT_ENDS, open_page, prepare_user, require_browser, server_for
+from hypersd_dev.page import FRONT_ENDS, UI_WAIT_MS, open_page, prepare_user, require_browser, server_for
 
 sync_api = require_browser()  # fails, with the install line, where the browser is missing
 
@@ -32,7 +32,7 @@ def _click_and_wait(page, selector):
     """Click a rating button and wait until its request finished; the outcome ('saved' or 'error')."""
     page.locator(selector).click()
     page.wait_for_function("(sel) => { const b = document.querySelector(sel);"
-                           " return b && ['saved', 'error'].includes(b.dataset.state); }", arg=selector, timeout=15000)
+                           " return b && ['saved', 'error'].includes(b.dataset.state); }", arg=selector, timeout=UI_WAIT_MS)
     return page.locator(selector).get_attribute("data-state")
 
 
@@ -67,7 +67,7 @@ def test_like_dislike_and_prefer_clicks_in_the_page_are_stored(front_end, tmp_pa
         # a refused rating (a picture preferred over itself): the server's sentence in a toast, nothing stored
         page.select_option('select[data-hypersd-select="b"]', "0")
         assert _click_and_wait(page, _rate_button("prefer")) == "error"
-        page.get_by_text("compares two different pictures").first.wait_for(timeout=10000)  # the toast, either front end
+        page.get_by_text("compares two different pictures").first.wait_for(timeout=UI_WAIT_MS)  # the toast, either front end
 
         # a second run (the cached output is sent again) replaces the buttons, it does not add more
         page.evaluate("() => window.app.queuePrompt(0, 1)")
