@@ -280,10 +280,8 @@ def lora_etas(recipe: vocab.Recipe, stages) -> tuple[tuple[int, float], ...]:
     """The sampler eta the frozen LoRA's recipe (:func:`base_lora`'s) gives each step count of
     ``stages``: a unified (TCD) LoRA's own table or TCD's rule, a TCD-sampled N-step LoRA's eta,
     0 (DDIM) for the others."""
-    steps = vocab.parse_stages(stages)
-    if recipe.sampler != "tcd":
-        return tuple((int(k), 0.0) for k in steps)
-    return tuple((int(k), recipe.with_steps(int(k)).eta) for k in steps)
+    tcd = recipe.sampler == "tcd"
+    return tuple((k, recipe.with_steps(k).eta if tcd else 0.0) for k in vocab.parse_stages(stages))
 
 
 def train_feedback(model, lora_name, vae, reward_terms, latents, positive, captions=None, *,
